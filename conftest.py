@@ -1,0 +1,78 @@
+"""Real parts for every test: a real RabbitMQ and a real MongoDB wire-protocol server.
+
+Order of preference (DESIGN.md, "Real parts in tests"): AMQP_URL / MONGODB_URL when
+set; testcontainers when a Docker engine answers; otherwise the local RabbitMQ on
+127.0.0.1:5672 and an embedded SecantusDB started for the test session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+from pymongo import MongoClient
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.launcher.embedded import embedded_mongo
+from tests.support.infra import docker_engine_answers
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("MONGODB_URL"):
+        yield url
+    elif docker_engine_answers():
+        from testcontainers.mongodb import MongoDbContainer
+
+        with MongoDbContainer("mongo:8") as container:
+            yield container.get_connection_url()
+    else:
+        with embedded_mongo(tmp_path_factory.mktemp("secantus")) as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    if url := os.environ.get("AMQP_URL"):
+        yield url
+    elif docker_engine_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:4-management") as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/"
+    else:
+        yield "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+def settings(mongo_url: str, amqp_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for one test: its own namespace (queues, exchanges, databases) and data dir."""
+    namespace = "t" + uuid.uuid4().hex[:10]
+    settings = Settings(
+        amqp_url=amqp_url,
+        mongodb_url=mongo_url,
+        IMGPIPE_DATA_DIR=tmp_path / "data",
+        IMGPIPE_NAMESPACE=namespace,
+        IMGPIPE_ALLOW_PRIVATE_URLS=True,
+        public_base_url="http://127.0.0.1:8002",
+        webhook_secret="whsec_" + "dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI=",
+    )
+    yield settings
+    asyncio.run(_delete_topology(settings))
+    with MongoClient(mongo_url) as client:
+        for service in ("ingest", "processor", "status", "notifier"):
+            client.drop_database(settings.database_name(service))
+
+
+async def _delete_topology(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await Topology(settings.namespace).delete(channel)

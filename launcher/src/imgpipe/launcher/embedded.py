@@ -1,0 +1,73 @@
+"""The embedded MongoDB-compatible server (SecantusDB) for machines without MongoDB."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class EmbeddedMongoUnavailable(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise EmbeddedMongoUnavailable(f"server exited with code {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _server_command() -> str:
+    local = Path(sys.executable).with_name("secantusd-py")
+    found = str(local) if local.exists() else shutil.which("secantusd-py")
+    if not found:
+        raise EmbeddedMongoUnavailable(
+            "MONGODB_URL is unset and SecantusDB is not installed: "
+            "install the launcher's 'embedded' extra or point MONGODB_URL at a MongoDB"
+        )
+    return found
+
+
+@contextmanager
+def embedded_mongo(
+    storage: Path, port: int | None = None, log_file: Path | None = None
+) -> Iterator[str]:
+    """Run SecantusDB as a child process; yields its mongodb:// URL."""
+    storage.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(
+        [_server_command(), "--port", str(port), "--storage-path", str(storage)],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process=process)
+        yield f"mongodb://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if log_file:
+            output.close()  # type: ignore[union-attr]

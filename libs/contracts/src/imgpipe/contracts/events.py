@@ -1,0 +1,150 @@
+"""The three public events, as CloudEvents 1.0 in JSON structured mode (DESIGN.md, "Events")."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Row(BaseModel):
+    """One CSV row: a product and its input image URLs, in input order."""
+
+    serial_number: str
+    product_name: str
+    input_urls: list[str]
+
+
+class Options(BaseModel):
+    quality: Annotated[int, Field(ge=1, le=95)] = 50
+
+
+class EventData(BaseModel):
+    """Base of every event payload; subclasses name their CloudEvents type and routing key."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_type: ClassVar[str]
+    routing_key: ClassVar[str]
+    request_id: str
+
+
+class RequestReceived(EventData):
+    event_type: ClassVar[str] = "io.imgpipe.request.received.v1"
+    routing_key: ClassVar[str] = "request.received"
+
+    rows: list[Row]
+    image_count: int
+    options: Options = Options()
+    webhook_url: str | None = None
+    received_at: datetime
+
+
+class ImageError(BaseModel):
+    code: str
+    message: str
+
+
+class ImageProcessed(EventData):
+    event_type: ClassVar[str] = "io.imgpipe.image.processed.v1"
+    routing_key: ClassVar[str] = "image.processed"
+
+    image_key: str  # "<row index>-<position>", both zero-based
+    row_index: int
+    position: int
+    input_url: str
+    outcome: Literal["ok", "failed"]
+    output_url: str | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: ImageError | None = None
+
+
+class Counts(BaseModel):
+    total: int
+    ok: int
+    failed: int
+
+
+class RequestCompleted(EventData):
+    event_type: ClassVar[str] = "io.imgpipe.request.completed.v1"
+    routing_key: ClassVar[str] = "request.completed"
+
+    status: Literal["completed", "error"]
+    counts: Counts
+    completed_at: datetime
+
+
+def image_key(row_index: int, position: int) -> str:
+    return f"{row_index}-{position}"
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    model.event_type: model for model in (RequestReceived, ImageProcessed, RequestCompleted)
+}
+
+D = TypeVar("D", bound=EventData)
+
+
+class CloudEvent(BaseModel, Generic[D]):
+    """CloudEvents 1.0 envelope. `id` is stable for the same fact so consumers can dedupe."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: datetime = Field(default_factory=utcnow)
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: D
+
+    @classmethod
+    def wrap(cls, data: D, *, source: str, id: str) -> CloudEvent[D]:
+        return CloudEvent[type(data)](  # type: ignore[misc]
+            id=id, source=source, type=data.event_type, subject=data.request_id, data=data
+        )
+
+    @property
+    def routing_key(self) -> str:
+        return self.data.routing_key
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+AnyEvent = CloudEvent[RequestReceived] | CloudEvent[ImageProcessed] | CloudEvent[RequestCompleted]
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def parse_event(body: bytes | str) -> AnyEvent:
+    """Parse a structured-mode CloudEvent into the typed envelope its `type` names."""
+    envelope = CloudEvent[EventData].model_validate_json(body)
+    model = EVENT_TYPES.get(envelope.type)
+    if model is None:
+        raise UnknownEventType(envelope.type)
+    return CloudEvent[model].model_validate_json(body)  # type: ignore[valid-type,return-value]
+
+
+def received_event_id(request_id: str) -> str:
+    return f"{request_id}:received"
+
+
+def processed_event_id(request_id: str, key: str) -> str:
+    return f"{request_id}:image:{key}"
+
+
+def completed_event_id(request_id: str) -> str:
+    return f"{request_id}:completed"

@@ -1,0 +1,29 @@
+"""MongoDB access through PyMongo's async API; each service owns one database."""
+
+from __future__ import annotations
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from imgpipe.contracts.settings import Settings
+
+
+def connect(settings: Settings) -> AsyncMongoClient:
+    return AsyncMongoClient(
+        settings.mongo_url,
+        tz_aware=True,
+        serverSelectionTimeoutMS=5_000,
+        appname="imgpipe",
+    )
+
+
+def service_database(client: AsyncMongoClient, settings: Settings, service: str) -> AsyncDatabase:
+    return client[settings.database_name(service)]
+
+
+async def ping(client: AsyncMongoClient) -> bool:
+    try:
+        await client.admin.command("ping")
+    except Exception:
+        return False
+    return True

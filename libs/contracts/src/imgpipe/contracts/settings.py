@@ -1,0 +1,84 @@
+"""Settings shared by every imgpipe process (DESIGN.md, "Settings")."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment-driven configuration; each service reads the fields it needs."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    mongodb_url: str | None = None
+    data_dir: Path = Field(default=Path(".imgpipe"), alias="IMGPIPE_DATA_DIR")
+    namespace: str = Field(default="", alias="IMGPIPE_NAMESPACE")
+    ingest_port: int = 8001
+    status_port: int = 8002
+    notifier_port: int = 8003
+    processor_port: int = 8004
+    host: str = Field(default="127.0.0.1", alias="IMGPIPE_HOST")
+    public_base_url: str | None = None
+    cloudinary_url: str | None = None
+    allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="IMGPIPE_API_KEYS")
+    webhook_secret: str | None = None
+
+    # Limits (issue 5): refuse early, before anything is stored.
+    max_csv_bytes: int = Field(default=20 * 1024 * 1024, alias="IMGPIPE_MAX_CSV_BYTES")
+    max_rows: int = Field(default=100_000, alias="IMGPIPE_MAX_ROWS")
+    max_images: int = Field(default=100_000, alias="IMGPIPE_MAX_IMAGES")
+    max_image_bytes: int = Field(default=25 * 1024 * 1024, alias="IMGPIPE_MAX_IMAGE_BYTES")
+    max_image_pixels: int = Field(default=50_000_000, alias="IMGPIPE_MAX_IMAGE_PIXELS")
+    download_timeout: float = Field(default=30.0, alias="IMGPIPE_DOWNLOAD_TIMEOUT")
+    connect_timeout: float = Field(default=5.0, alias="IMGPIPE_CONNECT_TIMEOUT")
+    max_redirects: int = Field(default=5, alias="IMGPIPE_MAX_REDIRECTS")
+
+    # Broker behaviour.
+    delivery_limit: int = Field(default=5, alias="IMGPIPE_DELIVERY_LIMIT")
+    prefetch: int = Field(default=0, alias="IMGPIPE_PREFETCH")  # 0: each service picks
+    workers: int = Field(default=0, alias="IMGPIPE_WORKERS")  # 0: one per core
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    @property
+    def media_base_url(self) -> str:
+        base = self.public_base_url or f"http://127.0.0.1:{self.status_port}"
+        return base.rstrip("/") + "/media"
+
+    @property
+    def mongo_url(self) -> str:
+        return self.mongodb_url or "mongodb://127.0.0.1:27017"
+
+    def database_name(self, service: str) -> str:
+        """`imgpipe_<service>`, prefixed by the namespace so tenants never share data."""
+        name = f"imgpipe_{service}"
+        return f"{self.namespace}_{name}" if self.namespace else name
+
+    @cached_property
+    def resolved_webhook_secret(self) -> str:
+        """WEBHOOK_SECRET, or one generated once and kept under the data directory."""
+        if self.webhook_secret:
+            return self.webhook_secret
+        path = self.data_dir / "webhook_secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("whsec_" + secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
