@@ -1,0 +1,150 @@
+"""Run the services as real processes, as `imgpipe up` does, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.launcher.embedded import free_port
+
+SERVICES = ("ingest", "processor", "status", "notifier")
+
+
+def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """The environment that makes a child process read the same Settings."""
+    env = {
+        "AMQP_URL": settings.amqp_url,
+        "MONGODB_URL": settings.mongo_url,
+        "IMGPIPE_DATA_DIR": str(settings.data_dir),
+        "IMGPIPE_NAMESPACE": settings.namespace,
+        "IMGPIPE_ALLOW_PRIVATE_URLS": str(settings.allow_private_urls).lower(),
+        "INGEST_PORT": str(settings.ingest_port),
+        "STATUS_PORT": str(settings.status_port),
+        "NOTIFIER_PORT": str(settings.notifier_port),
+        "PROCESSOR_PORT": str(settings.processor_port),
+        "PUBLIC_BASE_URL": settings.public_base_url or "",
+        "WEBHOOK_SECRET": settings.webhook_secret or "",
+    }
+    if settings.api_keys:
+        env["IMGPIPE_API_KEYS"] = ",".join(settings.api_keys)
+    env.update(overrides)
+    return {**os.environ, **env}
+
+
+def with_free_ports(settings: Settings) -> Settings:
+    status_port = free_port()
+    return settings.model_copy(
+        update={
+            "ingest_port": free_port(),
+            "status_port": status_port,
+            "notifier_port": free_port(),
+            "processor_port": free_port(),
+            "public_base_url": f"http://127.0.0.1:{status_port}",
+        }
+    )
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"imgpipe.{self.name}.main"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class System:
+    settings: Settings
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.ingest_port}"
+
+    @property
+    def status_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.status_port}"
+
+    @property
+    def notifier_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.notifier_port}"
+
+
+@contextmanager
+def running_system(settings: Settings, processors: int = 1, **env: str) -> Iterator[System]:
+    """Start every service as its own process; stop them all (SIGTERM) on exit."""
+    settings = with_free_ports(settings)
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    system = System(settings)
+    ports = {
+        "ingest": settings.ingest_port,
+        "status": settings.status_port,
+        "notifier": settings.notifier_port,
+    }
+    for name in SERVICES:
+        instances = processors if name == "processor" else 1
+        for index in range(instances):
+            key = name if index == 0 else f"{name}-{index}"
+            port = ports.get(name) or free_port()
+            child_env = settings_env(settings, **env)
+            if name == "processor":
+                child_env["PROCESSOR_PORT"] = str(port)
+            system.services[key] = ServiceProcess(name, port, child_env, logs / f"{key}.log")
+    try:
+        for service in system.services.values():
+            service.start()
+        for service in system.services.values():
+            service.wait_ready()
+        yield system
+    finally:
+        for service in system.services.values():
+            service.stop()
