@@ -16,6 +16,8 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from tests.support.external import ExternalConsumer
 from tests.support.http_server import LoopbackServer, Recorded, Response, loopback_server
 from tests.support.images import exif_rotated_jpeg_bytes, jpeg_bytes, png_with_alpha_bytes
 from tests.support.system import running_system
@@ -89,7 +91,8 @@ def poll_until_finished(
 
 @pytest.mark.timeout(600)
 def test_csv_to_compressed_images_status_and_output_csv(settings: Settings) -> None:
-    with loopback_server() as server, running_system(settings) as system:
+    external = ExternalConsumer(settings.amqp_url, Topology(settings.namespace))
+    with loopback_server() as server, running_system(settings) as system, external:
         csv_text, inputs, rows = build_catalogue(server)
         hooks = webhook_receiver(server, settings.resolved_webhook_secret)
         with httpx.Client(timeout=30) as client:
@@ -138,6 +141,15 @@ def test_csv_to_compressed_images_status_and_output_csv(settings: Settings) -> N
         while time.monotonic() < deadline and len(hooks) < 3:
             time.sleep(0.2)
         assert [hook["status"] for hook in hooks] == LIFECYCLE
+
+        # The documented external consumer heard all three event types for the request.
+        events = external.wait_for("io.imgpipe.request.completed.v1", request_id)
+        types = {event["type"] for event in events if event["subject"] == request_id}
+        assert types == {
+            "io.imgpipe.request.received.v1",
+            "io.imgpipe.image.processed.v1",
+            "io.imgpipe.request.completed.v1",
+        }
 
 
 def assert_compressed(client: httpx.Client, original: bytes, output_url: str) -> None:
