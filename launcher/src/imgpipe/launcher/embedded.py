@@ -59,6 +59,10 @@ def embedded_mongo(
         [_server_command(), "--port", str(port), "--storage-path", str(storage)],
         stdout=output,
         stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # Own process group: a terminal's Ctrl-C must not stop the database before the
+        # services that use it; whoever started it stops it (the `finally` below).
+        process_group=0,
     )
     try:
         wait_for_port(port, process=process)

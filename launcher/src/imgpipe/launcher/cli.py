@@ -1,0 +1,134 @@
+"""`imgpipe`: argument parsing only; the work happens in commands, supervisor and client."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.launcher import commands
+from imgpipe.launcher.client import ImgpipeClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgpipe",
+        description="Run imgpipe locally and talk to it. Settings come from the environment "
+        "(and .env): AMQP_URL, MONGODB_URL, IMGPIPE_DATA_DIR, INGEST_PORT, ...",
+    )
+    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands_.add_parser(
+        "up",
+        help="start every service (and an embedded database when MONGODB_URL is unset)",
+        description="Start ingest, processor, status and notifier as child processes; "
+        "their logs go to stdout, prefixed, and to IMGPIPE_DATA_DIR/logs/<service>.log. "
+        "Ctrl-C or SIGTERM stops everything.",
+    )
+    up.add_argument(
+        "--processors",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="processor instances to run (health ports PROCESSOR_PORT + i)",
+    )
+    up.add_argument(
+        "--mongo-port",
+        type=_positive,
+        default=None,
+        metavar="PORT",
+        help="port for the embedded database (default 27018, or a free one)",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=_positive,
+        default=90,
+        metavar="SECONDS",
+        help="how long each service may take to answer /readyz (default 90)",
+    )
+    up.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not echo service logs (they still go to the log files)",
+    )
+
+    submit = commands_.add_parser("submit", help="upload a CSV of product image URLs")
+    submit.add_argument("csv", type=Path, help="the CSV (S. No., Product Name, Input Image Urls)")
+    submit.add_argument(
+        "--wait", action="store_true", help="show progress until the request completes"
+    )
+    submit.add_argument("--webhook-url", help="notify this URL at every status change")
+    submit.add_argument("--quality", type=_quality, help="JPEG/WebP quality, 1 to 95 (default 50)")
+    submit.add_argument(
+        "--output", type=Path, metavar="FILE", help="with --wait: download the output CSV to FILE"
+    )
+    _add_client_options(submit)
+
+    status = commands_.add_parser("status", help="show the status of a request")
+    status.add_argument("request_id")
+    status.add_argument("--full", action="store_true", help="print the whole status document")
+    _add_client_options(status)
+
+    commands_.add_parser("webhook-secret", help="print the key that signs webhooks")
+    return parser
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ingest-url", help="default http://127.0.0.1:$INGEST_PORT")
+    parser.add_argument("--status-url", help="default http://127.0.0.1:$STATUS_PORT")
+    parser.add_argument("--api-key", help="default $IMGPIPE_API_KEY")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 95:
+        raise argparse.ArgumentTypeError("must be between 1 and 95")
+    return value
+
+
+def _client(settings: Settings, args: argparse.Namespace) -> ImgpipeClient:
+    ingest, status = commands.default_urls(settings)
+    return ImgpipeClient(
+        ingest_url=args.ingest_url or ingest,
+        status_url=args.status_url or status,
+        api_key=args.api_key or commands.default_api_key(settings),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"imgpipe: invalid settings in the environment:\n{error}", file=sys.stderr)
+        return commands.EXIT_USAGE
+    if args.command == "up":
+        return commands.up(
+            settings, args.processors, args.mongo_port, args.ready_timeout, args.quiet
+        )
+    if args.command == "webhook-secret":
+        return commands.webhook_secret(settings)
+    if args.command == "submit" and args.output and not args.wait:
+        print("imgpipe: --output needs --wait", file=sys.stderr)
+        return commands.EXIT_USAGE
+    with _client(settings, args) as client:
+        if args.command == "submit":
+            return commands.submit(
+                client, args.csv, args.webhook_url, args.quality, args.wait, args.output
+            )
+        return commands.status(client, args.request_id, args.full)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

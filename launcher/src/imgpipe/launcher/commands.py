@@ -1,0 +1,160 @@
+"""What each CLI command does, and how its results are shown to the user."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.launcher.client import ClientError, ImgpipeClient
+from imgpipe.launcher.supervisor import Console as SupervisorConsole
+from imgpipe.launcher.supervisor import Supervisor, local_host
+
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_LISTED_FAILURES = 20
+
+
+def up(
+    settings: Settings,
+    processors: int,
+    mongo_port: int | None,
+    ready_timeout: float,
+    quiet: bool,
+) -> int:
+    supervisor = Supervisor(
+        settings,
+        processors=processors,
+        mongo_port=mongo_port,
+        ready_timeout=ready_timeout,
+        console=SupervisorConsole(echo_logs=not quiet),
+    )
+    return supervisor.run()
+
+
+def default_urls(settings: Settings) -> tuple[str, str]:
+    host = local_host(settings.host)
+    return f"http://{host}:{settings.ingest_port}", f"http://{host}:{settings.status_port}"
+
+
+def default_api_key(settings: Settings) -> str | None:
+    """IMGPIPE_API_KEY, else the first server key when this machine configures them."""
+    first_server_key = settings.api_keys[0] if settings.api_keys else None
+    return os.environ.get("IMGPIPE_API_KEY") or first_server_key
+
+
+def submit(
+    client: ImgpipeClient,
+    csv_path: Path,
+    webhook_url: str | None,
+    quality: int | None,
+    wait: bool,
+    output: Path | None,
+) -> int:
+    if not csv_path.is_file():
+        errors.print(f"error: no such file: {csv_path}")
+        return EXIT_USAGE
+    try:
+        submitted = client.submit(csv_path, webhook_url, quality)
+        console.print(f"request id: {submitted.request_id}")
+        console.print(f"status:     {submitted.status_url}")
+        if not wait:
+            return EXIT_OK
+        final = _wait_with_progress(client, submitted.request_id)
+        _print_final(final)
+        console.print(f"output CSV: {client.output_csv_url(submitted.request_id)}")
+        if output:
+            saved = client.download_output(submitted.request_id, output)
+            console.print(f"saved to:   {saved}")
+    except ClientError as error:
+        return _report(error)
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
+
+
+def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
+    try:
+        current = client.status(request_id)
+    except ClientError as error:
+        return _report(error)
+    if not full:
+        keys = ("request_id", "status", "progress", "error_message", "created_at", "updated_at")
+        current = {key: current.get(key) for key in keys} | {
+            "failed_images": _failures(current),
+            "output_csv": client.output_csv_url(request_id),
+        }
+    console.print_json(json.dumps(current))
+    return EXIT_OK
+
+
+def webhook_secret(settings: Settings) -> int:
+    print(settings.resolved_webhook_secret)
+    return EXIT_OK
+
+
+def _wait_with_progress(client: ImgpipeClient, request_id: str) -> dict[str, Any]:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("received", total=None, detail="")
+
+        def update(current: dict[str, Any]) -> None:
+            counts = current.get("progress") or {}
+            ok, failed = counts.get("ok", 0), counts.get("failed", 0)
+            progress.update(
+                task,
+                description=current.get("status", "?"),
+                total=counts.get("total") or None,
+                completed=ok + failed,
+                detail=f"ok {ok}  failed {failed}",
+            )
+
+        return client.wait(request_id, update)
+
+
+def _print_final(final: dict[str, Any]) -> None:
+    counts = final.get("progress") or {}
+    console.print(
+        f"request {final.get('request_id')}: {final.get('status')} - "
+        f"{counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, "
+        f"{counts.get('total', 0)} images"
+    )
+    if final.get("error_message"):
+        console.print(f"error: {final['error_message']}")
+    failures = _failures(final)
+    for failure in failures[:MAX_LISTED_FAILURES]:
+        console.print(f"  failed: {failure}")
+    if len(failures) > MAX_LISTED_FAILURES:
+        console.print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more failed images")
+
+
+def _failures(state: dict[str, Any]) -> list[str]:
+    """`S. No. N (product) URL: code: message` for every image that failed."""
+    found = []
+    for product in state.get("products") or []:
+        urls = product.get("input_urls") or []
+        for url, error in zip(urls, product.get("errors") or [], strict=False):
+            if error:
+                found.append(
+                    f"S. No. {product.get('serial_number')} ({product.get('product_name')}) "
+                    f"{url}: {error.get('code')}: {error.get('message')}"
+                )
+    return found
+
+
+def _report(error: ClientError) -> int:
+    errors.print(f"error: {error}")
+    for problem in error.problems:
+        errors.print(f"  - {problem}")
+    return EXIT_FAILED

@@ -1,0 +1,279 @@
+"""`imgpipe` as a user runs it: real processes, the real broker, a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.launcher.embedded import free_port
+from tests.support.http_server import LoopbackServer, Response, loopback_server
+from tests.support.images import jpeg_bytes, png_with_alpha_bytes
+from tests.support.system import settings_env, with_free_ports
+
+IMGPIPE = [sys.executable, "-m", "imgpipe.launcher"]
+SERVICE_PORTS = ("ingest_port", "processor_port", "status_port", "notifier_port")
+
+
+@dataclass
+class Up:
+    """A running `imgpipe up` whose output is collected line by line."""
+
+    process: subprocess.Popen
+    settings: Settings
+    env: dict[str, str]
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_until_up(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while "Press Ctrl-C to stop." not in self.lines:
+            if self.process.poll() is not None:
+                time.sleep(0.5)  # the last lines
+                pytest.fail(f"imgpipe up exited with {self.process.returncode}:\n{self.output}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"imgpipe up did not come up:\n{self.output}")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def start_up(settings: Settings, *args: str, embedded: bool) -> Up:
+    settings = with_free_ports(settings)
+    env = settings_env(settings, IMGPIPE_ALLOW_PRIVATE_URLS="true")
+    if embedded:
+        env.pop("MONGODB_URL")
+    process = subprocess.Popen(
+        [*IMGPIPE, "up", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return Up(process, settings, env)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc), children of children included."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def imgpipe(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*IMGPIPE, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree")
+def test_up_starts_everything_with_an_embedded_database_and_sigterm_stops_it_all(
+    settings: Settings,
+) -> None:
+    up = start_up(settings, "--quiet", embedded=True)
+    try:
+        up.wait_until_up()
+        s = up.settings
+        data = s.data_dir.resolve()
+        assert f"POST http://127.0.0.1:{s.ingest_port}/upload" in up.output
+        assert f"http://127.0.0.1:{s.status_port}/status/{{request_id}}" in up.output
+        assert f"http://127.0.0.1:{s.ingest_port}/docs" in up.output
+        assert f"http://127.0.0.1:{s.status_port}/docs" in up.output
+        assert f"http://127.0.0.1:{s.notifier_port}" in up.output
+        assert f"local: {data / 'media'}" in up.output
+        assert "embedded SecantusDB" in up.output
+        assert "WARNING: IMGPIPE_ALLOW_PRIVATE_URLS is on" in up.output
+        for port in SERVICE_PORTS:
+            answer = httpx.get(f"http://127.0.0.1:{getattr(s, port)}/readyz", timeout=5)
+            assert answer.status_code == 200, port
+        assert (data / "mongo").is_dir()
+        assert (data / "logs" / "ingest.log").is_file()
+        started = descendants(up.process.pid)
+        assert len(started) >= 5  # four services and the database
+    finally:
+        code = up.stop()
+    assert code == 0, up.output
+    assert "all services stopped" in up.output
+    assert [pid for pid in started if alive(pid)] == []
+    for port in SERVICE_PORTS:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{getattr(up.settings, port)}/readyz", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def running(
+    mongo_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Up]:
+    """One `imgpipe up` on the test database for the submit and status tests."""
+    settings = Settings(
+        amqp_url=amqp_url,
+        mongodb_url=mongo_url,
+        IMGPIPE_DATA_DIR=tmp_path_factory.mktemp("up") / "data",
+        IMGPIPE_NAMESPACE="t" + uuid.uuid4().hex[:10],
+    )
+    up = start_up(settings, "--quiet", embedded=False)
+    try:
+        up.wait_until_up()
+        yield up
+    finally:
+        up.stop()
+        asyncio.run(_delete_topology(settings))
+        with MongoClient(mongo_url) as client:
+            for service in ("ingest", "processor", "status", "notifier"):
+                client.drop_database(settings.database_name(service))
+
+
+async def _delete_topology(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await Topology(settings.namespace).delete(await connection.channel())
+
+
+@pytest.fixture
+def images() -> Iterator[LoopbackServer]:
+    with loopback_server() as server:
+        yield server
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    writer.writerows(rows)
+    path.write_text(text.getvalue())
+    return path
+
+
+def test_submit_waits_and_saves_the_output_csv(
+    running: Up, images: LoopbackServer, tmp_path: Path
+) -> None:
+    shoe = images.add("/shoe.jpg", Response(jpeg_bytes(seed=1), content_type="image/jpeg"))
+    logo = images.add("/logo.png", Response(png_with_alpha_bytes(seed=2), content_type="image/png"))
+    hat = images.add("/hat.jpg", Response(jpeg_bytes(seed=3), content_type="image/jpeg"))
+    products = write_csv(
+        tmp_path / "products.csv",
+        [["1", "Shoe", f"{shoe},{logo}"], ["2", "Hat", hat]],
+    )
+    output = tmp_path / "out" / "result.csv"
+
+    result = imgpipe(
+        running.env, "submit", str(products), "--wait", "--quality", "60", "--output", str(output)
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "request id: " in result.stdout
+    request_id = result.stdout.split("request id: ", 1)[1].split()[0]
+    status_port = running.settings.status_port
+    assert f"http://127.0.0.1:{status_port}/status/{request_id}" in result.stdout
+    assert "completed" in result.stdout
+    assert "3 ok, 0 failed, 3 images" in result.stdout
+    assert f"/status/{request_id}/output.csv" in result.stdout
+    rows = list(csv.DictReader(output.read_text().splitlines()))
+    assert [row["Product Name"] for row in rows] == ["Shoe", "Hat"]
+    outputs = rows[0]["Output Image Urls"].split(",")
+    assert len(outputs) == 2
+    assert httpx.get(outputs[0].strip(), timeout=10).status_code == 200
+
+    status = imgpipe(running.env, "status", request_id)
+    assert status.returncode == 0, status.stderr
+    assert '"status": "completed"' in status.stdout
+    assert '"total": 3' in status.stdout
+
+
+def test_submit_names_each_problem_of_a_bad_csv_with_its_line(running: Up, tmp_path: Path) -> None:
+    bad = write_csv(
+        tmp_path / "bad.csv",
+        [["1", "Shoe", "https://example.com/a.jpg"], ["2", "", "ftp://example.com/b.jpg"]],
+    )
+
+    result = imgpipe(running.env, "submit", str(bad))
+
+    assert result.returncode == 1
+    assert "error: ingest answered HTTP 4" in result.stderr
+    assert "line 3" in result.stderr
+
+
+def test_status_of_an_unknown_request_is_an_error(running: Up) -> None:
+    result = imgpipe(running.env, "status", "no-such-request")
+
+    assert result.returncode == 1
+    assert "unknown request" in result.stderr
+
+
+def test_submit_without_a_running_system_says_so(tmp_path: Path) -> None:
+    products = write_csv(tmp_path / "p.csv", [["1", "Shoe", "https://example.com/a.jpg"]])
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "INGEST_PORT": str(port), "IMGPIPE_DATA_DIR": str(tmp_path)}
+
+    result = imgpipe(env, "submit", str(products), timeout=60)
+
+    assert result.returncode == 1
+    assert "is `imgpipe up` running?" in result.stderr
+    assert f"127.0.0.1:{port}/upload" in result.stderr
+
+
+def test_webhook_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
+    env = {**os.environ, "IMGPIPE_DATA_DIR": str(tmp_path / "data")}
+    env.pop("WEBHOOK_SECRET", None)
+
+    first = imgpipe(env, "webhook-secret", timeout=60)
+    second = imgpipe(env, "webhook-secret", timeout=60)
+
+    assert first.returncode == 0
+    assert first.stdout.startswith("whsec_")
+    assert first.stdout == second.stdout
+    assert (tmp_path / "data" / "webhook_secret").read_text().strip() == first.stdout.strip()
