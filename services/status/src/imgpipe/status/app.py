@@ -1,0 +1,74 @@
+"""The status service: a read model built from events alone, and the API over it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.staticfiles import StaticFiles
+
+from imgpipe.contracts.bus import Bus
+from imgpipe.contracts.events import AnyEvent
+from imgpipe.contracts.mongo import connect, ping, service_database
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.contracts.web import health_router
+from imgpipe.status.adapters.batching import BatchWriter
+from imgpipe.status.adapters.repository import StatusRepository
+from imgpipe.status.handlers import handle_event
+from imgpipe.status.routes import status_router
+
+# Handlers are cheap (one batched write each): a deep prefetch lets bursts share a write.
+DEFAULT_PREFETCH = 256
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mongo = connect(settings)
+        repository = StatusRepository(service_database(mongo, settings, "status"))
+        writer: BatchWriter = BatchWriter(repository.write)
+        writer.start()
+        app.state.mongo, app.state.repository = mongo, repository
+
+        async def on_event(event: AnyEvent) -> None:
+            await handle_event(event, writer.submit)
+
+        bus: Bus | None = None
+        try:
+            bus = await Bus.connect(
+                settings.amqp_url,
+                Topology(settings.namespace, settings.delivery_limit),
+                prefetch=settings.prefetch or DEFAULT_PREFETCH,
+            )
+            app.state.bus = bus
+            await bus.consume_events("status", on_event)
+            yield
+        finally:
+            if bus is not None:
+                await bus.close()  # first: no new deliveries; unacked ones are redelivered
+            await writer.close()
+            await mongo.close()
+
+    async def checks() -> dict[str, bool]:
+        bus: Bus | None = getattr(app.state, "bus", None)
+        mongo = getattr(app.state, "mongo", None)
+        return {
+            "broker": bus is not None and bus.is_connected,
+            "database": mongo is not None and await ping(mongo),
+        }
+
+    app = FastAPI(
+        title="imgpipe status",
+        summary="Request status, output CSV and local media, from events alone.",
+        lifespan=lifespan,
+    )
+    app.include_router(health_router(checks))
+    app.include_router(status_router(settings))
+    # Media is public on purpose: its URLs are handed out in status answers and webhooks.
+    settings.media_dir.mkdir(parents=True, exist_ok=True)
+    app.mount("/media", StaticFiles(directory=settings.media_dir, check_dir=False), name="media")
+    return app

@@ -1,0 +1,45 @@
+"""Response bodies of the status API (DESIGN.md, "HTTP": contract)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel
+
+Status = Literal["received", "processing", "completed", "error"]
+
+
+class Progress(BaseModel):
+    total: int
+    ok: int
+    failed: int
+
+
+class ImageErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class Product(BaseModel):
+    """One input row; the three lists are aligned with `input_urls`."""
+
+    serial_number: str
+    product_name: str
+    input_urls: list[str]
+    output_urls: list[str | None]
+    errors: list[ImageErrorOut | None]
+
+
+class StatusResponse(BaseModel):
+    request_id: str
+    status: Status
+    progress: Progress
+    products: list[Product]
+    error_message: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ErrorBody(BaseModel):
+    detail: str
