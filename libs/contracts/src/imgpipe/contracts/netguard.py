@@ -1,0 +1,317 @@
+"""The SSRF guard behind `outbound_client`: which URLs and addresses imgpipe may reach.
+
+Two layers, both fed by one `Guard`:
+
+- `Guard.check_url` (static, per request and per redirect hop): only http and https, no
+  credentials in the URL, and a host that is written as an address (in any spelling:
+  `2130706433`, `0177.0.0.1`, `0x7f.1`, `[::ffff:127.0.0.1]`, ...) or named `localhost`
+  must be an allowed address.
+- `GuardedBackend.connect_tcp` (at connect time): resolve the host once, refuse the
+  connection if any resolved address is refused, then connect to the checked addresses
+  themselves. Nothing resolves the name again, so DNS rebinding cannot swap the address
+  between the check and the connection.
+
+References: OWASP SSRF Prevention Cheat Sheet (resolve, check every answer, re-check on
+redirect, allow only http(s)) and imgproxy's dial-time source address checks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import anyio
+import httpcore
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# A policy names why an address is refused, or returns None to allow it.
+AddressPolicy = Callable[[IPAddress], str | None]
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+
+class URLRefused(httpx.RequestError):
+    """An outbound URL the SSRF guard will not fetch; callers report it as `url_refused`."""
+
+    code = "url_refused"
+
+    def __init__(self, reason: str, *, request: httpx.Request | None = None) -> None:
+        super().__init__(reason, request=request)
+        self.reason = reason
+
+
+# --- which addresses are refused -------------------------------------------------------
+
+_V4 = ipaddress.IPv4Network
+_V6 = ipaddress.IPv6Network
+
+# Most specific first; anything not listed still has to be `is_global` (and, for IPv6,
+# inside 2000::/3, the global unicast space).
+_IPV4_REFUSED: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
+    (_V4("0.0.0.0/8"), "unspecified"),
+    (_V4("10.0.0.0/8"), "private"),
+    (_V4("172.16.0.0/12"), "private"),
+    (_V4("192.168.0.0/16"), "private"),
+    (_V4("100.64.0.0/10"), "shared address space (carrier-grade NAT)"),
+    (_V4("127.0.0.0/8"), "loopback"),
+    (_V4("169.254.0.0/16"), "link-local"),  # cloud metadata: 169.254.169.254
+    (_V4("192.0.0.0/24"), "reserved (IETF protocol assignments)"),
+    (_V4("192.0.2.0/24"), "reserved (documentation)"),
+    (_V4("198.51.100.0/24"), "reserved (documentation)"),
+    (_V4("203.0.113.0/24"), "reserved (documentation)"),
+    (_V4("192.88.99.0/24"), "reserved (6to4 relay anycast)"),
+    (_V4("198.18.0.0/15"), "reserved (benchmarking)"),
+    (_V4("224.0.0.0/4"), "multicast"),
+    (_V4("255.255.255.255/32"), "broadcast"),
+    (_V4("240.0.0.0/4"), "reserved"),
+)
+
+_IPV6_REFUSED: tuple[tuple[ipaddress.IPv6Network, str], ...] = (
+    (_V6("::/128"), "unspecified"),
+    (_V6("::1/128"), "loopback"),
+    (_V6("64:ff9b:1::/48"), "private (local-use NAT64)"),
+    # Teredo hides the client address (XOR-obfuscated); no image host needs it.
+    (_V6("2001::/32"), "reserved (Teredo)"),
+    (_V6("2001:db8::/32"), "reserved (documentation)"),
+    (_V6("3fff::/20"), "reserved (documentation)"),
+    (_V6("100::/64"), "reserved (discard-only)"),
+    (_V6("fc00::/7"), "private (unique local)"),
+    (_V6("fec0::/10"), "private (site-local)"),
+    (_V6("fe80::/10"), "link-local"),
+    (_V6("ff00::/8"), "multicast"),
+)
+_IPV6_GLOBAL_UNICAST = _V6("2000::/3")
+_NAT64 = _V6("64:ff9b::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address that traffic to `address` really reaches, for the embeddings that
+    route to it: IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d) and 6to4 (2002::)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
+def address_refusal(address: IPAddress) -> str | None:
+    """Why `address` is refused by the default policy ("loopback", "private", ...), or None."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            reason = address_refusal(inner)
+            return f"{reason} (embeds IPv4 {inner})" if reason else None
+        for network, reason in _IPV6_REFUSED:
+            if address in network:
+                return reason
+        if address not in _IPV6_GLOBAL_UNICAST or not address.is_global:
+            return "reserved"
+        return None
+    for network4, reason in _IPV4_REFUSED:
+        if address in network4:
+            return reason
+    return None if address.is_global else "reserved"
+
+
+def allow_all(address: IPAddress) -> str | None:
+    """The policy under IMGPIPE_ALLOW_PRIVATE_URLS=true: every address may be reached."""
+    return None
+
+
+def policy_for(allow_private: bool) -> AddressPolicy:
+    return allow_all if allow_private else address_refusal
+
+
+# --- how hosts are written ---------------------------------------------------------------
+
+_HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+class _NotAnAddress(ValueError):
+    pass
+
+
+def parse_ipv4_legacy(host: str) -> ipaddress.IPv4Address | None:
+    """An IPv4 host in any spelling that resolvers and browsers accept (the WHATWG URL IPv4
+    parser, which matches inet_aton): 1 to 4 parts, each decimal, octal (leading 0) or hex
+    (0x), the last part filling the remaining bytes, an optional trailing dot. None when
+    the host is a name; _NotAnAddress when it looks numeric but is not a valid address."""
+    parts = host.lower().removesuffix(".").split(".")
+    if not _NUMERIC_LABEL.match(parts[-1]):
+        return None  # a name such as images.example.com
+    if len(parts) > 4 or any(not _NUMERIC_LABEL.match(part) for part in parts):
+        raise _NotAnAddress(f"{host!r} is not a valid IPv4 address")
+    numbers = [_parse_ipv4_number(part, host) for part in parts]
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(numbers)):
+        raise _NotAnAddress(f"{host!r} is not a valid IPv4 address")
+    value = last + sum(n << (8 * (3 - i)) for i, n in enumerate(head))
+    return ipaddress.IPv4Address(value)
+
+
+def _parse_ipv4_number(part: str, host: str) -> int:
+    try:
+        if part.startswith("0x"):
+            return int(part[2:] or "0", 16)
+        if len(part) > 1 and part.startswith("0"):
+            return int(part[1:], 8)
+        return int(part)
+    except ValueError:
+        raise _NotAnAddress(f"{host!r} is not a valid IPv4 address") from None
+
+
+def host_address(host: str) -> IPAddress | None:
+    """The address a URL host is written as (IPv6 literal or any IPv4 spelling), or None
+    for a name. Raises _NotAnAddress for a host that is neither a valid address nor a name."""
+    if ":" in host:
+        try:  # httpx keeps the zone id percent-encoded: fe80::1%25eth0
+            return ipaddress.IPv6Address(host.strip("[]").replace("%25", "%", 1))
+        except ValueError:
+            raise _NotAnAddress(f"{host!r} is not a valid IPv6 address") from None
+    address = parse_ipv4_legacy(host)
+    if address is None and not _HOSTNAME.match(host.lower()):
+        raise _NotAnAddress(f"{host!r} is not a valid host name")
+    return address
+
+
+def _is_localhost_name(host: str) -> bool:
+    name = host.lower().removesuffix(".")
+    return name == "localhost" or name.endswith(".localhost")  # RFC 6761: always loopback
+
+
+def _describe(address: IPAddress, written: str) -> str:
+    spelled = "" if written.strip("[]").lower() == str(address) else f" (written {written})"
+    return f"address {address}{spelled}"
+
+
+# --- the guard -------------------------------------------------------------------------
+
+
+async def system_resolver(host: str, port: int) -> list[IPAddress]:
+    """Every address the system resolver gives for `host`, in its order (off the loop)."""
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[IPAddress] = []
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What outbound requests may reach: an address policy and the resolver to ask."""
+
+    policy: AddressPolicy = address_refusal
+    resolver: Resolver = system_resolver
+
+    @classmethod
+    def for_settings(cls, allow_private: bool) -> Guard:
+        return cls(policy=policy_for(allow_private))
+
+    def check_url(self, url: httpx.URL) -> None:
+        """The static rules, for every request and every redirect hop."""
+        if not url.scheme:  # e.g. httpx reads file:///etc/passwd as a relative URL
+            raise URLRefused("a URL without a scheme is not allowed: only http, https")
+        if url.scheme not in ALLOWED_SCHEMES:
+            raise URLRefused(f"scheme {url.scheme!r} is not allowed: only http, https")
+        if url.userinfo:
+            raise URLRefused("credentials in the URL are not allowed")
+        self.check_host(url.raw_host.decode("ascii"))
+
+    def check_host(self, host: str) -> None:
+        """Refuse a host written as a refused address, or named localhost."""
+        if not host:
+            raise URLRefused("the URL has no host")
+        try:
+            address = host_address(host)
+        except _NotAnAddress as exc:
+            raise URLRefused(str(exc)) from None
+        if address is None and _is_localhost_name(host):
+            if reason := self.policy(ipaddress.IPv4Address("127.0.0.1")):
+                raise URLRefused(f"host {host} is {reason}")
+        elif address is not None and (reason := self.policy(address)):
+            raise URLRefused(f"{_describe(address, host)} is {reason}")
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Resolve `host` once and return its addresses, all of them checked."""
+        try:
+            address = host_address(host)
+        except _NotAnAddress as exc:
+            raise URLRefused(str(exc)) from None
+        if address is not None:
+            addresses = [address]
+        else:
+            try:
+                addresses = await self.resolver(host, port)
+            except OSError as exc:
+                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} has no addresses")
+        for resolved in addresses:
+            # One refused answer refuses the host: an image host has no business
+            # publishing a private address next to its public ones.
+            if reason := self.policy(resolved):
+                if address is not None:
+                    raise URLRefused(f"{_describe(resolved, host)} is {reason}")
+                raise URLRefused(f"{host} resolves to {resolved}, which is {reason}")
+        return addresses
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, except that `connect_tcp` connects only to addresses the
+    guard checked, and to those exactly (TLS SNI and the Host header keep the host name,
+    because httpcore passes them separately)."""
+
+    def __init__(self, guard: Guard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.guard = guard
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        try:
+            with anyio.fail_after(timeout):
+                addresses = await self.guard.resolve(host, port)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        failure: Exception | None = None
+        for address in addresses:  # the next checked address when one does not answer
+            remaining = None if deadline is None else deadline - anyio.current_time()
+            if remaining is not None and remaining <= 0:
+                raise httpcore.ConnectTimeout(f"connecting to {host} timed out")
+            try:
+                return await self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=remaining,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise URLRefused("unix sockets are not an outbound destination")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
