@@ -179,6 +179,8 @@ def _describe(item: Any) -> str:
         if item.get("column"):
             where += f", {item['column']}"
         return f"{where}: {message}"
+    if item.get("field"):
+        return f"field {item['field']}: {message}"
     if isinstance(item.get("loc"), list):  # FastAPI's own request validation
         return f"{'.'.join(map(str, item['loc']))}: {message}"
     return str(message)

@@ -131,7 +131,8 @@ def _print_final(final: dict[str, Any]) -> None:
         f"{counts.get('total', 0)} images"
     )
     if final.get("error_message"):
-        console.print(f"error: {final['error_message']}")
+        label = "error" if final.get("status") == "error" else "note"
+        console.print(f"{label}: {final['error_message']}")
     failures = _failures(final)
     for failure in failures[:MAX_LISTED_FAILURES]:
         console.print(f"  failed: {failure}")
