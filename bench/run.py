@@ -1,0 +1,283 @@
+"""imgpipe benchmark: codec limit vs end to end, memory, upload latency, status reads.
+
+Run from the repository root: `make bench` (or `uv run --frozen python bench/run.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import PIL
+import report
+from codec import codec_limit
+from corpus import Corpus, build_corpus, image_urls, serve, write_csv
+from memory import MemorySampler, ProcessPeak
+from status_load import LoadResult, status_load
+from system import System
+
+OUT = Path(__file__).resolve().parent / "out"
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    corpus: int = 300
+    status_request: int = 1_000
+    scale: int = 5_000
+    big_upload_rows: int = 10_000
+    status_seconds: float = 10.0
+
+
+QUICK = Sizes(corpus=30, status_request=90, scale=600, big_upload_rows=1_000, status_seconds=5.0)
+
+
+@dataclass(frozen=True)
+class Options:
+    sizes: Sizes
+    scale: bool
+    concurrency: int
+    keep_data: bool
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small corpus: a smoke run")
+    parser.add_argument("--scale", action="store_true", help="run the scale phase even if --quick")
+    parser.add_argument("--skip-scale", action="store_true", help="leave out the scale phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="status-read clients")
+    parser.add_argument("--keep-data", action="store_true", help="keep media and database files")
+    args = parser.parse_args(argv)
+    scale = not args.skip_scale and (args.scale or not args.quick)
+    return Options(QUICK if args.quick else Sizes(), scale, args.concurrency, args.keep_data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    corpus = build_corpus(OUT, options.sizes.corpus, CORES)
+    print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
+    codec = codec_limit(corpus.files, CORES, min_images=max(60, options.sizes.corpus))
+    print(f"codec limit: {codec.images_per_second:.1f} images/s ({codec.function})")
+    results: dict[str, Any] = {"machine": _machine(), "codec": asdict(codec)}
+    results["codec"]["images_per_second"] = codec.images_per_second
+    with serve(corpus.directory) as base_url:
+        results |= run_system(options, corpus, base_url)
+    results["table"] = _table(results)
+    print("\n" + report.render(results))
+    report.write(results, OUT / "results.json")
+    report.write(results, Path(results["run_dir"]) / "results.json")
+    print(f"\nwritten to {OUT / 'results.json'}")
+    return 0
+
+
+def run_system(options: Options, corpus: Corpus, base_url: str) -> dict[str, Any]:
+    """Start `imgpipe up`, run every phase against it, stop it; returns the figures."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    system = System(OUT / f"run-{stamp}", f"bench{uuid.uuid4().hex[:8]}")
+    print(f"starting `imgpipe up` (data: {system.data_dir}, namespace: {system.namespace})")
+    results: dict[str, Any] = {"run_dir": str(system.data_dir), "namespace": system.namespace}
+    try:
+        sampler = MemorySampler(system.start())
+        with _sampling(sampler):
+            snapshots = run_phases(options, system, sampler, corpus, base_url, results)
+    finally:
+        system.stop()
+        if not options.keep_data:
+            _drop_bulk_data(system.data_dir)
+    results["memory_phases"] = list(snapshots)
+    results["memory"] = report.memory_table(snapshots)
+    return results
+
+
+def run_phases(
+    options: Options,
+    system: System,
+    sampler: MemorySampler,
+    corpus: Corpus,
+    base_url: str,
+    results: dict[str, Any],
+) -> dict[str, dict[int, ProcessPeak]]:
+    """Each phase adds its figures to `results`; returns the memory peaks after each one."""
+    snapshots = {"idle": sampler.snapshot()}
+    for name, title, phase in _phases(options):
+        print(f"phase: {title}")
+        results[name] = phase(system, corpus, base_url, options)
+        snapshots[title] = sampler.snapshot()
+    return snapshots
+
+
+@contextmanager
+def _sampling(sampler: MemorySampler) -> Iterator[None]:
+    sampler.start()
+    try:
+        yield
+    finally:
+        sampler.stop()
+
+
+def _phases(options: Options) -> list[tuple[str, str, Any]]:
+    """(key in results, title in the memory table, function), in the order they run."""
+    sizes = options.sizes
+    phases: list[tuple[str, str, Any]] = [
+        ("end_to_end", f"{sizes.corpus:,} images", phase_end_to_end),
+        ("status_reads", f"{sizes.status_request:,} + reads", phase_status_reads),
+    ]
+    if options.scale:
+        phases.append(("scale", f"{sizes.scale:,} images", phase_scale))
+    # Last: the system stops right after its 202, so its images are never processed.
+    phases.append(("big_upload", f"{sizes.big_upload_rows:,}-row upload", phase_big_upload))
+    return phases
+
+
+def end_to_end(system: System, urls: list[str], csv_path: Path) -> dict[str, Any]:
+    """Upload a CSV of `urls`; images per second from the upload request to `completed`."""
+    rows = write_csv(csv_path, urls)
+    upload = system.upload(csv_path)
+    # Each poll reads the whole status document: poll large requests less often.
+    interval = min(1.0, max(0.1, len(urls) / 10_000))
+    final, done_at = system.wait_final(upload.request_id, 120 + len(urls), interval)
+    seconds = done_at - upload.started
+    progress = final.get("progress") or {}
+    print(f"  {len(urls)} images: {final.get('status')} in {seconds:.1f} s, {progress}")
+    return {
+        "request_id": upload.request_id,
+        "images": len(urls),
+        "rows": rows,
+        "status": final.get("status"),
+        "progress": progress,
+        "seconds_to_202": upload.seconds_to_202,
+        "seconds": seconds,
+        "images_per_second": len(urls) / seconds,
+    }
+
+
+def phase_end_to_end(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+    urls = list(image_urls(base_url, corpus.names, len(corpus.names), "e2e"))
+    return end_to_end(system, urls, system.data_dir / "e2e.csv")
+
+
+def phase_scale(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+    urls = list(image_urls(base_url, corpus.names, opt.sizes.scale, "scale"))
+    return end_to_end(system, urls, system.data_dir / "scale.csv")
+
+
+def phase_status_reads(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+    """Complete a request, then read its status from a second process under load."""
+    count = opt.sizes.status_request
+    urls = list(image_urls(base_url, corpus.names, count, "status"))
+    request = end_to_end(system, urls, system.data_dir / "status.csv")
+    load = _load_in_child(
+        system.status_endpoint(request["request_id"]),
+        opt.sizes.status_seconds,
+        opt.concurrency,
+        system.headers,
+    )
+    rate, p50, p99 = load.requests_per_second, load.p50_ms, load.p99_ms
+    print(f"  {rate:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    figures = asdict(load) | {"requests_per_second": load.requests_per_second}
+    return {"request": request, "concurrency": opt.concurrency, "load": figures}
+
+
+def _load_in_child(url: str, seconds: float, concurrency: int, headers: dict[str, str]) -> Any:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        result: LoadResult = pool.submit(status_load, url, seconds, concurrency, headers).result()
+    return result
+
+
+def phase_big_upload(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+    """Time to 202 for a large CSV; the run stops right after, so nothing waits on it."""
+    rows = opt.sizes.big_upload_rows
+    urls = list(image_urls(base_url, corpus.names, rows * 3, "big"))
+    csv_path = system.data_dir / "big.csv"
+    write_csv(csv_path, urls)
+    upload = system.upload(csv_path)
+    time.sleep(1.0)  # let the memory sampler see ingest right after the upload
+    print(f"  {rows} rows: 202 after {upload.seconds_to_202:.2f} s")
+    return {
+        "rows": rows,
+        "images": len(urls),
+        "csv_bytes": csv_path.stat().st_size,
+        "seconds_to_202": upload.seconds_to_202,
+    }
+
+
+def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    codec = results["codec"]
+    limit = codec["images_per_second"]
+    throughput = [
+        (
+            f"codec limit ({codec['workers']} processes, {codec['function']})",
+            f"{limit:8.1f}",
+        )
+    ]
+    for name in ("end_to_end", "status_reads", "scale"):
+        run = results.get(name)
+        run = run["request"] if name == "status_reads" and run else run
+        if run:
+            rate = run["images_per_second"]
+            label = f"end to end, {run['images']:,} images ({run['status']}, {_counts(run)})"
+            throughput.append((label, f"{rate:8.1f}  = {rate / limit:.0%} of the codec limit"))
+    big = results["big_upload"]
+    upload = [(f"{big['rows']:,}-row CSV ({big['images']:,} URLs), upload to 202", _s(big))]
+    upload += [
+        (f"{results[n]['rows']:,}-row CSV, upload to 202", _s(results[n]))
+        for n in ("end_to_end", "scale")
+        if n in results
+    ]
+    return {"throughput": throughput, "upload": upload, "status": _status_rows(results)}
+
+
+def _counts(run: dict[str, Any]) -> str:
+    progress = run["progress"]
+    return f"{progress.get('ok', '?')} ok, {progress.get('failed', '?')} failed"
+
+
+def _s(run: dict[str, Any]) -> str:
+    return f"{run['seconds_to_202']:.2f} s"
+
+
+def _status_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    reads = results["status_reads"]
+    load = reads["load"]
+    label = (
+        f"GET /status/{{id}}, {reads['request']['images']:,}-image request, "
+        f"{reads['concurrency']} clients, {load['seconds']:.0f} s"
+    )
+    value = (
+        f"{load['requests_per_second']:.0f} req/s, p50 {load['p50_ms']:.1f} ms, "
+        f"p99 {load['p99_ms']:.1f} ms, {load['errors']} errors, "
+        f"{load['bytes_per_response'] / 1024:.0f} KiB per response, "
+        f"client CPU {load['client_cpu_seconds'] / load['seconds']:.0%} of a core"
+    )
+    return [(label, value)]
+
+
+def _machine() -> str:
+    database = "MongoDB (MONGODB_URL)" if os.environ.get("MONGODB_URL") else "embedded SecantusDB"
+    return (
+        f"{CORES} cores, Python {platform.python_version()}, Pillow {PIL.__version__}, "
+        f"{database}, {datetime.now().isoformat(timespec='seconds')}"
+    )
+
+
+def _drop_bulk_data(run_dir: Path) -> None:
+    """Media and database files are large; the logs and CSVs stay for inspection."""
+    for name in ("media", "mongo"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
