@@ -1,0 +1,1 @@
+"""imgpipe processor: downloads, compresses and stores each image of a request."""

@@ -1,0 +1,1 @@
+"""Adapters for the outside world: downloads, storage, the Mongo repository."""

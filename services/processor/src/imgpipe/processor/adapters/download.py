@@ -1,0 +1,62 @@
+"""Download one image: streaming, capped in size, and sniffed for a real image format."""
+
+from __future__ import annotations
+
+import httpx
+
+# Leading bytes of the formats we accept, whatever the Content-Type header claims.
+_MAGIC: tuple[tuple[bytes, ...], ...] = (
+    (b"\xff\xd8\xff",),  # JPEG
+    (b"\x89PNG\r\n\x1a\n",),  # PNG
+    (b"GIF87a", b"GIF89a"),  # GIF
+    (b"BM",),  # BMP
+    (b"II*\x00", b"MM\x00*"),  # TIFF
+)
+
+
+class DownloadError(Exception):
+    """A download that yields no image; `code` goes into ImageProcessed.error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def looks_like_image(data: bytes) -> bool:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return any(data.startswith(magic) for group in _MAGIC for magic in group)
+
+
+async def download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
+    """GET `url` and return its body; raises DownloadError for every way it can fail."""
+    try:
+        async with client.stream("GET", url) as response:
+            if not response.is_success:
+                raise DownloadError(
+                    "http_error", f"HTTP {response.status_code} {response.reason_phrase}".strip()
+                )
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise _too_large(max_bytes)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:  # stop reading: never hold more than the cap
+                    raise _too_large(max_bytes)
+    except httpx.TimeoutException as exc:
+        raise DownloadError("timeout", f"timed out downloading the image ({exc})") from None
+    except httpx.TooManyRedirects:
+        raise DownloadError("download_failed", "too many redirects") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        raise DownloadError("download_failed", str(exc) or type(exc).__name__) from None
+    if not looks_like_image(bytes(body[:16])):
+        raise DownloadError(
+            "not_an_image", "the content is not a JPEG, PNG, GIF, WebP, BMP or TIFF image"
+        )
+    return bytes(body)
+
+
+def _too_large(max_bytes: int) -> DownloadError:
+    return DownloadError("too_large", f"the image is larger than {max_bytes} bytes")

@@ -1,0 +1,72 @@
+"""Where output images go. The backend is chosen once, in bootstrap.build_storage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+EXTENSIONS = {"jpeg": "jpg", "webp": "webp"}
+# Request ids and image keys become path parts and URL segments: keep them boring.
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+class StorageError(Exception):
+    """The image could not be stored; the image fails with `storage_failed`."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    url: str  # the public output URL
+    location: str  # backend-specific: a file path, a public_id, ...
+    size: int
+
+
+class Storage(Protocol):
+    async def save(self, request_id: str, image_key: str, data: bytes, fmt: str) -> StoredImage:
+        """Store (or overwrite: a retry must not duplicate) one output image."""
+        ...
+
+
+def object_name(request_id: str, image_key: str, fmt: str) -> tuple[str, str]:
+    """(folder, file name) for an image; raises StorageError for unsafe names or formats."""
+    if not (_SAFE_PART.match(request_id) and _SAFE_PART.match(image_key)):
+        raise StorageError(f"unsafe request id or image key: {request_id!r}, {image_key!r}")
+    if fmt not in EXTENSIONS:
+        raise StorageError(f"unknown output format {fmt!r}")
+    return request_id, f"{image_key}.{EXTENSIONS[fmt]}"
+
+
+class LocalStorage:
+    """Files under `root/<request_id>/`, served by the status service under `base_url`."""
+
+    def __init__(self, root: Path, base_url: str) -> None:
+        self.root = root
+        self.base_url = base_url.rstrip("/")
+
+    async def save(self, request_id: str, image_key: str, data: bytes, fmt: str) -> StoredImage:
+        folder, name = object_name(request_id, image_key, fmt)
+        path = self.root / folder / name
+        try:
+            await asyncio.to_thread(_write_atomically, path, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+        return StoredImage(
+            url=f"{self.base_url}/{folder}/{name}", location=str(path), size=len(data)
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of one; a retry overwrites."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,193 @@
+"""Wiring: every adapter the processor uses is built here, and only here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pymongo import AsyncMongoClient
+
+from imgpipe.contracts.bus import Bus
+from imgpipe.contracts.mongo import connect, service_database
+from imgpipe.contracts.outbound import outbound_client
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.processor.adapters.repository import ProcessorRepository
+from imgpipe.processor.adapters.storage import LocalStorage, Storage
+from imgpipe.processor.compress import Compressed, CompressError, compress
+from imgpipe.processor.handlers import JOBS_QUEUE, Processor
+
+log = logging.getLogger(__name__)
+
+REQUESTS_QUEUE = "processor.requests"
+# How long shutdown waits for jobs in progress; the broker redelivers the rest.
+SHUTDOWN_GRACE = 20.0
+
+T = TypeVar("T")
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def prefetch(settings: Settings) -> int:
+    """Enough jobs in hand that the pool never idles while others download or write."""
+    return settings.prefetch or 2 * worker_count(settings) + 2
+
+
+def build_storage(settings: Settings) -> Storage:
+    """The one place the storage backend is chosen (Cloudinary arrives in its own task)."""
+    return LocalStorage(settings.media_dir, settings.media_base_url)
+
+
+class PoolCompressor:
+    """Runs `compress` in a process pool, keeping the event loop free for I/O."""
+
+    def __init__(self, workers: int, max_pixels: int) -> None:
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # Not plain fork: forking a process that runs threads (pymongo, asyncio) can deadlock.
+        # A forkserver is single-threaded, imports Pillow once and forks workers cheaply.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["imgpipe.processor.compress"])
+        return ProcessPoolExecutor(self.workers, mp_context=context)
+
+    async def warm_up(self) -> None:
+        """Start every worker now, so the first images do not wait for them."""
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.workers)))
+
+    async def __call__(self, data: bytes, quality: int) -> Compressed:
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, compress, data, quality, self.max_pixels)
+            except BrokenProcessPool:
+                # A worker died (a crashing decoder, the OOM killer): every job then in the
+                # pool sees this. Retry once in a fresh pool; a second death blames the image.
+                if self._pool is pool:
+                    log.error("image worker died; starting a new pool")
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+                if attempt == 2:
+                    raise CompressError("decode_error", "decoding this image crashed") from None
+        raise AssertionError("unreachable")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ready() -> bool:
+    return True
+
+
+class Drain:
+    """Tracks handlers in progress so shutdown can let them finish.
+
+    Bus has no way to cancel a consumer, so after `stop` a newly delivered message is
+    parked, never settled: closing the connection hands it back to the broker."""
+
+    def __init__(self) -> None:
+        self._stopping = False
+        self._running: set[asyncio.Task[object]] = set()
+        self._parked: set[asyncio.Task[object]] = set()
+
+    def wrap(self, handler: Callable[[T], Awaitable[None]]) -> Callable[[T], Awaitable[None]]:
+        async def wrapped(item: T) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            if self._stopping:
+                self._parked.add(task)
+                await asyncio.Event().wait()
+            self._running.add(task)
+            try:
+                await handler(item)
+            finally:
+                self._running.discard(task)
+
+        return wrapped
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=grace)
+            if pending:
+                log.warning("%d jobs still running at shutdown: redelivered", len(pending))
+
+    async def cancel_rest(self) -> None:
+        rest = self._running | self._parked
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+
+@dataclass
+class Runtime:
+    """Everything a running processor holds; `start` and `stop` bracket its life."""
+
+    settings: Settings
+    mongo: AsyncMongoClient
+    bus: Bus
+    compressor: PoolCompressor
+    processor: Processor
+    drain: Drain
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        mongo = connect(settings)
+        compressor = PoolCompressor(worker_count(settings), settings.max_image_pixels)
+        http = outbound_client(settings)
+        bus: Bus | None = None
+        warming = asyncio.ensure_future(compressor.warm_up())
+        try:
+            repository = ProcessorRepository(service_database(mongo, settings, "processor"))
+            await repository.ensure_indexes()
+            bus = await Bus.connect(
+                settings.amqp_url,
+                Topology(settings.namespace, settings.delivery_limit),
+                prefetch=prefetch(settings),
+            )
+            processor = Processor(
+                repository=repository,
+                bus=bus,
+                storage=build_storage(settings),
+                http=http,
+                compressor=compressor,
+                max_image_bytes=settings.max_image_bytes,
+                instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            )
+            await warming
+            drain = Drain()
+            await bus.consume(JOBS_QUEUE, drain.wrap(processor.on_job_message))
+            await bus.consume_events(REQUESTS_QUEUE, drain.wrap(processor.on_event))
+        except BaseException:
+            warming.cancel()
+            if bus is not None:
+                await bus.close()
+            await http.aclose()
+            compressor.shutdown()
+            await mongo.close()
+            raise
+        return cls(settings, mongo, bus, compressor, processor, drain)
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        await self.drain.stop(grace)
+        await self.bus.close()  # unsettled messages go back to the queue
+        await self.drain.cancel_rest()
+        await self.processor.http.aclose()
+        self.compressor.shutdown()
+        await self.mongo.close()

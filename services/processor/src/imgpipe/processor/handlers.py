@@ -1,0 +1,234 @@
+"""The processor's logic: fan a request out into per-image jobs, process each job once.
+
+Delivery is at least once, so every step is idempotent: the request and image docs are
+created with upserts and unique keys, an image's outcome is set only where none is
+yet, the counter moves only for the write that set the outcome, and events carry
+stable ids. A failed image is an outcome like any other; it never blocks its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from imgpipe.contracts.events import (
+    AnyEvent,
+    CloudEvent,
+    Counts,
+    ImageError,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    completed_event_id,
+    processed_event_id,
+)
+from imgpipe.processor.adapters.download import DownloadError, download
+from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
+from imgpipe.processor.adapters.storage import Storage, StorageError
+from imgpipe.processor.compress import Compressed, CompressError
+from imgpipe.processor.jobs import Job, jobs_for
+
+log = logging.getLogger(__name__)
+
+SOURCE = "imgpipe.processor"
+JOBS_QUEUE = "processor.jobs"
+# Sends in flight together: confirms overlap (~0.35 ms each instead of ~1.1 ms in a loop).
+FANOUT_BATCH = 500
+
+Compressor = Callable[[bytes, int], Awaitable[Compressed]]
+
+
+class Publisher(Protocol):
+    """The part of imgpipe.contracts.bus.Bus the handlers use."""
+
+    async def publish(self, event: CloudEvent) -> None: ...
+
+    async def send(self, queue_key: str, body: bytes, message_id: str) -> None: ...
+
+
+@dataclass
+class Processor:
+    repository: ProcessorRepository
+    bus: Publisher
+    storage: Storage
+    http: httpx.AsyncClient
+    compressor: Compressor
+    max_image_bytes: int
+    instance: str = "processor"  # recorded with each outcome: which process did the work
+    _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+
+    # RequestReceived --------------------------------------------------------------
+
+    async def on_event(self, event: AnyEvent) -> None:
+        if isinstance(event.data, RequestReceived):
+            await self.request_received(event.data)
+
+    async def request_received(self, request: RequestReceived) -> None:
+        jobs = jobs_for(request)
+        if len(jobs) != request.image_count:
+            log.warning(
+                "request %s: image_count %d but %d URLs; using the URLs",
+                request.request_id,
+                request.image_count,
+                len(jobs),
+            )
+        doc = await self.repository.create_request(
+            request.request_id, total=len(jobs), quality=request.options.quality
+        )
+        if doc["fanned_out"]:
+            return  # a redelivery of a request whose jobs are all sent
+        await self.repository.insert_images(job.model_dump(exclude={"quality"}) for job in jobs)
+        for start in range(0, len(jobs), FANOUT_BATCH):
+            batch = jobs[start : start + FANOUT_BATCH]
+            await asyncio.gather(
+                *(self.bus.send(JOBS_QUEUE, job.to_bytes(), job.message_id) for job in batch)
+            )
+        await self.repository.mark_fanned_out(request.request_id)
+        log.info("request %s: %d jobs sent", request.request_id, len(jobs))
+        if not jobs:  # ingest refuses these; finish rather than hang if one slips through
+            await self._complete(request.request_id)
+
+    # Jobs -------------------------------------------------------------------------
+
+    async def on_job_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = Job.model_validate_json(message.body)
+        except ValidationError:
+            log.error("unparseable job %s: dead-lettered", message.message_id)
+            await message.reject(requeue=False)
+            return
+        await self.process_job(job)
+
+    async def process_job(self, job: Job) -> None:
+        image = await self.repository.get_image(job.request_id, job.image_key)
+        if image is None:  # jobs are sent after their images are stored: retry, then dead-letter
+            raise LookupError(f"no image {job.image_key} for request {job.request_id}")
+        if image["outcome"] is not None:
+            await self._replay(image)  # duplicate job or redelivery: no new work
+            return
+        fields = await self._outcome(job)
+        if not await self.repository.record_outcome(job.request_id, job.image_key, fields):
+            # A duplicate of this job recorded its outcome first: that one stands.
+            await self._replay(await self._image(job))
+            return
+        request = await self.repository.count_outcome(job.request_id, fields["outcome"])
+        await self.bus.publish(processed_event({**image, **fields}))
+        if _looks_done(request):
+            await self._complete(job.request_id)
+
+    async def _outcome(self, job: Job) -> dict[str, Any]:
+        """Download, compress and store one image; every expected failure is an outcome."""
+        try:
+            data = await download(self.http, job.input_url, self.max_image_bytes)
+        except DownloadError as exc:
+            return self._failed(exc.code, exc.message)
+        try:
+            result = await self.compressor(data, job.quality)
+            stored = await self.storage.save(
+                job.request_id, job.image_key, result.data, result.format
+            )
+        except CompressError as exc:
+            return self._failed(exc.code, exc.message, bytes_in=len(data))
+        except StorageError as exc:
+            return self._failed("storage_failed", str(exc), bytes_in=len(data))
+        return {
+            "outcome": "ok",
+            "output_url": stored.url,
+            "bytes_in": len(data),
+            "bytes_out": stored.size,
+            "width": result.width,
+            "height": result.height,
+            "format": result.format,
+            "error": None,
+            "processed_by": self.instance,
+        }
+
+    def _failed(self, code: str, message: str, bytes_in: int | None = None) -> dict[str, Any]:
+        return {
+            "outcome": "failed",
+            "output_url": None,
+            "bytes_in": bytes_in,
+            "error": {"code": code, "message": message},
+            "processed_by": self.instance,
+        }
+
+    async def _image(self, job: Job) -> Doc:
+        image = await self.repository.get_image(job.request_id, job.image_key)
+        if image is None:
+            raise LookupError(f"image {job.image_key} of request {job.request_id} vanished")
+        return image
+
+    async def _replay(self, image: Doc) -> None:
+        """Re-publish a recorded outcome and re-check completion. A crash between the
+        outcome write and the counter bump leaves the counter behind: catch it up here."""
+        request_id = image["request_id"]
+        await self.bus.publish(processed_event(image))
+        ok, failed = await self.repository.count_outcomes(request_id)
+        request = await self.repository.raise_counters(request_id, ok, failed)
+        if request is not None and _looks_done(request):
+            await self._complete(request_id)
+
+    # Completion -------------------------------------------------------------------
+
+    async def _complete(self, request_id: str) -> None:
+        """Publish RequestCompleted once every image has an outcome.
+
+        Counters only trigger this; the images are counted before publishing, so a
+        counter that ran ahead cannot finish a request early. Publish first, then
+        mark: a crash in between re-publishes the same event id, never loses it.
+        The lock keeps this process's duplicate jobs from publishing it twice."""
+        async with self._completion_lock:
+            request = await self.repository.get_request(request_id)
+            if request is None or request["completed_published"]:
+                return
+            ok, failed = await self.repository.count_outcomes(request_id)
+            if ok + failed < request["total"]:
+                return  # the last image's own check will finish it
+            data = RequestCompleted(
+                request_id=request_id,
+                status="completed" if ok >= 1 else "error",
+                counts=Counts(total=request["total"], ok=ok, failed=failed),
+                completed_at=datetime.now(UTC),
+            )
+            await self.bus.publish(
+                CloudEvent.wrap(data, source=SOURCE, id=completed_event_id(request_id))
+            )
+            await self.repository.mark_completed(request_id, ok, failed)
+            log.info("request %s: %s (%d ok, %d failed)", request_id, data.status, ok, failed)
+
+
+def _looks_done(request: Mapping[str, Any]) -> bool:
+    return (
+        request["ok"] + request["failed"] >= request["total"] and not request["completed_published"]
+    )
+
+
+def processed_event(image: Mapping[str, Any]) -> CloudEvent[ImageProcessed]:
+    """The ImageProcessed for an image doc that has an outcome (same id every time)."""
+    error = image.get("error")
+    data = ImageProcessed(
+        request_id=image["request_id"],
+        image_key=image["image_key"],
+        row_index=image["row_index"],
+        position=image["position"],
+        input_url=image["input_url"],
+        outcome=image["outcome"],
+        output_url=image.get("output_url"),
+        bytes_in=image.get("bytes_in"),
+        bytes_out=image.get("bytes_out"),
+        width=image.get("width"),
+        height=image.get("height"),
+        format=image.get("format"),
+        error=ImageError(**error) if error else None,
+    )
+    return CloudEvent.wrap(
+        data, source=SOURCE, id=processed_event_id(data.request_id, data.image_key)
+    )

@@ -1,0 +1,111 @@
+"""Downloads against a real loopback HTTP server: size cap, status, sniffing, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from imgpipe.contracts.outbound import outbound_client
+from imgpipe.contracts.settings import Settings
+from imgpipe.processor.adapters.download import DownloadError, download
+from tests.support.http_server import LoopbackServer, Response, loopback_server
+from tests.support.images import jpeg_bytes, png_with_alpha_bytes
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    with loopback_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with outbound_client(Settings(IMGPIPE_ALLOW_PRIVATE_URLS=True), timeout=5) as client:
+        yield client
+
+
+async def failure(client: httpx.AsyncClient, url: str, max_bytes: int = 10**7) -> DownloadError:
+    with pytest.raises(DownloadError) as raised:
+        await download(client, url, max_bytes)
+    return raised.value
+
+
+async def test_image_is_downloaded_whatever_its_content_type(
+    server: LoopbackServer, client: httpx.AsyncClient
+) -> None:
+    png = png_with_alpha_bytes()
+    url = server.add("/photo", Response(png, content_type="text/plain"))
+    assert await download(client, url, 10**7) == png
+
+
+async def test_redirects_are_followed(server: LoopbackServer, client: httpx.AsyncClient) -> None:
+    jpeg = jpeg_bytes()
+    server.add("/new", Response(jpeg, content_type="image/jpeg"))
+    url = server.add("/old", Response(status=302, headers={"Location": server.url("/new")}))
+    assert await download(client, url, 10**7) == jpeg
+
+
+async def test_http_error_names_the_status(
+    server: LoopbackServer, client: httpx.AsyncClient
+) -> None:
+    error = await failure(client, server.url("/missing"))
+    assert error.code == "http_error"
+    assert "404" in error.message
+
+
+async def test_html_served_as_jpeg_is_not_an_image(
+    server: LoopbackServer, client: httpx.AsyncClient
+) -> None:
+    url = server.add("/fake.jpg", Response(b"<html>hello</html>", content_type="image/jpeg"))
+    assert (await failure(client, url)).code == "not_an_image"
+
+
+async def test_declared_size_over_the_cap_is_too_large(
+    server: LoopbackServer, client: httpx.AsyncClient
+) -> None:
+    url = server.add("/big.jpg", Response(jpeg_bytes(), content_type="image/jpeg"))
+    assert (await failure(client, url, max_bytes=1000)).code == "too_large"
+
+
+async def test_streamed_body_over_the_cap_stops_reading(client: httpx.AsyncClient) -> None:
+    """A chunked response without Content-Length that never ends: the cap must cut it."""
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"\xff\xd8\xff" + b"\0" * 8189
+        try:
+            while sent < 10**8:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        error = await failure(client, f"http://127.0.0.1:{port}/stream", max_bytes=100_000)
+    assert error.code == "too_large"
+    assert sent < 10**8
+
+
+async def test_slow_server_is_a_timeout(server: LoopbackServer) -> None:
+    url = server.add("/slow", Response(jpeg_bytes(), delay=3))
+    async with outbound_client(Settings(IMGPIPE_ALLOW_PRIVATE_URLS=True), timeout=0.2) as client:
+        assert (await failure(client, url)).code == "timeout"
+
+
+async def test_unreachable_host_is_a_download_failure(client: httpx.AsyncClient) -> None:
+    with loopback_server() as gone:
+        url = gone.url("/x")
+    error = await failure(client, url)
+    assert error.code == "download_failed"
+    assert error.message

@@ -1,0 +1,104 @@
+"""The handlers called directly (real broker and database) for the at-least-once corners."""
+
+from __future__ import annotations
+
+import uuid
+
+from imgpipe.contracts.events import ImageProcessed, RequestCompleted
+from imgpipe.contracts.settings import Settings
+from imgpipe.processor.handlers import Processor
+from imgpipe.processor.jobs import jobs_for
+from tests.support.http_server import Response
+from tests.support.images import jpeg_bytes
+
+
+async def jobs_waiting(tap, settings: Settings) -> int:
+    name = tap.bus.topology.queue_name("processor.jobs")
+    async with tap.bus.connection.channel() as channel:  # a fresh channel: no cached answer
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count
+
+
+async def test_redelivered_request_after_fan_out_sends_no_more_jobs(
+    settings, tap, processor: Processor, make_request, image_server
+) -> None:
+    urls = [image_server.url(f"/{i}") for i in range(5)]
+    received = make_request(uuid.uuid4().hex, [urls[:2], urls[2:]])
+    await processor.request_received(received.data)
+    assert await jobs_waiting(tap, settings) == 5
+    await processor.request_received(received.data)
+    assert await jobs_waiting(tap, settings) == 5
+    request = await processor.repository.get_request(received.data.request_id)
+    assert request["fanned_out"] is True and request["total"] == 5
+
+
+async def test_crash_between_outcome_and_counter_is_repaired_by_the_redelivery(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    urls = [
+        image_server.add(f"/{i}", Response(jpeg_bytes(seed=i), content_type="image/jpeg"))
+        for i in range(2)
+    ]
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [urls])
+    await processor.request_received(received.data)
+    first, second = jobs_for(received.data)
+    await processor.process_job(second)
+    # The first job's worker stored its outcome and died before counting it.
+    assert await processor.repository.record_outcome(
+        request_id, first.image_key, {"outcome": "failed", "error": {"code": "x", "message": "y"}}
+    )
+    assert (await processor.repository.get_request(request_id))["ok"] == 1
+
+    await processor.process_job(first)  # the broker redelivers it
+    await tap.flush()
+
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.counts.model_dump() == {"total": 2, "ok": 1, "failed": 1}
+    replayed = [e for e in tap.of(request_id, ImageProcessed) if e.data.image_key == "0-0"]
+    assert replayed[0].data.outcome == "failed" and replayed[0].data.error.code == "x"
+    assert len(image_server.requests_to("/0")) == 0  # the redelivery downloaded nothing
+    request = await processor.repository.get_request(request_id)
+    assert (request["ok"], request["failed"], request["completed_published"]) == (1, 1, True)
+
+
+async def test_counters_ahead_of_the_images_do_not_finish_a_request_early(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    urls = [
+        image_server.add(f"/{i}", Response(jpeg_bytes(seed=i), content_type="image/jpeg"))
+        for i in range(3)
+    ]
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [urls])
+    await processor.request_received(received.data)
+    jobs = jobs_for(received.data)
+    await processor.process_job(jobs[0])
+    await processor.repository.raise_counters(request_id, 3, 0)  # a counter that ran ahead
+
+    await processor.process_job(jobs[1])
+    await processor.process_job(jobs[0])  # a duplicate checks completion again
+    await tap.flush()
+    assert tap.of(request_id, RequestCompleted) == []
+
+    await processor.process_job(jobs[2])
+    await tap.flush()
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.counts.model_dump() == {"total": 3, "ok": 3, "failed": 0}
+    assert completed.data.status == "completed"
+
+
+async def test_request_where_every_image_fails_ends_in_error(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [[image_server.url("/gone")]])
+    await processor.request_received(received.data)
+    [job] = jobs_for(received.data)
+    await processor.process_job(job)
+    await tap.flush()
+    [processed] = tap.of(request_id, ImageProcessed)
+    assert processed.data.outcome == "failed" and processed.data.error.code == "http_error"
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.status == "error"
+    assert completed.data.counts.model_dump() == {"total": 1, "ok": 0, "failed": 1}

@@ -1,0 +1,48 @@
+"""LocalStorage: atomic files under the media dir, URLs under the public media base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgpipe.contracts.settings import Settings
+from imgpipe.processor.adapters.storage import LocalStorage, StorageError
+from imgpipe.processor.bootstrap import build_storage
+
+
+async def test_saves_a_file_and_returns_its_public_url(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "media", "http://cdn.example/media/")
+    stored = await storage.save("req1", "0-1", b"jpeg bytes", "jpeg")
+    assert stored.url == "http://cdn.example/media/req1/0-1.jpg"
+    assert (tmp_path / "media" / "req1" / "0-1.jpg").read_bytes() == b"jpeg bytes"
+    assert stored.size == len(b"jpeg bytes")
+
+
+async def test_a_retry_overwrites_instead_of_duplicating(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path, "http://x/media")
+    await storage.save("req1", "2-0", b"first", "webp")
+    await storage.save("req1", "2-0", b"second", "webp")
+    assert [p.name for p in (tmp_path / "req1").iterdir()] == ["2-0.webp"]
+    assert (tmp_path / "req1" / "2-0.webp").read_bytes() == b"second"
+
+
+@pytest.mark.parametrize(("request_id", "key"), [("../etc", "0-0"), ("req", "a/b"), (".", "0-0")])
+async def test_unsafe_names_are_refused(tmp_path: Path, request_id: str, key: str) -> None:
+    with pytest.raises(StorageError):
+        await LocalStorage(tmp_path, "http://x/media").save(request_id, key, b"x", "jpeg")
+
+
+async def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError):
+        await LocalStorage(blocker, "http://x/media").save("req", "0-0", b"x", "jpeg")
+
+
+def test_default_backend_is_local_under_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(IMGPIPE_DATA_DIR=tmp_path, public_base_url="http://files.example")
+    storage = build_storage(settings)
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path / "media"
+    assert storage.base_url == "http://files.example/media"
