@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="IMGPIPE_API_KEYS")
     webhook_secret: str | None = None
+    # Seconds before each webhook retry (DESIGN.md: about a day in all); "5s,5m,2h" also works.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000]
+    )
 
     # Limits (issue 5): refuse early, before anything is stored.
     max_csv_bytes: int = Field(default=20 * 1024 * 1024, alias="IMGPIPE_MAX_CSV_BYTES")
@@ -51,6 +56,13 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [_seconds(item) for item in value.split(",") if item.strip()]
         return value
 
     @property
@@ -79,6 +91,20 @@ class Settings(BaseSettings):
         path = self.data_dir / "webhook_secret"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("whsec_" + secrets.token_urlsafe(32))
+            # Standard Webhooks secrets are "whsec_" + standard base64 of the key bytes.
+            path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
             path.chmod(0o600)
         return path.read_text().strip()
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float:
+    """Parse one schedule entry: "30" or "30s", "5m", "2h", "1d", as seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    value = float(text[:-1] if unit else text) * (unit or 1)
+    if value < 0:
+        raise ValueError(f"negative delay in retry schedule: {text}")
+    return value

@@ -1,0 +1,1 @@
+"""imgpipe notifier: signed, retried webhooks for request status changes."""

@@ -1,0 +1,251 @@
+"""The dispatcher: finds due deliveries in MongoDB, leases them, sends them.
+
+State lives in MongoDB (`status`, `next_attempt_at`, the lease), so a retry
+survives a restart and several notifier instances share the work without
+double-sending. Each attempt runs in its own task with its own timeout; the
+number in flight is bounded overall and per endpoint, so a slow or dead
+endpoint cannot hold up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from imgpipe.contracts.outbound import URLRefused
+from imgpipe.contracts.settings import Settings
+from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.adapters.signing import Signer
+from imgpipe.notifier.config import NotifierConfig
+from imgpipe.notifier.model import DELIVERED, DONE_STATES, PENDING
+from imgpipe.notifier.retry import decide, parse_retry_after
+
+log = logging.getLogger(__name__)
+Doc = dict[str, Any]
+USER_AGENT = "imgpipe-notifier/0.1 (Standard Webhooks)"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        repo: Repository,
+        settings: Settings,
+        config: NotifierConfig,
+        client: httpx.AsyncClient,
+        signer: Signer,
+    ) -> None:
+        self.repo = repo
+        self.settings = settings
+        self.config = config
+        self.client = client
+        self.signer = signer
+        self.owner = f"notifier-{uuid.uuid4().hex[:12]}"  # this instance, for leases
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._per_endpoint: Counter[str] = Counter()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # Lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self.run(), name="webhook-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop polling and cancel attempts in flight; their leases are handed back."""
+        tasks = [t for t in (self._loop_task, *self._inflight.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                more = await self.dispatch_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # MongoDB away for a moment: try again next round
+                log.exception("dispatcher round failed")
+                more = False
+            if more:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+
+    # One round --------------------------------------------------------------------
+
+    async def dispatch_due(self) -> bool:
+        """Start an attempt for each due delivery there is room for; True if there may be more."""
+        free = self.config.concurrency - len(self._inflight)
+        if free <= 0:
+            return False  # a finishing attempt wakes the loop
+        now = utcnow()
+        busy = [
+            endpoint
+            for endpoint, count in self._per_endpoint.items()
+            if count >= self.config.per_endpoint_concurrency
+        ]
+        candidates = await self.repo.due(now, free, busy)
+        for doc in candidates:
+            if self._per_endpoint[doc["endpoint"]] >= self.config.per_endpoint_concurrency:
+                continue
+            if await self._waits_for_earlier(doc, now):
+                continue
+            until = now + timedelta(seconds=self.config.lease)
+            claimed = await self.repo.claim(doc["_id"], self.owner, now, until)
+            if claimed is not None:
+                self._start(claimed)
+        return len(candidates) == free
+
+    async def _waits_for_earlier(self, doc: Doc, now: datetime) -> bool:
+        """Per (request, endpoint), a webhook waits until the earlier ones are done or failed.
+
+        A waiting delivery is put off until its predecessor's next chance, so it does
+        not fill every round; the predecessor brings it forward when it finishes.
+        """
+        if doc["seq"] == 0:
+            return False
+        earlier = await self.repo.pending_predecessor(doc)
+        if earlier is None:
+            return False
+        until = max(
+            earlier["next_attempt_at"],
+            earlier["lease_until"],
+            now + timedelta(seconds=self.config.poll_interval),
+        )
+        await self.repo.defer(doc["_id"], until)
+        # The predecessor may have finished between the check and the deferral.
+        if await self.repo.pending_predecessor(doc) is None:
+            await self.repo.make_due({"_id": doc["_id"]}, now)
+        return True
+
+    def _start(self, doc: Doc) -> None:
+        task = asyncio.create_task(self._run_attempt(doc), name=f"webhook-{doc['_id']}")
+        self._inflight[doc["_id"]] = task
+        self._per_endpoint[doc["endpoint"]] += 1
+
+        def done(finished: asyncio.Task[None]) -> None:
+            # The same delivery may already be claimed again (an immediate retry).
+            if self._inflight.get(doc["_id"]) is finished:
+                del self._inflight[doc["_id"]]
+            self._per_endpoint[doc["endpoint"]] -= 1
+            if self._per_endpoint[doc["endpoint"]] <= 0:
+                del self._per_endpoint[doc["endpoint"]]
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _run_attempt(self, doc: Doc) -> None:
+        try:
+            await self.attempt(doc)
+        except asyncio.CancelledError:
+            # Shutting down: hand the lease back so a restart retries at once.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.repo.release(doc["_id"], self.owner, utcnow()), 2)
+            raise
+        except Exception:  # the lease expires and the delivery is tried again
+            log.exception("webhook attempt for %s failed unexpectedly", doc["_id"])
+
+    # One attempt ------------------------------------------------------------------
+
+    async def attempt(self, doc: Doc) -> None:
+        started_at = utcnow()
+        result = await self._post(doc, started_at)
+        status_code, error = result.status_code, result.error
+        finished_at = utcnow()
+        latency_ms = round((finished_at - started_at).total_seconds() * 1000, 1)
+        tries = doc.get("tries", 0) + 1
+        decision = decide(
+            status_code,
+            tries,
+            self.settings.webhook_retry_schedule,
+            parse_retry_after(result.retry_after, finished_at),
+            refused=result.refused,
+        )
+        next_at = (
+            finished_at + timedelta(seconds=decision.delay) if decision.delay is not None else None
+        )
+        if error is None and decision.status != DELIVERED:
+            error = f"HTTP {status_code}"
+        attempt = {
+            "at": started_at,
+            "endpoint": doc["endpoint"],
+            "status_code": status_code,
+            "latency_ms": latency_ms,
+            "error": error,
+            "outcome": "retry" if decision.status == PENDING else decision.status,
+            "next_retry_at": next_at,
+        }
+        fields: Doc = {"status": decision.status, "next_attempt_at": next_at}
+        if decision.status == DELIVERED:
+            fields["delivered_at"] = finished_at
+        recorded = await self.repo.finish_attempt(
+            doc["_id"], self.owner, attempt, fields, finished_at
+        )
+        if not recorded:
+            log.warning("lease on %s was lost; attempt not recorded", doc["_id"])
+            return
+        log.info(
+            "webhook %s %s -> %s (%s) %s",
+            doc["event_type"],
+            doc["endpoint"],
+            status_code or error,
+            decision.status,
+            f"retry at {next_at.isoformat()}" if next_at else "",
+        )
+        if decision.status in DONE_STATES:
+            await self.repo.release_successors(doc, finished_at)
+
+    async def _post(self, doc: Doc, at: datetime) -> PostResult:
+        """POST the stored body. The response body is never read."""
+        body: str = doc["body"]
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            **self.signer.headers(doc["webhook_id"], at, body),
+        }
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                request = self.client.build_request(
+                    "POST", doc["endpoint"], content=body.encode(), headers=headers
+                )
+                # Redirects are not followed: a receiver's new address is a config change.
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+                await response.aclose()
+        except TimeoutError:
+            return PostResult(error=f"timed out after {self.config.timeout:g}s")
+        except URLRefused as exc:
+            return PostResult(error=f"{URLRefused.code}: {exc}", refused=True)
+        except httpx.TimeoutException as exc:
+            elapsed = time.monotonic() - started
+            return PostResult(error=f"{type(exc).__name__} after {elapsed:.1f}s")
+        except httpx.HTTPError as exc:
+            name = type(exc).__name__
+            return PostResult(error=f"{name}: {exc}" if str(exc) else name)
+        return PostResult(response.status_code, retry_after=response.headers.get("retry-after"))
+
+
+@dataclass(frozen=True)
+class PostResult:
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: str | None = None
+    refused: bool = False  # the SSRF guard said no

@@ -1,0 +1,163 @@
+"""Event handlers: record what each event says, then plan the webhooks it makes due.
+
+Handlers only write to MongoDB (so the message is acked quickly); the dispatcher
+sends. Planning is idempotent: a webhook type is planned once per request (the
+`planned` list), and a delivery is unique per (request, endpoint, type), so
+duplicate or concurrent events never double-send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from imgpipe.contracts.events import AnyEvent, ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.settings import Settings
+from imgpipe.notifier import payloads
+from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.config import NotifierConfig
+from imgpipe.notifier.model import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
+
+log = logging.getLogger(__name__)
+Doc = dict[str, Any]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Deps:
+    repo: Repository
+    settings: Settings
+    config: NotifierConfig
+    wake: Callable[[], None] = lambda: None  # tells the local dispatcher there is work
+
+
+async def handle_event(event: AnyEvent, deps: Deps) -> None:
+    data = event.data
+    now = utcnow()
+    if isinstance(data, RequestReceived):
+        request = await deps.repo.mark_received(data)
+    elif isinstance(data, ImageProcessed):
+        await deps.repo.store_image(data)
+        request = await deps.repo.note_processing(data.request_id, event.time)
+    elif isinstance(data, RequestCompleted):
+        request = await deps.repo.mark_completed(data, now)
+    else:  # pragma: no cover - parse_event only yields the three types
+        return
+    await plan(request, deps, now)
+
+
+async def plan(request: Doc, deps: Deps, now: datetime) -> None:
+    """Create the deliveries for every status change that is due and not yet planned.
+
+    Nothing goes out before RequestReceived: it carries the webhook URL and the rows.
+    Types are planned in lifecycle order, so a later webhook's deliveries always
+    exist after the earlier ones' (the dispatcher relies on that for ordering).
+    """
+    if not request.get("received"):
+        return
+    planned = set(request.get("planned") or [])
+    request_id = request["_id"]
+    created = False
+    if RECEIVED not in planned:
+        created |= await _emit(RECEIVED, payloads.received(request), request, deps, now)
+    started = request.get("first_processed_at") or request.get("completed")
+    if PROCESSING not in planned and started:
+        ok, failed = await deps.repo.image_counts(request_id)
+        created |= await _emit(
+            PROCESSING, payloads.processing(request, ok, failed), request, deps, now
+        )
+    if completed := request.get("completed"):
+        final_type = f"request.{completed['status']}"
+        if planned & FINAL_TYPES:
+            if request.get("final_pending"):  # a duplicate RequestCompleted
+                await deps.repo.mark_planned(request_id, final_type)
+        elif await _final_ready(request, deps, now):
+            products = await _products(request, deps)
+            payload = payloads.final(final_type, request, products, deps.settings)
+            created |= await _emit(final_type, payload, request, deps, now)
+    if created:
+        deps.wake()
+
+
+async def plan_overdue(deps: Deps) -> None:
+    """Send final webhooks whose missing ImageProcessed events never came in the grace time."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=deps.config.completion_grace)
+    for request in await deps.repo.overdue_finals(cutoff):
+        await plan(request, deps, now)
+
+
+async def _final_ready(request: Doc, deps: Deps, now: datetime) -> bool:
+    """Wait for every image outcome (events may overtake each other), at most the grace."""
+    seen_at = request["completed_seen_at"]
+    if seen_at <= now - timedelta(seconds=deps.config.completion_grace):
+        return True
+    total = request["completed"]["counts"]["total"]
+    return await deps.repo.image_total(request["_id"]) >= total
+
+
+async def _products(request: Doc, deps: Deps) -> list[Doc] | None:
+    if request["image_count"] > deps.config.max_products_images:
+        return None
+    rows = await deps.repo.load_rows(request["_id"])
+    images = await deps.repo.load_images(request["_id"])
+    return payloads.products(rows, images)
+
+
+async def _emit(event_type: str, payload: Doc, request: Doc, deps: Deps, now: datetime) -> bool:
+    """One delivery per endpoint (the request's webhook URL, then matching subscriptions)."""
+    targets: dict[str, str | None] = {}
+    if request.get("webhook_url"):
+        targets[request["webhook_url"]] = None
+    for subscription in await deps.repo.subscriptions_for(event_type):
+        targets.setdefault(subscription["url"], subscription["_id"])
+    body = payloads.dumps(payload)
+    created = False
+    for endpoint, subscription_id in targets.items():
+        doc = new_delivery(request["_id"], event_type, endpoint, subscription_id, body, now)
+        created |= await deps.repo.add_delivery(doc)
+    await deps.repo.mark_planned(request["_id"], event_type)
+    return created
+
+
+def webhook_id(request_id: str, event_type: str) -> str:
+    """The `webhook-id`: stable for the same fact, so receivers can dedupe retries."""
+    digest = hashlib.sha256(f"{request_id}\n{event_type}".encode()).hexdigest()
+    return f"msg_{digest[:32]}"
+
+
+def new_delivery(
+    request_id: str,
+    event_type: str,
+    endpoint: str,
+    subscription_id: str | None,
+    body: str,
+    now: datetime,
+) -> Doc:
+    return {
+        "_id": f"dlv_{uuid.uuid4().hex}",
+        "webhook_id": webhook_id(request_id, event_type),
+        "request_id": request_id,
+        "event_type": event_type,
+        "seq": SEQUENCE[event_type],
+        "endpoint": endpoint,
+        "subscription_id": subscription_id,
+        "body": body,
+        "status": PENDING,
+        "tries": 0,
+        "attempts": [],
+        "next_attempt_at": now,
+        "lease_until": now,
+        "lease_owner": None,
+        "created_at": now,
+        "updated_at": now,
+        "delivered_at": None,
+    }

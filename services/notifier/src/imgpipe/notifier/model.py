@@ -1,0 +1,26 @@
+"""Webhook event types and the order they happen in for one request."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+RECEIVED = "request.received"
+PROCESSING = "request.processing"
+COMPLETED = "request.completed"
+ERROR = "request.error"
+
+WebhookType = Literal[
+    "request.received", "request.processing", "request.completed", "request.error"
+]
+WEBHOOK_TYPES: tuple[str, ...] = (RECEIVED, PROCESSING, COMPLETED, ERROR)
+FINAL_TYPES = frozenset({COMPLETED, ERROR})
+
+# Deliveries to one endpoint for one request go out in this order.
+SEQUENCE = {RECEIVED: 0, PROCESSING: 1, COMPLETED: 2, ERROR: 2}
+
+# Delivery states. `pending` includes "in flight" (a live lease) and "waiting to retry".
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+CANCELLED = "cancelled"
+DONE_STATES = (DELIVERED, FAILED, CANCELLED)

@@ -1,0 +1,569 @@
+"""Webhooks end to end: real broker, real database, a real HTTP receiver that verifies
+every Standard Webhooks signature."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from imgpipe.contracts.bus import Bus
+from imgpipe.contracts.events import (
+    CloudEvent,
+    Counts,
+    ImageError,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    Row,
+    completed_event_id,
+    image_key,
+    processed_event_id,
+    received_event_id,
+)
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.notifier.app import create_app
+from imgpipe.notifier.config import NotifierConfig
+from tests.support.http_server import LoopbackServer, Recorded, Response
+
+WAIT = 60.0  # generous ceiling for anything that happens in the background
+# A brisk dispatcher so tests finish quickly; they never assert on durations.
+FAST = NotifierConfig(poll_interval=0.1, timeout=5.0, lease_margin=5.0, completion_grace=30.0)
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+ROWS = [
+    Row(serial_number="1", product_name="Shoe", input_urls=["http://in/a.jpg", "http://in/b.jpg"]),
+    Row(serial_number="2", product_name="Hat", input_urls=["http://in/c.jpg"]),
+]
+
+
+# Event builders --------------------------------------------------------------------
+
+
+def received(request_id: str, webhook_url: str | None = None) -> CloudEvent:
+    data = RequestReceived(
+        request_id=request_id,
+        rows=ROWS,
+        image_count=sum(len(row.input_urls) for row in ROWS),
+        webhook_url=webhook_url,
+        received_at=T0,
+    )
+    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+
+
+def processed(request_id: str, row: int, position: int, *, ok: bool = True) -> CloudEvent:
+    key = image_key(row, position)
+    data = ImageProcessed(
+        request_id=request_id,
+        image_key=key,
+        row_index=row,
+        position=position,
+        input_url=ROWS[row].input_urls[position],
+        outcome="ok" if ok else "failed",
+        output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
+        error=None if ok else ImageError(code="download_failed", message="HTTP 404"),
+    )
+    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
+    event.time = T0 + timedelta(seconds=1 + row * 10 + position)
+    return event
+
+
+def completed(request_id: str, ok: int = 3, failed: int = 0) -> CloudEvent:
+    data = RequestCompleted(
+        request_id=request_id,
+        status="completed" if ok else "error",
+        counts=Counts(total=ok + failed, ok=ok, failed=failed),
+        completed_at=T0 + timedelta(minutes=1),
+    )
+    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+
+
+def lifecycle(request_id: str, webhook_url: str | None = None) -> list[CloudEvent]:
+    """A whole request in order: one image fails, so counts are 2 ok and 1 failed."""
+    return [
+        received(request_id, webhook_url),
+        processed(request_id, 0, 0),
+        processed(request_id, 0, 1, ok=False),
+        processed(request_id, 1, 0),
+        completed(request_id, ok=2, failed=1),
+    ]
+
+
+# The webhook receiver --------------------------------------------------------------
+
+
+@dataclass
+class Delivered:
+    path: str
+    headers: dict[str, str]
+    payload: dict[str, Any]
+    status: int  # what the receiver answered
+
+
+@dataclass
+class Receiver:
+    """Answers each path from a script (then a default), after verifying the signature."""
+
+    server: LoopbackServer
+    secret: str
+    received: list[Delivered] = field(default_factory=list)
+    bad_signatures: list[str] = field(default_factory=list)
+    _scripts: dict[str, list[Response]] = field(default_factory=dict)
+    _defaults: dict[str, Response] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def endpoint(self, path: str, *script: Response, default: Response | None = None) -> str:
+        self._scripts[path] = list(script)
+        self._defaults[path] = default or Response(b"ok", 200, "text/plain")
+        return self.server.add(path, self._answer)
+
+    def set_default(self, path: str, response: Response) -> None:
+        self._defaults[path] = response
+
+    def _answer(self, request: Recorded) -> Response:
+        path = request.path.split("?")[0]
+        try:
+            payload = Webhook(self.secret).verify(request.body, request.headers)
+        except WebhookVerificationError as exc:
+            with self._lock:
+                self.bad_signatures.append(f"{path}: {exc}")
+            return Response(b"bad signature", 400, "text/plain")
+        with self._lock:
+            script = self._scripts[path]
+            response = script.pop(0) if script else self._defaults[path]
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            self.received.append(Delivered(path, headers, payload, response.status))
+        return response
+
+    def to(self, path: str) -> list[Delivered]:
+        with self._lock:
+            return [d for d in self.received if d.path == path]
+
+    def types(self, path: str) -> list[str]:
+        return [d.payload["type"] for d in self.to(path) if 200 <= d.status < 300]
+
+
+@pytest.fixture
+def receiver(settings: Settings) -> Iterator[Receiver]:
+    server = LoopbackServer().start()
+    try:
+        yield Receiver(server, settings.resolved_webhook_secret)
+    finally:
+        server.stop()
+
+
+# The app, a publisher, waiting -----------------------------------------------------
+
+
+@asynccontextmanager
+async def _running(
+    settings: Settings, config: NotifierConfig = FAST
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(settings, config)
+    async with LifespanManager(app, startup_timeout=WAIT, shutdown_timeout=WAIT) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://notifier") as client:
+            yield app, client
+
+
+@pytest.fixture
+def run_notifier() -> Callable[..., Any]:
+    """`async with run_notifier(settings[, config]) as (app, client): ...`"""
+    return _running
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(settings.amqp_url, Topology(settings.namespace))
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def publish(bus: Bus, *events: CloudEvent) -> None:
+    """One at a time, so the broker keeps this order in the queue."""
+    for event in events:
+        await bus.publish(event)
+
+
+async def wait_until(check: Callable[[], Awaitable[Any]] | Callable[[], Any], what: str) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after WAIT."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def deliveries(client: httpx.AsyncClient, request_id: str) -> list[dict[str, Any]]:
+    response = await client.get("/deliveries", params={"request_id": request_id})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# Tests ---------------------------------------------------------------------------
+
+LIFECYCLE = ["request.received", "request.processing", "request.completed"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def quick_retries(settings: Settings, *delays: float) -> Settings:
+    return settings.model_copy(update={"webhook_retry_schedule": list(delays)})
+
+
+async def test_each_status_change_arrives_once_in_order_signed(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"prefetch": 1})  # events handled in queue order
+    hook = receiver.endpoint("/hook")
+    sentinel = receiver.endpoint("/sentinel")
+    request_id = new_id()
+    r, p1, p2, p3, c = lifecycle(request_id, hook)
+    async with run_notifier(settings) as (_, client):
+        # Every event at least twice, duplicates interleaved as redeliveries would be.
+        await publish(bus, r, r, p1, p1, r, p2, p3, c, p2, c, r, p1, c)
+        await publish(bus, received(new_id(), sentinel))  # handled after all of the above
+        await wait_until(lambda: receiver.types("/hook") == LIFECYCLE, "three webhooks")
+        await wait_until(lambda: receiver.types("/sentinel"), "the sentinel webhook")
+        log = await deliveries(client, request_id)
+
+    assert receiver.bad_signatures == []
+    assert receiver.types("/hook") == LIFECYCLE  # nothing more came
+    assert [d["event_type"] for d in log] == LIFECYCLE
+    assert all(d["status"] == "delivered" and len(d["attempts"]) == 1 for d in log)
+
+    first, second, final = (d.payload for d in receiver.to("/hook"))
+    assert first["status"] == "received"
+    assert first["request_id"] == request_id
+    assert first["counts"] == {"total": 3, "ok": 0, "failed": 0}
+    assert second["status"] == "processing"
+    assert final["type"] == "request.completed"
+    assert final["counts"] == {"total": 3, "ok": 2, "failed": 1}
+    assert final["output_csv_url"] == f"http://127.0.0.1:8002/status/{request_id}/output.csv"
+    assert final["products"] == [
+        {
+            "serial_number": "1",
+            "product_name": "Shoe",
+            "input_urls": ["http://in/a.jpg", "http://in/b.jpg"],
+            "output_urls": [f"http://media/{request_id}/0-0.jpg", None],
+            "errors": [None, {"code": "download_failed", "message": "HTTP 404"}],
+        },
+        {
+            "serial_number": "2",
+            "product_name": "Hat",
+            "input_urls": ["http://in/c.jpg"],
+            "output_urls": [f"http://media/{request_id}/1-0.jpg"],
+            "errors": [None],
+        },
+    ]
+    # The webhook-id names the message: different per status change.
+    ids = {d.headers["webhook-id"] for d in receiver.to("/hook")}
+    assert len(ids) == 3
+
+
+async def test_events_before_request_received_wait_for_it(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"prefetch": 1})  # events handled in queue order
+    hook = receiver.endpoint("/hook")
+    sentinel = receiver.endpoint("/sentinel")
+    request_id = new_id()
+    r, p1, p2, p3, c = lifecycle(request_id, hook)
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, p3, c, p1, p2, received(new_id(), sentinel))
+        await wait_until(lambda: receiver.types("/sentinel"), "the events before it handled")
+        # Held: the webhook URL only comes with RequestReceived.
+        assert receiver.to("/hook") == []
+        assert await deliveries(client, request_id) == []
+        await publish(bus, r)
+        await wait_until(lambda: receiver.types("/hook") == LIFECYCLE, "three webhooks")
+    assert receiver.bad_signatures == []
+    final = receiver.to("/hook")[-1].payload
+    assert final["counts"] == {"total": 3, "ok": 2, "failed": 1}
+    assert final["products"][0]["output_urls"] == [f"http://media/{request_id}/0-0.jpg", None]
+
+
+async def test_final_webhook_waits_a_grace_time_for_missing_image_outcomes(
+    settings, receiver, bus, run_notifier
+) -> None:
+    config = FAST.model_copy(update={"completion_grace": 0.5})
+    hook = receiver.endpoint("/hook")
+    request_id = new_id()
+    r, p1, p2, p3, c = lifecycle(request_id, hook)
+    async with run_notifier(settings, config) as (_, client):
+        # One outcome never arrives (say it was dead-lettered): the final webhook still goes.
+        await publish(bus, r, p1, c)
+        await wait_until(lambda: receiver.types("/hook") == LIFECYCLE, "three webhooks")
+        await publish(bus, p2, p3, c)  # late arrivals change nothing already sent
+        log = await deliveries(client, request_id)
+    assert len(log) == 3
+    final = receiver.to("/hook")[-1].payload
+    assert final["counts"] == {"total": 3, "ok": 2, "failed": 1}  # from RequestCompleted
+    assert final["products"][0]["output_urls"] == [f"http://media/{request_id}/0-0.jpg", None]
+    assert final["products"][1]["output_urls"] == [None]  # its outcome was never seen
+
+
+async def test_retries_after_500_until_delivered(settings, receiver, bus, run_notifier) -> None:
+    settings = quick_retries(settings, 0.05, 0.05, 0.05)
+    hook = receiver.endpoint("/flaky", Response(status=500), Response(status=503))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, received(request_id, hook))
+        log = await wait_until(
+            lambda: _delivered(client, request_id), "the retried delivery to succeed"
+        )
+    [delivery] = log
+    attempts = delivery["attempts"]
+    assert [a["status_code"] for a in attempts] == [500, 503, 200]
+    assert [a["outcome"] for a in attempts] == ["retry", "retry", "delivered"]
+    assert all(a["next_retry_at"] for a in attempts[:2]) and attempts[2]["next_retry_at"] is None
+    assert all(a["latency_ms"] >= 0 and a["endpoint"] == hook for a in attempts)
+    assert attempts[0]["error"] == "HTTP 500"
+    # Three signed requests for the same message: one webhook-id throughout.
+    assert len({d.headers["webhook-id"] for d in receiver.to("/flaky")}) == 1
+    assert len(receiver.to("/flaky")) == 3
+    assert receiver.bad_signatures == []
+
+
+async def _delivered(client, request_id: str) -> list | None:
+    log = await deliveries(client, request_id)
+    return log if log and all(d["status"] == "delivered" for d in log) else None
+
+
+async def test_retries_end_when_the_schedule_is_used_up(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = quick_retries(settings, 0.05)
+    hook = receiver.endpoint("/down", default=Response(status=502))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, received(request_id, hook))
+        [delivery] = await wait_until(lambda: _finished(client, request_id), "the delivery to fail")
+    assert delivery["status"] == "failed"
+    assert [a["status_code"] for a in delivery["attempts"]] == [502, 502]
+    assert delivery["next_attempt_at"] is None
+
+
+async def _finished(client, request_id: str) -> list | None:
+    log = await deliveries(client, request_id)
+    return log if log and all(d["status"] != "pending" for d in log) else None
+
+
+async def test_410_is_final_and_can_be_replayed(settings, receiver, bus, run_notifier) -> None:
+    settings = quick_retries(settings, 0.05, 0.05)
+    hook = receiver.endpoint("/gone", default=Response(status=410))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, received(request_id, hook), processed(request_id, 0, 0))
+        log = await wait_until(
+            lambda: _finished_count(client, request_id, 2), "both deliveries to fail"
+        )
+        # A final failure does not hold back the next webhook to that endpoint.
+        assert [d["event_type"] for d in log] == LIFECYCLE[:2]
+        for delivery in log:
+            assert delivery["status"] == "failed"
+            [attempt] = delivery["attempts"]
+            assert attempt["status_code"] == 410
+            assert attempt["outcome"] == "failed"
+            assert attempt["next_retry_at"] is None
+
+        # The receiver is fixed; replay the first one by hand.
+        receiver.set_default("/gone", Response(status=204))
+        response = await client.post(f"/deliveries/{log[0]['id']}/retry")
+        assert response.status_code == 202
+        assert response.json()["status"] == "pending"
+        replayed = await wait_until(
+            lambda: _status_of(client, log[0]["id"], "delivered"), "the replay"
+        )
+        assert [a["status_code"] for a in replayed["attempts"]] == [410, 204]
+        assert (await client.post("/deliveries/dlv_nope/retry")).status_code == 404
+    assert receiver.types("/gone") == ["request.received"]
+
+
+async def _finished_count(client, request_id: str, count: int) -> list | None:
+    log = await deliveries(client, request_id)
+    done = [d for d in log if d["status"] != "pending"]
+    return log if len(done) == count else None
+
+
+async def _status_of(client, delivery_id: str, status: str) -> dict | None:
+    response = await client.get(f"/deliveries/{delivery_id}")
+    body = response.json()
+    return body if body["status"] == status else None
+
+
+async def test_a_dead_endpoint_does_not_delay_another(
+    settings, receiver, bus, run_notifier
+) -> None:
+    # The stuck endpoint answers long after the attempt timeout; if deliveries shared a
+    # line, the healthy one would wait for that timeout. It gets everything while the
+    # stuck attempt has not even ended (no attempt logged yet).
+    config = FAST.model_copy(update={"timeout": 30.0})
+    stuck = receiver.endpoint("/stuck", default=Response(status=200, delay=45))
+    healthy = receiver.endpoint("/healthy")
+    request_id = new_id()
+    async with run_notifier(settings, config) as (_, client):
+        created = await client.post("/subscriptions", json={"url": healthy})
+        assert created.status_code == 201
+        await publish(bus, *lifecycle(request_id, stuck))
+        await wait_until(lambda: receiver.types("/healthy") == LIFECYCLE, "healthy deliveries")
+        log = await deliveries(client, request_id)
+    to_stuck = [d for d in log if d["endpoint"] == stuck]
+    assert [d["event_type"] for d in to_stuck] == LIFECYCLE
+    assert all(d["status"] == "pending" and d["attempts"] == [] for d in to_stuck)
+    # Only the first webhook went out to the stuck endpoint: the rest wait their turn.
+    assert [d.payload["type"] for d in receiver.to("/stuck")] in ([], ["request.received"])
+
+
+async def test_a_pending_retry_is_sent_by_a_new_instance(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = quick_retries(settings, 0.5, 0.5, 0.5, 0.5)
+    hook = receiver.endpoint("/later", default=Response(status=503))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, received(request_id, hook))
+        await wait_until(lambda: _attempted(client, request_id), "a first failed attempt")
+    # The first instance is gone with the retry still pending in MongoDB.
+    receiver.set_default("/later", Response(status=200))
+    async with run_notifier(settings) as (_, client):
+        [delivery] = await wait_until(lambda: _delivered(client, request_id), "the retry")
+    codes = [a["status_code"] for a in delivery["attempts"]]
+    assert codes[0] == 503 and codes[-1] == 200
+    assert receiver.types("/later") == ["request.received"]
+
+
+async def _attempted(client, request_id: str) -> bool:
+    log = await deliveries(client, request_id)
+    return bool(log and log[0]["attempts"])
+
+
+async def test_subscriptions_crud_and_event_type_filter(
+    settings, receiver, bus, run_notifier
+) -> None:
+    every = receiver.endpoint("/every")
+    finals = receiver.endpoint("/finals")
+    removed = receiver.endpoint("/removed")
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        created = await client.post("/subscriptions", json={"url": every})
+        assert created.status_code == 201
+        sub = created.json()
+        assert sub["id"] and sub["url"] == every
+        assert sub["event_types"] == [*LIFECYCLE, "request.error"]
+        only_final = await client.post(
+            "/subscriptions",
+            json={"url": finals, "event_types": ["request.completed", "request.error"]},
+        )
+        assert only_final.status_code == 201
+        gone = (await client.post("/subscriptions", json={"url": removed})).json()
+
+        assert (await client.get(f"/subscriptions/{sub['id']}")).json() == sub
+        listed = (await client.get("/subscriptions")).json()
+        assert [s["url"] for s in listed] == [every, finals, removed]
+        assert (await client.delete(f"/subscriptions/{gone['id']}")).status_code == 204
+        assert (await client.get(f"/subscriptions/{gone['id']}")).status_code == 404
+        assert (await client.delete(f"/subscriptions/{gone['id']}")).status_code == 404
+        assert len((await client.get("/subscriptions")).json()) == 2
+
+        for bad in (
+            {"url": "ftp://example.com/x"},
+            {"url": "not a url"},
+            {"url": every, "event_types": ["request.exploded"]},
+            {"url": every, "event_types": []},
+        ):
+            assert (await client.post("/subscriptions", json=bad)).status_code == 422, bad
+
+        await publish(bus, *lifecycle(request_id))  # no webhook_url: subscriptions only
+        await wait_until(lambda: receiver.types("/every") == LIFECYCLE, "all three")
+        await wait_until(lambda: receiver.types("/finals"), "the final webhook")
+        log = await deliveries(client, request_id)
+    assert receiver.types("/finals") == ["request.completed"]
+    assert receiver.to("/removed") == []
+    assert {d["endpoint"] for d in log} == {every, finals}
+    assert receiver.bad_signatures == []
+
+
+async def test_error_status_goes_to_error_subscribers(
+    settings, receiver, bus, run_notifier
+) -> None:
+    errors = receiver.endpoint("/errors")
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        created = await client.post(
+            "/subscriptions", json={"url": errors, "event_types": ["request.error"]}
+        )
+        assert created.status_code == 201
+        await publish(
+            bus,
+            received(request_id),
+            processed(request_id, 0, 0, ok=False),
+            processed(request_id, 0, 1, ok=False),
+            processed(request_id, 1, 0, ok=False),
+            completed(request_id, ok=0, failed=3),
+        )
+        await wait_until(lambda: receiver.types("/errors"), "the error webhook")
+    [delivered] = receiver.to("/errors")
+    assert delivered.payload["type"] == "request.error"
+    assert delivered.payload["status"] == "error"
+    assert delivered.payload["counts"] == {"total": 3, "ok": 0, "failed": 3}
+    products = delivered.payload["products"]
+    assert all(p["output_urls"] == [None] * len(p["input_urls"]) for p in products)
+
+
+async def test_health_is_open_and_the_api_wants_a_key(settings, run_notifier) -> None:
+    settings = settings.model_copy(update={"api_keys": ["k1"]})
+    async with run_notifier(settings) as (_, client):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"broker": True, "database": True}
+        assert (await client.get("/subscriptions")).status_code == 401
+        assert (await client.get("/deliveries")).status_code == 401
+        authorised = await client.get("/subscriptions", headers={"Authorization": "Bearer k1"})
+        assert authorised.status_code == 200
+
+
+def test_config_defaults_are_sane() -> None:
+    config = NotifierConfig()
+    assert config.lease > config.timeout
+
+
+async def test_private_addresses_are_refused_unless_allowed(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"allow_private_urls": False})
+    loopback = receiver.endpoint("/private")
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        refused = await client.post("/subscriptions", json={"url": loopback})
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["type"] == "url_refused"
+        await publish(bus, received(request_id, loopback))
+        [delivery] = await wait_until(lambda: _finished(client, request_id), "the refusal")
+    assert delivery["status"] == "failed"  # final: asking again would not change it
+    [attempt] = delivery["attempts"]
+    assert attempt["status_code"] is None and attempt["error"].startswith("url_refused")
+    assert receiver.to("/private") == []
