@@ -124,7 +124,10 @@ class MemorySampler:
             return ProcessPeak(pid, service, service)
         owner = self.peaks.get(parent)
         service = owner.service if owner else f"pid {parent}"
-        return ProcessPeak(pid, f"{service} {_worker_kind(pid)}", service)
+        # A forkserver's children share its command line, yet they are the pool's workers.
+        forked = owner is not None and owner.label.endswith("forkserver")
+        kind = "pool worker" if forked else _worker_kind(pid)
+        return ProcessPeak(pid, f"{service} {kind}", service)
 
     def snapshot(self) -> dict[int, ProcessPeak]:
         """pid -> a copy of its peak so far, in the order processes were first seen."""
