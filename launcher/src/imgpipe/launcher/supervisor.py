@@ -291,7 +291,9 @@ class Supervisor:
         notifier = f"http://{host}:{settings.notifier_port}"
         processors = [c.spec for c in self.children if c.spec.service == "processor"]
         storage = (
-            "cloudinary" if settings.cloudinary_url else f"local: {settings.media_dir.resolve()}"
+            f"cloudinary: cloud {urlsplit(settings.cloudinary_url).hostname}"
+            if settings.cloudinary_url
+            else f"local: {settings.media_dir.resolve()}"
         )
         lines = [
             "",

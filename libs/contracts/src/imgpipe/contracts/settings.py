@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", alias="IMGPIPE_HOST")
     public_base_url: str | None = None
     cloudinary_url: str | None = None
+    # Root folder for Cloudinary uploads: each request goes under <folder>/<request_id>.
+    cloudinary_folder: str = Field(default="imgpipe", alias="CLOUDINARY_FOLDER")
     allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="IMGPIPE_API_KEYS")
     webhook_secret: str | None = None

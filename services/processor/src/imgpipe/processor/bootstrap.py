@@ -21,6 +21,7 @@ from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
+from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, parse_cloudinary_url
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.adapters.storage import LocalStorage, Storage
 from imgpipe.processor.compress import Compressed, CompressError, compress
@@ -45,7 +46,17 @@ def prefetch(settings: Settings) -> int:
 
 
 def build_storage(settings: Settings) -> Storage:
-    """The one place the storage backend is chosen (Cloudinary arrives in its own task)."""
+    """The one place the storage backend is chosen: Cloudinary when CLOUDINARY_URL is set,
+    else local files. A CLOUDINARY_URL that cannot work is refused here, at start-up
+    (CloudinaryConfigError), rather than at the first image."""
+    if settings.cloudinary_url:
+        config = parse_cloudinary_url(settings.cloudinary_url, settings.cloudinary_folder)
+        log.info(
+            "storage: Cloudinary cloud %s, folder %s",
+            config.cloud_name,
+            config.folder or "(top level)",
+        )
+        return CloudinaryStorage(config, threads=prefetch(settings))
     return LocalStorage(settings.media_dir, settings.media_base_url)
 
 

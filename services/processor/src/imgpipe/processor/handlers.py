@@ -149,6 +149,7 @@ class Processor:
             "format": result.format,
             "error": None,
             "processed_by": self.instance,
+            **({"storage": stored.details} if stored.details else {}),
         }
 
     def _failed(self, code: str, message: str, bytes_in: int | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp"}
 # Request ids and image keys become path parts and URL segments: keep them boring.
@@ -24,6 +24,9 @@ class StoredImage:
     url: str  # the public output URL
     location: str  # backend-specific: a file path, a public_id, ...
     size: int
+    # What the backend knows about the stored object (Cloudinary: public_id, version, ...);
+    # the handler keeps it on the image record. None: nothing beyond the fields above.
+    details: dict[str, Any] | None = None
 
 
 class Storage(Protocol):
