@@ -3,12 +3,25 @@
 Delivery is at least once. A handler that raises gets its message requeued; the
 quorum queue's delivery limit then dead-letters a message that keeps failing. A
 message that cannot be parsed at all goes straight to the dead-letter queue.
+
+A handler that fails because the database is unreachable is not the message's fault:
+it is retried in place with backoff (the message stays unacked) instead of burning
+delivery attempts, so a database outage never dead-letters work in flight.
+
+Connections are robust: aio-pika reconnects and re-declares the exchanges, queues,
+QoS and consumers of the publisher-confirm channel. Each connection carries a
+client-provided name, "imgpipe/<namespace>/<service>/<host>:<pid>", which shows up in
+the broker's tools so an operator (or a test) can find one service's connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import aio_pika
@@ -19,6 +32,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
+from pymongo.errors import ConnectionFailure
 
 from imgpipe.contracts.events import CONTENT_TYPE, AnyEvent, CloudEvent, parse_event
 from imgpipe.contracts.topology import Topology
@@ -27,6 +41,13 @@ log = logging.getLogger(__name__)
 
 EventHandler = Callable[[AnyEvent], Awaitable[None]]
 RawHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+# While the database is unreachable a handler is retried in place, waiting this long
+# between attempts (doubling up to the cap). After UNAVAILABLE_MAX_WAIT in all the
+# message is requeued, which costs one delivery attempt.
+UNAVAILABLE_FIRST_DELAY = 0.5
+UNAVAILABLE_MAX_DELAY = 5.0
+UNAVAILABLE_MAX_WAIT = 300.0
 
 
 class Bus:
@@ -43,8 +64,16 @@ class Bus:
         self.topology = topology
 
     @classmethod
-    async def connect(cls, url: str, topology: Topology, *, prefetch: int = 16) -> Bus:
-        connection = await aio_pika.connect_robust(url, client_properties={"product": "imgpipe"})
+    async def connect(
+        cls, url: str, topology: Topology, *, prefetch: int = 16, service: str = ""
+    ) -> Bus:
+        connection = await aio_pika.connect_robust(
+            url,
+            client_properties={
+                "product": "imgpipe",
+                "connection_name": connection_name(topology.namespace, service),
+            },
+        )
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=prefetch)
         events = await topology.declare(channel)
@@ -52,7 +81,12 @@ class Bus:
 
     @property
     def is_connected(self) -> bool:
-        return not self.connection.is_closed and not self.channel.is_closed
+        """False while the robust connection is down or being restored."""
+        return (
+            not self.connection.is_closed
+            and self.connection.connected.is_set()
+            and not self.channel.is_closed
+        )
 
     async def close(self) -> None:
         await self.connection.close()
@@ -99,7 +133,7 @@ class Bus:
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             try:
-                await handler(message)
+                handled = await self._handle(queue_key, handler, message)
             except asyncio.CancelledError:
                 await _settle(message.nack(requeue=True))
                 raise
@@ -109,10 +143,78 @@ class Bus:
                 )
                 await _settle(message.nack(requeue=True))
             else:
-                if not message.processed:  # the handler may have settled it itself
+                if handled and not message.processed:  # the handler may have settled it
                     await _settle(message.ack())
 
         await queue.consume(on_message)
+
+    async def _handle(
+        self, queue_key: str, handler: RawHandler, message: AbstractIncomingMessage
+    ) -> bool:
+        """Run the handler, retrying in place while the database is unreachable.
+
+        Returns False when the delivery went void meanwhile (the channel closed: the
+        broker redelivers the message), so there is nothing left to settle."""
+        delay = UNAVAILABLE_FIRST_DELAY
+        give_up = time.monotonic() + UNAVAILABLE_MAX_WAIT
+        while True:
+            try:
+                await handler(message)
+                return True
+            except Exception as exc:
+                if not is_unavailable(exc) or time.monotonic() + delay > give_up:
+                    raise
+                log.warning(
+                    "database unavailable handling %s on %s (%s); retrying in %.1fs",
+                    message.message_id,
+                    queue_key,
+                    type(exc).__name__,
+                    delay,
+                )
+            if await self._closed_within(delay) or _delivery_void(message):
+                return False
+            delay = min(delay * 2, UNAVAILABLE_MAX_DELAY)
+
+    async def _closed_within(self, seconds: float) -> bool:
+        """Sleep, but wake at once if the bus is closed (shutdown must not wait)."""
+        closed = asyncio.ensure_future(self.connection.closed())
+        try:
+            await asyncio.wait({closed}, timeout=seconds)
+        finally:
+            closed.cancel()
+        return self.connection.is_closed
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the database could not be reached."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # causes form a short chain; never loop on a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionFailure):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def connection_name(namespace: str, service: str = "") -> str:
+    """The client-provided name the broker shows for a connection."""
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    return f"imgpipe/{namespace or '-'}/{service or _main_service()}/{where}"
+
+
+def _main_service() -> str:
+    """`imgpipe.processor.main` run with -m -> "processor"; otherwise the program name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parts = spec.name.split(".") if spec is not None else []
+    if len(parts) >= 2 and parts[0] == "imgpipe":
+        return parts[1]
+    return os.path.basename(sys.argv[0] or "python") or "python"
+
+
+def _delivery_void(message: AbstractIncomingMessage) -> bool:
+    channel = getattr(message, "channel", None)
+    return channel is None or channel.is_closed
 
 
 def _message(body: bytes, message_id: str, content_type: str = CONTENT_TYPE) -> aio_pika.Message:

@@ -171,6 +171,7 @@ class Runtime:
                 settings.amqp_url,
                 Topology(settings.namespace, settings.delivery_limit),
                 prefetch=prefetch(settings),
+                service="processor",
             )
             processor = Processor(
                 repository=repository,

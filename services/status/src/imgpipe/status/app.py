@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.amqp_url,
                 Topology(settings.namespace, settings.delivery_limit),
                 prefetch=settings.prefetch or DEFAULT_PREFETCH,
+                service="status",
             )
             app.state.bus = bus
             await bus.consume_events("status", on_event)

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from imgpipe.contracts.bus import is_unavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -62,10 +64,13 @@ class BatchWriter(Generic[T]):
     async def _flush(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         try:
             await self._write([item for item, _ in batch])
-        except Exception:
-            if len(batch) == 1:
-                _settle(batch, error=True)
-                log.exception("read-model write failed")
+        except Exception as exc:
+            if len(batch) == 1 or is_unavailable(exc):
+                # The database being down is no update's fault: fail the batch at once
+                # (one by one would wait out a server-selection timeout per update).
+                # Handlers get the cause, so the bus can tell "unavailable" and retry.
+                _settle(batch, error=exc)
+                log.error("read-model write of %d updates failed: %s", len(batch), exc)
                 return
             # Retry one by one so a bad update fails alone, not the whole batch.
             for one in batch:
@@ -74,11 +79,15 @@ class BatchWriter(Generic[T]):
             _settle(batch)
 
 
-def _settle(batch: list[tuple[object, asyncio.Future[None]]], *, error: bool = False) -> None:
+def _settle(
+    batch: list[tuple[object, asyncio.Future[None]]], *, error: BaseException | None = None
+) -> None:
     for _, future in batch:
         if future.done():  # the handler was cancelled meanwhile
             continue
-        if error:
-            future.set_exception(RuntimeError("read-model write failed"))
+        if error is not None:
+            failure = RuntimeError("read-model write failed")
+            failure.__cause__ = error
+            future.set_exception(failure)
         else:
             future.set_result(None)
