@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "PROCESSOR_PORT": str(settings.processor_port),
         "PUBLIC_BASE_URL": settings.public_base_url or "",
         "WEBHOOK_SECRET": settings.webhook_secret or "",
+        "IMGPIPE_DELIVERY_LIMIT": str(settings.delivery_limit),
     }
     if settings.api_keys:
         env["IMGPIPE_API_KEYS"] = ",".join(settings.api_keys)
@@ -62,6 +63,15 @@ class ServiceProcess:
     log_path: Path
     process: subprocess.Popen | None = None
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.process = subprocess.Popen(
@@ -69,6 +79,10 @@ class ServiceProcess:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Own process group, as the launcher does: kill() then reaches the processor's
+            # image workers too, so none outlives a test.
+            process_group=0,
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -85,15 +99,32 @@ class ServiceProcess:
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.log_tail()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signal the service, wait for it, kill what is left; returns its exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        self._kill_group()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the service and its children at once: a crash, nothing cleaned up."""
+        self._kill_group()
+        if self.process is not None:
             self.process.wait()
+
+    def restart(self, timeout: float = 60) -> None:
+        self.stop()
+        self.start()
+        self.wait_ready(timeout)
+
+    def _kill_group(self) -> None:
+        if self.process is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
