@@ -204,12 +204,13 @@ def connection_name(namespace: str, service: str = "") -> str:
 
 
 def _main_service() -> str:
-    """`imgpipe.processor.main` run with -m -> "processor"; otherwise the program name."""
+    """`python -m imgpipe.processor.main` -> "processor"; else the program's name."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     parts = spec.name.split(".") if spec is not None else []
     if len(parts) >= 2 and parts[0] == "imgpipe":
         return parts[1]
-    return os.path.basename(sys.argv[0] or "python") or "python"
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return program if program and not program.startswith("-") else "imgpipe"
 
 
 def _delivery_void(message: AbstractIncomingMessage) -> bool:

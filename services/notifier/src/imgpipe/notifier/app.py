@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, config: NotifierConfig | None =
             settings.amqp_url,
             Topology(settings.namespace, settings.delivery_limit),
             prefetch=settings.prefetch or DEFAULT_PREFETCH,
+            service="notifier",
         )
         app.state.bus = bus
         dispatcher.start()
