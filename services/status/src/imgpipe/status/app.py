@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,15 +17,24 @@ from imgpipe.contracts.topology import Topology
 from imgpipe.contracts.web import health_router
 from imgpipe.status.adapters.batching import BatchWriter
 from imgpipe.status.adapters.repository import StatusRepository
+from imgpipe.status.config import ReadCacheConfig
 from imgpipe.status.handlers import handle_event
+from imgpipe.status.read_cache import Clock, ReadCache, reader
 from imgpipe.status.routes import status_router
 
 # Handlers are cheap (one batched write each): a deep prefetch lets bursts share a write.
 DEFAULT_PREFETCH = 256
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    cache_config: ReadCacheConfig | None = None,
+    clock: Clock = time.monotonic,
+) -> FastAPI:
+    """`cache_config` defaults to the environment (`IMGPIPE_STATUS_CACHE_*`); `clock`
+    drives the read cache's expiry (tests step it by hand)."""
     settings = settings or Settings()
+    cache_config = cache_config or ReadCacheConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -33,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer: BatchWriter = BatchWriter(repository.write)
         writer.start()
         app.state.mongo, app.state.repository = mongo, repository
+        app.state.read_cache = ReadCache(reader(repository), cache_config, clock)
 
         async def on_event(event: AnyEvent) -> None:
             await handle_event(event, writer.submit)

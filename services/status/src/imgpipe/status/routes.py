@@ -1,20 +1,27 @@
-"""The status API: GET /status/{id} and GET /status/{id}/output.csv."""
+"""The status API: GET /status/{id} and GET /status/{id}/output.csv.
+
+Both answer from the read cache (`read_cache.py`): rendered bytes, served as they are,
+with a strong ETag so that a poller sending `If-None-Match` gets a bodiless 304 while
+nothing changed.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.web import require_api_key
-from imgpipe.status.adapters.repository import StatusRepository
+from imgpipe.status.read_cache import ReadCache
 from imgpipe.status.schemas import ErrorBody, StatusResponse
-from imgpipe.status.views import is_visible, output_csv, status_view
+from imgpipe.status.views import Rendered
 
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown request id"}}
 _UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or invalid API key"}}
+_NOT_MODIFIED = {304: {"description": "unchanged since the ETag given in If-None-Match"}}
+# Clients may keep an answer but must ask again (cheaply, with If-None-Match) before using it.
+_CACHE_CONTROL = "no-cache"
 
 
 def status_router(settings: Settings) -> APIRouter:
@@ -25,35 +32,105 @@ def status_router(settings: Settings) -> APIRouter:
         responses=_UNAUTHORIZED,
     )
 
-    @router.get("/{request_id}", response_model=StatusResponse, responses=_NOT_FOUND)
+    # response_model documents the body; the route returns the cached bytes as they are.
+    @router.get(
+        "/{request_id}",
+        response_model=StatusResponse,
+        responses={**_NOT_FOUND, **_NOT_MODIFIED},
+    )
     async def get_status(request_id: str, request: Request) -> Response:
-        doc = await _find(request, request_id)
-        # Serialised straight from the model in pydantic-core; FastAPI would otherwise
-        # validate it again and go through a dict and json.dumps (hot path).
-        body = status_view(doc).model_dump_json()
-        return Response(body, media_type="application/json")
+        rendered = await _find(request, request_id)
+        if rendered.gzipped is not None and accepts_gzip(request.headers.get("accept-encoding")):
+            return _answer(
+                request,
+                rendered.gzipped,
+                rendered.gzip_etag,
+                "application/json",
+                {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+                also_matches=rendered.etag,
+            )
+        vary = {"Vary": "Accept-Encoding"} if rendered.gzipped is not None else {}
+        return _answer(
+            request,
+            rendered.body,
+            rendered.etag,
+            "application/json",
+            vary,
+            also_matches=rendered.gzip_etag,
+        )
 
     @router.get(
         "/{request_id}/output.csv",
         response_class=Response,
         responses={
             **_NOT_FOUND,
+            **_NOT_MODIFIED,
             200: {"content": {"text/csv": {}}, "description": "the output CSV"},
         },
     )
     async def get_output_csv(request_id: str, request: Request) -> Response:
-        view = status_view(await _find(request, request_id))
-        return Response(
-            output_csv(view),
-            media_type="text/csv; charset=utf-8",
-            headers={
+        rendered = await _find(request, request_id)
+        return _answer(
+            request,
+            rendered.csv,
+            rendered.csv_etag,
+            "text/csv; charset=utf-8",
+            {
                 "Content-Disposition": f'attachment; filename="{_safe_filename(request_id)}.csv"',
                 # The file is served before the request finishes too (partial rows).
-                "X-Imgpipe-Status": view.status,
+                "X-Imgpipe-Status": rendered.status,
             },
         )
 
     return router
+
+
+def _answer(
+    request: Request,
+    body: bytes,
+    etag: str,
+    media_type: str,
+    extra: dict[str, str] | None = None,
+    also_matches: str | None = None,
+) -> Response:
+    """The body, or 304 if the client holds it already (in this or, `also_matches`,
+    the other encoding: same content, so nothing to send either way)."""
+    headers = {"ETag": etag, "Cache-Control": _CACHE_CONTROL, **(extra or {})}
+    if_none_match = request.headers.get("if-none-match")
+    if etag_matches(if_none_match, etag) or (
+        also_matches is not None and etag_matches(if_none_match, also_matches)
+    ):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: `*` or a list of tags, compared weakly (W/ ignored)."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether Accept-Encoding allows gzip: named (or `*`) without `q=0`."""
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip", "*"):
+            return not _q_is_zero(params)
+    return False
+
+
+def _q_is_zero(params: str) -> bool:
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value) == 0
+            except ValueError:
+                return False
+    return False
 
 
 def _safe_filename(request_id: str) -> str:
@@ -61,10 +138,9 @@ def _safe_filename(request_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
 
 
-async def _find(request: Request, request_id: str) -> dict[str, Any]:
-    repository: StatusRepository = request.app.state.repository
-    doc = await repository.get(request_id)
-    if not is_visible(doc):
+async def _find(request: Request, request_id: str) -> Rendered:
+    cache: ReadCache = request.app.state.read_cache
+    rendered = await cache.get(request_id)
+    if rendered is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown request {request_id}")
-    assert doc is not None
-    return doc
+    return rendered

@@ -1,17 +1,72 @@
-"""Read-model document -> what users see. Pure functions over one document, no queries."""
+"""Read-model document -> what users see. Pure functions over one document, no queries.
+
+The answer is built as plain dicts in the shape of `schemas.StatusResponse` and serialised
+once, in pydantic-core, without validating it again: the document was built from
+validated events, and a test holds the output to the schema. A `Rendered` answer is what
+the read cache keeps: the JSON bytes, their ETag, and the CSV made from them on demand.
+"""
 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import io
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import pydantic_core
+
 from imgpipe.contracts.events import image_key
-from imgpipe.status.schemas import Progress, StatusResponse
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
+FINAL_STATUSES = frozenset({"completed", "error"})
+GZIP_LEVEL = 6  # level 9 takes four times as long for 1% less
+GZIP_MIN_BYTES = 1024  # below this the headers outweigh the saving
 # Spreadsheet apps run cells starting with these as formulas (OWASP "CSV Injection").
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True, eq=False)
+class Rendered:
+    """One request's answer, serialised once and served many times."""
+
+    body: bytes  # the JSON answer of GET /status/{id}
+    status: str
+    settled: bool  # final status and every image's outcome known: the answer cannot change
+    gzipped: bytes | None = None  # the body gzip-encoded, for clients that accept it
+
+    @classmethod
+    def of(cls, body: bytes, status: str, settled: bool) -> Rendered:
+        # Compressed once here rather than per response: about 12x smaller for large
+        # answers (repetitive URLs), so less to send and for a client to read.
+        gzipped = gzip.compress(body, GZIP_LEVEL, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+        return cls(body, status, settled, gzipped)
+
+    @cached_property
+    def etag(self) -> str:
+        return _etag(self.body)
+
+    @cached_property
+    def csv(self) -> bytes:
+        """The output CSV, made from the JSON answer the first time it is asked for."""
+        return output_csv(pydantic_core.from_json(self.body)).encode()
+
+    @cached_property
+    def csv_etag(self) -> str:
+        return _etag(self.csv)
+
+    @cached_property
+    def gzip_etag(self) -> str:
+        # A different representation needs a different strong tag (RFC 9110, 8.8.3).
+        return self.etag[:-1] + '-gz"'
+
+    @property
+    def nbytes(self) -> int:
+        """Memory charged to the cache. The CSV, made later, is never larger than the
+        JSON it comes from (the same names and URLs, less around them): charged as such."""
+        return 2 * len(self.body) + len(self.gzipped or b"") + 256
 
 
 def is_visible(doc: dict[str, Any] | None) -> bool:
@@ -24,34 +79,51 @@ def is_visible(doc: dict[str, Any] | None) -> bool:
     return doc is not None and bool(doc.get("received"))
 
 
-def status_view(doc: dict[str, Any]) -> StatusResponse:
+def render(doc: dict[str, Any]) -> Rendered:
+    body, settled = status_body(doc)
+    return Rendered.of(pydantic_core.to_json(body), body["status"], settled)
+
+
+def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The answer as dicts (fields in `StatusResponse` order), and whether it is settled."""
     images: dict[str, dict[str, Any]] = doc.get("images") or {}
     progress = _progress(doc, images)
     status = _status(doc, images)
     products = []
+    slots = known = 0
     for row_index, row in enumerate(doc["rows"]):
         outputs: list[str | None] = []
-        errors: list[dict[str, Any] | None] = []
+        errors: list[dict[str, str] | None] = []
         for position in range(len(row["input_urls"])):
-            image = images.get(image_key(row_index, position)) or {}
-            outputs.append(image.get("output_url") if image.get("outcome") == "ok" else None)
-            errors.append(image.get("error") if image.get("outcome") == "failed" else None)
-        products.append({**row, "output_urls": outputs, "errors": errors})
-    # model_validate on plain dicts runs in pydantic-core: cheap even for 1,000 images.
-    return StatusResponse.model_validate(
-        {
-            "request_id": doc["_id"],
-            "status": status,
-            "progress": progress,
-            "products": products,
-            "error_message": _error_message(status, progress),
-            "created_at": doc["created_at"],
-            "updated_at": doc.get("updated_at") or doc["created_at"],
-        }
-    )
+            slots += 1
+            image = images.get(image_key(row_index, position))
+            known += image is not None
+            outcome = image.get("outcome") if image else None
+            error = image.get("error") if outcome == "failed" and image else None
+            outputs.append(image.get("output_url") if outcome == "ok" and image else None)
+            errors.append({"code": error["code"], "message": error["message"]} if error else None)
+        products.append(
+            {
+                "serial_number": row["serial_number"],
+                "product_name": row["product_name"],
+                "input_urls": row["input_urls"],
+                "output_urls": outputs,
+                "errors": errors,
+            }
+        )
+    body = {
+        "request_id": doc["_id"],
+        "status": status,
+        "progress": progress,
+        "products": products,
+        "error_message": _error_message(status, progress),
+        "created_at": doc["created_at"],
+        "updated_at": doc.get("updated_at") or doc["created_at"],
+    }
+    return body, status in FINAL_STATUSES and known == slots
 
 
-def output_csv(view: StatusResponse) -> str:
+def output_csv(body: dict[str, Any]) -> str:
     """The seed's output format; a failed or pending image leaves its place empty.
 
     Output URLs stay aligned with the input URLs ("url1,,url3"), so a reader can zip the
@@ -61,12 +133,12 @@ def output_csv(view: StatusResponse) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
-    for product in view.products:
+    for product in body["products"]:
         cells = (
-            product.serial_number,
-            product.product_name,
-            ",".join(product.input_urls),
-            ",".join(url or "" for url in product.output_urls),
+            product["serial_number"],
+            product["product_name"],
+            ",".join(product["input_urls"]),
+            ",".join(url or "" for url in product["output_urls"]),
         )
         writer.writerow([neutralise_formula(cell) for cell in cells])
     return buffer.getvalue()
@@ -77,25 +149,30 @@ def neutralise_formula(cell: str) -> str:
     return "'" + cell if cell.startswith(_FORMULA_PREFIXES) else cell
 
 
+def _etag(data: bytes) -> str:
+    # Strong validator: the same bytes always get the same tag, on every instance.
+    return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
+
+
 def _status(doc: dict[str, Any], images: dict[str, Any]) -> str:
     if doc.get("final_status"):
         return doc["final_status"]
     return "processing" if images else "received"
 
 
-def _progress(doc: dict[str, Any], images: dict[str, dict[str, Any]]) -> Progress:
+def _progress(doc: dict[str, Any], images: dict[str, dict[str, Any]]) -> dict[str, int]:
     # Once RequestCompleted arrived its counts are the processor's final tally; they win
     # over the map, which may still miss an ImageProcessed that the completion overtook.
     if final := doc.get("final_counts"):
-        return Progress.model_validate(final)
+        return {name: int(final[name]) for name in ("total", "ok", "failed")}
     ok = sum(1 for image in images.values() if image.get("outcome") == "ok")
     failed = len(images) - ok
-    return Progress(total=doc.get("total", len(images)), ok=ok, failed=failed)
+    return {"total": int(doc.get("total", len(images))), "ok": ok, "failed": failed}
 
 
-def _error_message(status: str, progress: Progress) -> str | None:
+def _error_message(status: str, progress: dict[str, int]) -> str | None:
     if status == "error":
-        return f"no image could be processed ({progress.failed} of {progress.total} failed)"
-    if status == "completed" and progress.failed:
-        return f"{progress.failed} of {progress.total} images failed"
+        return f"no image could be processed ({progress['failed']} of {progress['total']} failed)"
+    if status == "completed" and progress["failed"]:
+        return f"{progress['failed']} of {progress['total']} images failed"
     return None

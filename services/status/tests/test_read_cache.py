@@ -1,0 +1,347 @@
+"""The read cache: what a client sees while answers come from memory.
+
+Expiry is driven by a clock the tests step by hand, so no test waits on wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from imgpipe.contracts.bus import Bus
+from imgpipe.contracts.events import (
+    CloudEvent,
+    Counts,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    Row,
+    completed_event_id,
+    image_key,
+    processed_event_id,
+    received_event_id,
+)
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.status.app import create_app
+from imgpipe.status.config import ReadCacheConfig
+from imgpipe.status.read_cache import ReadCache
+from imgpipe.status.routes import accepts_gzip, etag_matches
+from imgpipe.status.schemas import StatusResponse
+from imgpipe.status.views import Rendered, render, status_body
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+TTL, FINAL_TTL = 5.0, 600.0
+# Enough rows that the answer is gzipped (over 1 KB), as a real request's would be.
+ROWS = [
+    Row(
+        serial_number=str(n + 1),
+        product_name=f"Product {n + 1}",
+        input_urls=[f"http://in/{n}-{p}.jpg" for p in range(2)],
+    )
+    for n in range(10)
+]
+KEYS = [(r, p) for r in range(len(ROWS)) for p in range(2)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def received(request_id: str) -> CloudEvent:
+    data = RequestReceived(request_id=request_id, rows=ROWS, image_count=len(KEYS), received_at=T0)
+    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+
+
+def processed(request_id: str, row: int, position: int) -> CloudEvent:
+    key = image_key(row, position)
+    data = ImageProcessed(
+        request_id=request_id,
+        image_key=key,
+        row_index=row,
+        position=position,
+        input_url=ROWS[row].input_urls[position],
+        outcome="ok",
+        output_url=f"http://media/{request_id}/{key}.jpg",
+    )
+    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
+    event.time = T0 + timedelta(seconds=1 + row * 10 + position)
+    return event
+
+
+def completed(request_id: str) -> CloudEvent:
+    data = RequestCompleted(
+        request_id=request_id,
+        status="completed",
+        counts=Counts(total=len(KEYS), ok=len(KEYS), failed=0),
+        completed_at=T0 + timedelta(minutes=1),
+    )
+    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+
+
+def new_id() -> str:
+    return "req-" + uuid.uuid4().hex[:12]
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings, clock: Clock
+) -> AsyncIterator[tuple[httpx.AsyncClient, Bus, Any]]:
+    config = ReadCacheConfig(ttl=TTL, final_ttl=FINAL_TTL)
+    app = create_app(settings, config, clock)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        bus = await Bus.connect(settings.amqp_url, Topology(settings.namespace))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://status") as client:
+                yield client, bus, app
+        finally:
+            await bus.close()
+
+
+async def stored(app: Any, request_id: str, until: Any) -> dict[str, Any]:
+    """Wait until the read model (not the cache) holds what `until` wants."""
+    for _ in range(300):
+        doc = await app.state.repository.get(request_id)
+        if doc is not None and until(doc):
+            return doc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the read model never got there: {doc}")
+
+
+# Through the service, against the real broker and database --------------------------
+
+
+async def test_progress_shows_once_the_ttl_has_passed(settings: Settings) -> None:
+    clock = Clock()
+    request_id = new_id()
+    path = f"/status/{request_id}"
+    async with running(settings, clock) as (client, bus, app):
+        assert (await client.get(path)).status_code == 404  # an unknown id is not kept
+        await bus.publish(received(request_id))
+        await stored(app, request_id, lambda doc: doc.get("received"))
+        first = await client.get(path)
+        assert first.json()["status"] == "received"
+
+        await bus.publish(processed(request_id, 0, 0))
+        await stored(app, request_id, lambda doc: doc.get("images"))
+        # Within the TTL the answer read before the event is served again...
+        clock.now += TTL - 1
+        assert (await client.get(path)).json() == first.json()
+        # ...and once it has passed, the new event shows.
+        clock.now += 1
+        body = (await client.get(path)).json()
+        assert body["status"] == "processing"
+        assert body["progress"] == {"total": len(KEYS), "ok": 1, "failed": 0}
+        assert body["products"][0]["output_urls"][0] == f"http://media/{request_id}/0-0.jpg"
+
+
+async def test_a_settled_answer_is_kept_and_equals_a_fresh_one(settings: Settings) -> None:
+    clock = Clock()
+    request_id = new_id()
+    path = f"/status/{request_id}"
+    async with running(settings, clock) as (client, bus, app):
+        await bus.publish(received(request_id))
+        await bus.publish_many([processed(request_id, r, p) for r, p in KEYS])
+        await bus.publish(completed(request_id))
+        doc = await stored(app, request_id, lambda d: len(d.get("images", {})) == len(KEYS))
+        doc = await stored(app, request_id, lambda d: d.get("final_status"))
+        cached = await client.get(path, headers={"Accept-Encoding": "identity"})
+        assert cached.json()["status"] == "completed"
+
+        # The same bytes a fresh render of the document gives, in the documented schema.
+        fresh = render(doc)
+        assert fresh.settled
+        assert cached.content == fresh.body
+        assert StatusResponse.model_validate_json(cached.content).model_dump_json().encode() == (
+            cached.content
+        )
+        csv = await client.get(f"{path}/output.csv")
+        assert csv.content == fresh.csv
+        assert csv.headers["x-imgpipe-status"] == "completed"
+
+        # Past the short TTL the answer still comes from memory: it can no longer change.
+        await app.state.repository.requests.delete_one({"_id": request_id})
+        clock.now += TTL * 10
+        again = await client.get(path, headers={"Accept-Encoding": "identity"})
+        assert again.content == cached.content
+        # Kept no longer than final_ttl, though.
+        clock.now += FINAL_TTL
+        assert (await client.get(path)).status_code == 404
+
+
+async def test_etag_lets_a_poller_skip_unchanged_answers(settings: Settings) -> None:
+    clock = Clock()
+    request_id = new_id()
+    path = f"/status/{request_id}"
+    async with running(settings, clock) as (client, bus, app):
+        await bus.publish(received(request_id))
+        await stored(app, request_id, lambda doc: doc.get("received"))
+        first = await client.get(path)
+        assert first.status_code == 200
+        assert first.headers["content-encoding"] == "gzip"  # httpx asks for it by default
+        assert first.headers["vary"] == "Accept-Encoding"
+        assert first.headers["cache-control"] == "no-cache"
+        etag = first.headers["etag"]
+
+        unchanged = await client.get(path, headers={"If-None-Match": etag})
+        assert unchanged.status_code == 304
+        assert unchanged.content == b""
+        assert unchanged.headers["etag"] == etag
+        # Same content, other encoding: still nothing to send.
+        plain = await client.get(path, headers={"Accept-Encoding": "identity"})
+        assert plain.headers["etag"] != etag
+        assert "content-encoding" not in plain.headers
+        assert plain.json() == first.json()
+        revalidated = await client.get(
+            path, headers={"If-None-Match": f'"other", W/{etag}', "Accept-Encoding": "identity"}
+        )
+        assert revalidated.status_code == 304
+
+        # Once the request changes (and the TTL has passed) the old tag no longer matches.
+        await bus.publish(processed(request_id, 0, 0))
+        await stored(app, request_id, lambda doc: doc.get("images"))
+        clock.now += TTL
+        changed = await client.get(path, headers={"If-None-Match": etag})
+        assert changed.status_code == 200
+        assert changed.headers["etag"] != etag
+        assert changed.json()["progress"]["ok"] == 1
+
+        csv = await client.get(f"{path}/output.csv")
+        assert csv.status_code == 200
+        tag = csv.headers["etag"]
+        again = await client.get(f"{path}/output.csv", headers={"If-None-Match": tag})
+        assert again.status_code == 304
+
+
+async def test_openapi_still_documents_the_status_body(settings: Settings) -> None:
+    async with running(settings, Clock()) as (client, _bus, _app):
+        spec = (await client.get("/openapi.json")).json()
+        responses = spec["paths"]["/status/{request_id}"]["get"]["responses"]
+        schema = responses["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/StatusResponse"}
+        assert "304" in responses and "404" in responses
+
+
+# The cache alone, over a loader that counts its calls ----------------------------------
+
+
+def answer(size: int = 100, *, settled: bool = False, tag: str = "") -> Rendered:
+    return Rendered.of(b"x" * size + tag.encode(), "processing", settled)
+
+
+class Loader:
+    def __init__(self, rendered: Rendered | None) -> None:
+        self.rendered = rendered
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, request_id: str) -> Rendered | None:
+        self.calls += 1
+        await self.release.wait()
+        return self.rendered
+
+
+async def test_concurrent_misses_share_one_read() -> None:
+    loader = Loader(answer())
+    cache = ReadCache(loader, ReadCacheConfig(ttl=TTL), Clock())
+    loader.release.clear()
+    readers = [asyncio.create_task(cache.get("r")) for _ in range(10)]
+    await asyncio.sleep(0)
+    readers[0].cancel()  # one client going away does not cancel the others' read
+    loader.release.set()
+    results = await asyncio.gather(*readers[1:])
+    assert all(result is loader.rendered for result in results)
+    assert loader.calls == 1
+
+
+async def test_ttl_unknown_ids_and_disabled_cache() -> None:
+    clock = Clock()
+    loader = Loader(answer())
+    cache = ReadCache(loader, ReadCacheConfig(ttl=TTL), clock)
+    await cache.get("r")
+    clock.now += TTL - 1
+    await cache.get("r")
+    assert loader.calls == 1
+    clock.now += 1
+    await cache.get("r")
+    assert loader.calls == 2
+
+    missing = Loader(None)
+    cache = ReadCache(missing, ReadCacheConfig(ttl=TTL), clock)
+    assert await cache.get("r") is None
+    assert await cache.get("r") is None
+    assert missing.calls == 2
+
+    off = Loader(answer(settled=True))
+    cache = ReadCache(off, ReadCacheConfig(max_bytes=0), clock)
+    await cache.get("r")
+    await cache.get("r")
+    assert off.calls == 2
+
+
+async def test_memory_is_bounded_least_recently_used_first() -> None:
+    clock = Clock()
+    size = answer(settled=True).nbytes
+    loader = Loader(answer(settled=True))
+    cache = ReadCache(loader, ReadCacheConfig(max_bytes=3 * size), clock)
+    for request_id in ("a", "b", "c"):
+        await cache.get(request_id)
+    await cache.get("a")  # now "b" is the least recently used
+    await cache.get("d")
+    assert (len(cache), cache.nbytes) == (3, 3 * size)
+    calls = loader.calls
+    await cache.get("a")
+    await cache.get("c")
+    await cache.get("d")
+    assert loader.calls == calls  # all three still kept
+    await cache.get("b")
+    assert loader.calls == calls + 1  # evicted, read again
+
+
+# Rendering and header parsing ----------------------------------------------------------
+
+
+def test_a_final_status_with_an_outcome_missing_is_not_settled() -> None:
+    doc: dict[str, Any] = {
+        "_id": "r",
+        "received": True,
+        "rows": [row.model_dump() for row in ROWS],
+        "total": len(KEYS),
+        "created_at": T0,
+        "final_status": "completed",
+        "final_counts": {"total": len(KEYS), "ok": len(KEYS), "failed": 0},
+        "images": {image_key(r, p): {"outcome": "ok", "output_url": "u"} for r, p in KEYS[1:]},
+    }
+    assert status_body(doc)[1] is False  # the overtaken outcome may still arrive
+    doc["images"]["0-0"] = {"outcome": "ok", "output_url": "u"}
+    assert status_body(doc)[1] is True
+    rendered = render(doc)
+    assert gzip.decompress(rendered.gzipped or b"") == rendered.body
+
+
+def test_header_parsing() -> None:
+    assert accepts_gzip("gzip, deflate")
+    assert accepts_gzip("br;q=1.0, GZIP;q=0.5")
+    assert accepts_gzip("*")
+    assert not accepts_gzip(None)
+    assert not accepts_gzip("identity")
+    assert not accepts_gzip("gzip;q=0")
+    assert etag_matches('"a", "b"', '"b"')
+    assert etag_matches('W/"b"', '"b"')
+    assert etag_matches("*", '"b"')
+    assert not etag_matches('"a"', '"b"')
+    assert not etag_matches(None, '"b"')
