@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.retry import decide, parse_retry_after
+from imgpipe.notifier.retry import decide
 
 SCHEDULE = [5.0, 300.0]
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 
 from imgpipe.contracts.outbound import URLRefused
+from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.repository import Repository
 from imgpipe.notifier.adapters.signing import Signer
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.model import DELIVERED, DONE_STATES, PENDING
-from imgpipe.notifier.retry import decide, parse_retry_after
+from imgpipe.notifier.retry import decide
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]

@@ -15,11 +15,10 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.processor.adapters.storage import StorageError, StoredImage, object_name
 
 log = logging.getLogger(__name__)
@@ -276,7 +275,7 @@ class CloudinaryStorage:
 
 
 def _classify(status: int | None, message: str) -> _Failure:
-    retry_after = _parse_retry_after(_tap.retry_after)
+    retry_after = parse_retry_after(_tap.retry_after)
     if status is None:
         return _Failure(f"cannot reach Cloudinary: {message}", transient=True)
     if status in (401, 403):
@@ -290,22 +289,6 @@ def _classify(status: int | None, message: str) -> _Failure:
     if status >= 500:
         return _Failure(f"Cloudinary error (HTTP {status}): {message}", True, retry_after)
     return _Failure(f"Cloudinary refused the upload (HTTP {status}): {message}", transient=False)
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: a number of seconds, or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 # The SDK raises on an error answer without its status or headers, and Retry-After lives in
