@@ -1,0 +1,144 @@
+"""What ingest does, apart from HTTP: accept an upload, publish it, relay the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import BinaryIO, Protocol
+
+from imgpipe.contracts.events import CloudEvent, Options, utcnow
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, Problem, parse_csv, url_problem
+from imgpipe.ingest.model import (
+    IngestRequest,
+    PublishFailed,
+    StoreUnavailable,
+    UploadRejected,
+    new_request_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Repository(Protocol):
+    async def add(self, request: IngestRequest, *, relay_after: datetime) -> None: ...
+    async def mark_published(self, request_id: str, at: datetime) -> None: ...
+    async def claim_unpublished(self, now: datetime, lease: timedelta) -> IngestRequest | None: ...
+
+
+class Publisher(Protocol):
+    @property
+    def is_connected(self) -> bool: ...
+    async def publish(self, event: CloudEvent) -> None: ...
+
+
+@dataclass(frozen=True)
+class Upload:
+    file: BinaryIO
+    quality: int = 50
+    webhook_url: str | None = None
+
+
+async def accept_upload(
+    upload: Upload,
+    *,
+    limits: CsvLimits,
+    repository: Repository,
+    publisher: Publisher,
+    relay_grace: timedelta,
+    clock: Callable[[], datetime] = utcnow,
+) -> IngestRequest:
+    """Validate, store, publish. Raises UploadRejected (4xx) or StoreUnavailable (503)."""
+    request = await parse_upload(upload, limits, clock)
+    await repository.add(request, relay_after=request.received_at + relay_grace)
+    await publish_received(request, repository, publisher, clock)
+    return request
+
+
+async def parse_upload(
+    upload: Upload, limits: CsvLimits, clock: Callable[[], datetime] = utcnow
+) -> IngestRequest:
+    webhook_url = (upload.webhook_url or "").strip() or None
+    problems: list[Problem] = []
+    if webhook_url and (reason := url_problem(webhook_url)):
+        problems.append(Problem(reason.replace("URL", "webhook URL", 1), field="webhook_url"))
+    try:
+        # Parsing a big file is CPU work: keep it off the event loop.
+        parsed = await asyncio.to_thread(parse_csv, upload.file, limits)
+    except CsvRejected as rejected:
+        status = 413 if rejected.too_large else 422
+        raise UploadRejected(
+            status, problems + rejected.problems, len(problems) + rejected.total
+        ) from None
+    if problems:
+        raise UploadRejected(422, problems)
+    return IngestRequest(
+        request_id=new_request_id(),
+        rows=parsed.rows,
+        options=Options(quality=upload.quality),
+        webhook_url=webhook_url,
+        received_at=clock(),
+    )
+
+
+async def publish_received(
+    request: IngestRequest,
+    repository: Repository,
+    publisher: Publisher,
+    clock: Callable[[], datetime] = utcnow,
+) -> bool:
+    """Publish RequestReceived and mark it sent; False leaves it to the relay."""
+    try:
+        await publisher.publish(request.received_event())
+    except PublishFailed as exc:
+        log.warning(
+            "request %s stored but not published (%s); relay will send it", request.request_id, exc
+        )
+        return False
+    try:
+        await repository.mark_published(request.request_id, clock())
+    except StoreUnavailable as exc:  # it goes out again with the same id; consumers dedupe
+        log.warning("request %s published but not marked: %s", request.request_id, exc)
+    return True
+
+
+async def relay_outbox(
+    repository: Repository,
+    publisher: Publisher,
+    *,
+    lease: timedelta,
+    batch: int,
+    clock: Callable[[], datetime] = utcnow,
+) -> int:
+    """Publish stored requests that never went out; returns how many were sent."""
+    sent = 0
+    while sent < batch and publisher.is_connected:
+        request = await repository.claim_unpublished(clock(), lease)
+        if request is None:
+            break
+        if not await publish_received(request, repository, publisher, clock):
+            break  # the claim lapses after `lease`, then it is tried again
+        log.info("outbox relay published request %s", request.request_id)
+        sent += 1
+    return sent
+
+
+async def run_relay(
+    repository: Repository,
+    publisher: Publisher,
+    *,
+    interval: float,
+    lease: timedelta,
+    batch: int,
+) -> None:
+    """The relay loop of the app's lifespan: one pass every `interval` seconds."""
+    while True:
+        try:
+            await relay_outbox(repository, publisher, lease=lease, batch=batch)
+        except StoreUnavailable as exc:
+            log.warning("outbox relay: database unavailable: %s", exc)
+        except Exception:
+            log.exception("outbox relay pass failed")
+        await asyncio.sleep(interval)

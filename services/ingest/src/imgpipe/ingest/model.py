@@ -1,0 +1,63 @@
+"""The ingest domain: an accepted request and the ways an upload can fail."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from imgpipe.contracts.events import CloudEvent, Options, RequestReceived, Row, received_event_id
+from imgpipe.ingest.csv_input import Problem
+
+SOURCE = "imgpipe.ingest"
+
+
+def new_request_id() -> str:
+    """122 random bits: request ids are unguessable, so a status URL is a capability."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    request_id: str
+    rows: list[Row]
+    options: Options
+    webhook_url: str | None
+    received_at: datetime
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(row.input_urls) for row in self.rows)
+
+    def received_event(self) -> CloudEvent[RequestReceived]:
+        data = RequestReceived(
+            request_id=self.request_id,
+            rows=self.rows,
+            image_count=self.image_count,
+            options=self.options,
+            webhook_url=self.webhook_url,
+            received_at=self.received_at,
+        )
+        return CloudEvent.wrap(data, source=SOURCE, id=received_event_id(self.request_id))
+
+
+class UploadRejected(Exception):
+    """The upload is refused as a whole (HTTP 4xx); nothing was stored or published."""
+
+    def __init__(self, status_code: int, problems: list[Problem], total: int = 0) -> None:
+        self.status_code = status_code
+        self.problems = problems
+        self.total = max(total, len(problems))
+        in_file = any(problem.field in (None, "file") for problem in problems)
+        subject = "CSV" if in_file else "upload"
+        plural = "" if self.total == 1 else "s"
+        self.detail = f"{subject} has {self.total} problem{plural}"
+        super().__init__(self.detail)
+
+
+class StoreUnavailable(Exception):
+    """The database did not take the write; the client should retry later (HTTP 503)."""
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the event; the outbox relay will send it later."""
