@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Depends, HTTPException, status
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -59,3 +61,13 @@ def require_api_key(settings: Settings) -> Callable[..., Awaitable[None]]:
             )
 
     return dependency
+
+
+def serve(create_app: Callable[[Settings], FastAPI], port: Callable[[Settings], int]) -> None:
+    """Run one service with uvicorn: every service's `main` is this one call."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    # log_config=None: uvicorn's loggers use the format above, like the service's own.
+    uvicorn.run(create_app(settings), host=settings.host, port=port(settings), log_config=None)

@@ -1,21 +1,13 @@
-"""`imgpipe-ingest`: run the ingest service with uvicorn."""
+"""`imgpipe-ingest`: run the ingest service with uvicorn on INGEST_PORT."""
 
 from __future__ import annotations
 
-import logging
-
-import uvicorn
-
-from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.web import serve
 from imgpipe.ingest.app import create_app
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.ingest_port)
+    serve(create_app, lambda settings: settings.ingest_port)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,13 @@
-"""`imgpipe-notifier`: run the notifier on NOTIFIER_PORT."""
+"""`imgpipe-notifier`: run the notifier service with uvicorn on NOTIFIER_PORT."""
 
 from __future__ import annotations
 
-import logging
-
-import uvicorn
-
-from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.web import serve
 from imgpipe.notifier.app import create_app
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = Settings()
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.notifier_port, log_config=None
-    )
+    serve(create_app, lambda settings: settings.notifier_port)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,13 @@
-"""`imgpipe-status`: run the status service with uvicorn."""
+"""`imgpipe-status`: run the status service with uvicorn on STATUS_PORT."""
 
 from __future__ import annotations
 
-import logging
-
-import uvicorn
-
-from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.web import serve
 from imgpipe.status.app import create_app
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.status_port)
+    serve(create_app, lambda settings: settings.status_port)
 
 
 if __name__ == "__main__":
