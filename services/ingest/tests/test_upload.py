@@ -354,3 +354,29 @@ async def test_ten_thousand_rows(settings: Settings, run_ingest, received_events
     event = await received_events.next()
     assert len(event.data.rows) == 10_000
     assert event.data.image_count == 30_000
+
+
+async def test_private_addresses_are_refused_at_upload(
+    settings: Settings, run_ingest, ingest_db: AsyncDatabase
+) -> None:
+    """With IMGPIPE_ALLOW_PRIVATE_URLS off, the outbound guard's static rules apply here too."""
+    strict = settings.model_copy(update={"allow_private_urls": False})
+    csv = (
+        HEADER
+        + "1,Shirt,https://img.example.com/a.jpg\n"
+        + "2,Metadata,http://169.254.169.254/latest/meta-data/\n"
+        + '3,Loopback,"https://img.example.com/b.jpg,http://2130706433/x.jpg"\n'
+    )
+    async with run_ingest(strict) as (_, client):
+        response = await client.post(
+            "/upload", **upload_form(csv, webhook_url="http://[::1]:8080/hook")
+        )
+    assert response.status_code == 422, response.text
+    errors = response.json()["errors"]
+    assert [(error["line"], error["field"]) for error in errors] == [
+        (None, "webhook_url"),
+        (3, None),
+        (4, None),
+    ]
+    assert all("refused" in error["message"] for error in errors)
+    assert await ingest_db.requests.count_documents({}) == 0

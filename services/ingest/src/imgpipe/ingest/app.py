@@ -40,7 +40,9 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None = None) -> FastAPI:
     settings = settings or Settings()
     outbox = outbox or OutboxConfig()
-    limits = CsvLimits(settings.max_csv_bytes, settings.max_rows, settings.max_images)
+    limits = CsvLimits(
+        settings.max_csv_bytes, settings.max_rows, settings.max_images, settings.allow_private_urls
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from imgpipe.contracts.events import Row
+from imgpipe.contracts.outbound import URLRefused, check_url
 
 SERIAL = "S. No."
 PRODUCT = "Product Name"
@@ -46,6 +47,7 @@ class CsvLimits:
     max_bytes: int
     max_rows: int
     max_images: int
+    allow_private_urls: bool = False  # IMGPIPE_ALLOW_PRIVATE_URLS: the guard's address rule
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,11 @@ class _Stop(Exception):
         self.problem, self.too_large = problem, too_large
 
 
-def url_problem(url: str) -> str | None:
-    """Why `url` is not an acceptable http(s) URL, or None when it is."""
+def url_problem(url: str, allow_private: bool = False) -> str | None:
+    """Why `url` is not an acceptable http(s) URL, or None when it is.
+
+    Ends with the outbound guard's own static check, so an address the processor or
+    notifier would refuse (loopback, private, metadata...) is refused here with its line."""
     if len(url) > MAX_URL_LENGTH:
         return f"URL is longer than {MAX_URL_LENGTH} characters"
     if _BAD_URL_CHARS.search(url):
@@ -91,6 +96,10 @@ def url_problem(url: str) -> str | None:
         return f"URL must not contain credentials: {_redacted(url)!r}"
     if not parts.hostname:
         return f"URL has no host: {url!r}"
+    try:
+        check_url(url, allow_private)
+    except URLRefused as refused:
+        return f"URL refused: {refused.reason}: {url!r}"
     return None
 
 
@@ -273,7 +282,7 @@ class _Parser:
         if not urls:
             self.report.add(Problem("no image URLs", line, URLS))
         for url in urls:
-            if reason := url_problem(url):
+            if reason := url_problem(url, self.limits.allow_private_urls):
                 self.report.add(Problem(reason, line, URLS))
 
         self.image_count += len(urls)

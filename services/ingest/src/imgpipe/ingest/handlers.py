@@ -62,7 +62,7 @@ async def parse_upload(
 ) -> IngestRequest:
     webhook_url = (upload.webhook_url or "").strip() or None
     problems: list[Problem] = []
-    if webhook_url and (reason := url_problem(webhook_url)):
+    if webhook_url and (reason := url_problem(webhook_url, limits.allow_private_urls)):
         problems.append(Problem(reason.replace("URL", "webhook URL", 1), field="webhook_url"))
     try:
         # Parsing a big file is CPU work: keep it off the event loop.
