@@ -109,3 +109,39 @@ async def test_unreachable_host_is_a_download_failure(client: httpx.AsyncClient)
     error = await failure(client, url)
     assert error.code == "download_failed"
     assert error.message
+
+
+async def test_slow_drip_past_the_deadline_is_a_timeout(client: httpx.AsyncClient) -> None:
+    """A byte every 50 ms never trips a read timeout; the whole-download deadline stops it."""
+    dripped = 0
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dripped
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n\xff\xd8\xff")
+        try:
+            while dripped < 100_000:
+                writer.write(b"\0")
+                dripped += 1
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(DownloadError) as raised:
+            await download(client, f"http://127.0.0.1:{port}/drip", 10**7, deadline=1.0)
+    assert raised.value.code == "timeout"
+    assert dripped < 1_000  # stopped after about a second, not after the whole body
+
+
+async def test_refused_address_is_reported_as_refused() -> None:
+    async with outbound_client(Settings(IMGPIPE_ALLOW_PRIVATE_URLS=False), timeout=5) as client:
+        with pytest.raises(DownloadError) as raised:
+            await download(client, "http://169.254.169.254/latest/meta-data/", 10**7)
+    assert raised.value.code == "url_refused"
+    assert "169.254.169.254" in raised.value.message

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+
+from imgpipe.contracts.outbound import URLRefused
 
 # Leading bytes of the formats we accept, whatever the Content-Type header claims.
 _MAGIC: tuple[tuple[bytes, ...], ...] = (
@@ -29,8 +33,21 @@ def looks_like_image(data: bytes) -> bool:
     return any(data.startswith(magic) for group in _MAGIC for magic in group)
 
 
-async def download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
-    """GET `url` and return its body; raises DownloadError for every way it can fail."""
+async def download(
+    client: httpx.AsyncClient, url: str, max_bytes: int, deadline: float | None = None
+) -> bytes:
+    """GET `url` and return its body; raises DownloadError for every way it can fail.
+
+    httpx's timeouts bound each connect, read and write; `deadline` bounds the whole
+    download, so a server that drips a byte at a time cannot hold a worker for long."""
+    try:
+        async with asyncio.timeout(deadline):
+            return await _fetch(client, url, max_bytes)
+    except TimeoutError:
+        raise DownloadError("timeout", f"the download took longer than {deadline} s") from None
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     try:
         async with client.stream("GET", url) as response:
             if not response.is_success:
@@ -47,6 +64,8 @@ async def download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes
                     raise _too_large(max_bytes)
     except httpx.TimeoutException as exc:
         raise DownloadError("timeout", f"timed out downloading the image ({exc})") from None
+    except URLRefused as exc:
+        raise DownloadError(exc.code, exc.reason) from None
     except httpx.TooManyRedirects:
         raise DownloadError("download_failed", "too many redirects") from None
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
