@@ -143,6 +143,14 @@ def test_decompression_bomb_is_refused(pixels: float) -> None:
     assert raised.value.code == "image_too_large"
 
 
+def test_a_side_too_long_for_the_output_is_refused_before_decoding() -> None:
+    original = encode(Image.new("L", (20_000, 2)), "PNG")  # 40,000 pixels, one side too long
+    with pytest.raises(CompressError) as raised:
+        compress(original, 50, 50_000_000)
+    assert raised.value.code == "image_too_large"
+    assert "20000x2" in raised.value.message
+
+
 def test_truncated_jpeg_is_a_decode_error() -> None:
     original = jpeg_bytes(640, 480)
     with pytest.raises(CompressError) as raised:

@@ -20,6 +20,8 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # ICC header bytes 16..20 name the profile's colour space; keep it only if it matches the output.
 _ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "CMYK": b"CMYK"}
 _JPEG_MODES = {"RGB", "L", "CMYK"}
+# The largest side WebP can hold; a longer side is refused before any pixel is decoded.
+MAX_SIDE = 16_383
 
 
 class CompressError(Exception):
@@ -47,7 +49,9 @@ def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
             # Pillow only warns between 1x and 2x the limit: treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as source:
-                image = _prepare(source)  # first frame only: Image.open starts there
+                _check_sides(source)
+                # Only the first frame is ever decoded, however many an animation holds.
+                image = _prepare(source)
             return _encode(image, quality)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CompressError("image_too_large", str(exc)) from None
@@ -57,6 +61,14 @@ def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
         raise CompressError("image_too_large", "not enough memory to decode the image") from None
     except Exception as exc:  # Pillow raises many types for malformed input
         raise CompressError("decode_error", f"cannot decode image: {exc}") from None
+
+
+def _check_sides(source: Image.Image) -> None:
+    width, height = source.size
+    if max(width, height) > MAX_SIDE:
+        raise CompressError(
+            "image_too_large", f"{width}x{height} has a side longer than {MAX_SIDE} pixels"
+        )
 
 
 def _prepare(source: Image.Image) -> Image.Image:
