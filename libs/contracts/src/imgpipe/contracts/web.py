@@ -69,5 +69,10 @@ def serve(create_app: Callable[[Settings], FastAPI], port: Callable[[Settings], 
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings()
+    if settings.allow_private_urls:
+        logging.getLogger("imgpipe").warning(
+            "IMGPIPE_ALLOW_PRIVATE_URLS is on: image and webhook URLs may reach loopback and "
+            "private networks (for tests and demos only; never expose this instance)"
+        )
     # log_config=None: uvicorn's loggers use the format above, like the service's own.
     uvicorn.run(create_app(settings), host=settings.host, port=port(settings), log_config=None)
