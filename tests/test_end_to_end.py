@@ -191,3 +191,6 @@ def test_bad_csv_is_refused_and_nothing_happens(settings: Settings) -> None:
         )
         assert 400 <= upload.status_code < 500
         assert "Input Image Urls" in json.dumps(upload.json())
+        # These tests allow private URLs (the images are on loopback): every service says so.
+        for service in system.services.values():
+            assert "IMGPIPE_ALLOW_PRIVATE_URLS is on" in service.log_path.read_text()
