@@ -206,12 +206,12 @@ async def test_allow_private_still_refuses_credentials(server: LoopbackServer) -
 @pytest.mark.parametrize(
     ("answers", "reason"),
     [
-        (["10.0.0.7"], "internal.test resolves to 10.0.0.7, which is private"),
-        (["169.254.169.254"], "which is link-local"),
-        (["::1"], "which is loopback"),
-        (["::ffff:192.168.0.3"], "which is private (embeds IPv4 192.168.0.3)"),
+        (["10.0.0.7"], "internal.test resolves to a private address"),
+        (["169.254.169.254"], "resolves to a link-local address"),
+        (["::1"], "resolves to a loopback address"),
+        (["::ffff:192.168.0.3"], "resolves to a private address"),
         # one refused answer refuses the host, even next to a public one
-        (["93.184.215.14", "10.0.0.7"], "resolves to 10.0.0.7, which is private"),
+        (["93.184.215.14", "10.0.0.7"], "resolves to a private address"),
     ],
 )
 async def test_a_name_that_resolves_to_a_refused_address_is_refused(
@@ -223,6 +223,8 @@ async def test_a_name_that_resolves_to_a_refused_address_is_refused(
         with pytest.raises(URLRefused) as refused:
             await client.get("https://internal.test/a.jpg")
     assert reason in str(refused.value)
+    for answer in answers:  # the internal address itself is never told to the client
+        assert answer not in str(refused.value) or answer == "93.184.215.14"
     assert resolver.calls == ["internal.test"]
 
 
@@ -230,7 +232,7 @@ async def test_real_dns_for_localhost_is_checked_at_connect_time(server: Loopbac
     # The backend itself, below the static URL check: the system resolver's answer for
     # localhost (127.0.0.1 and maybe ::1) is refused before any connection.
     backend = GuardedBackend(Guard.for_settings(allow_private=False))
-    with pytest.raises(URLRefused, match="localhost resolves to .*, which is loopback"):
+    with pytest.raises(URLRefused, match="localhost resolves to a loopback address"):
         await backend.connect_tcp("localhost", server.port, timeout=5)
     assert server.requests == []
 
@@ -250,7 +252,7 @@ async def test_connects_to_the_address_it_checked(server: LoopbackServer) -> Non
     assert server.requests[0].headers["Host"] == f"rebind.test:{server.port}"
 
     async with outbound_client(make_settings(allow_private=False), guard=guard) as client:
-        with pytest.raises(URLRefused, match="rebind.test resolves to 169.254.169.254"):
+        with pytest.raises(URLRefused, match="rebind.test resolves to a link-local address"):
             await client.get(url)
     assert resolver.calls == ["rebind.test", "rebind.test"]
     assert len(server.requests) == 1
@@ -263,7 +265,7 @@ async def test_connects_to_the_address_it_checked(server: LoopbackServer) -> Non
         ("http://127.0.0.2:{port}/secret", "address 127.0.0.2 is loopback"),
         ("http://0x7f000002:{port}/secret", "loopback"),
         ("http://[::1]:{port}/secret", "loopback"),
-        ("http://internal.test:{port}/secret", "internal.test resolves to 10.1.2.3"),
+        ("http://internal.test:{port}/secret", "internal.test resolves to a private address"),
         ("http://user:pw@127.0.0.1:{port}/secret", "credentials"),
         ("file:///etc/passwd", "scheme 'file' is not allowed"),
         ("gopher://127.0.0.1:{port}/secret", "scheme 'gopher' is not allowed"),

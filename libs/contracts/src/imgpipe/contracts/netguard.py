@@ -260,7 +260,10 @@ class Guard:
             if reason := self.policy(resolved):
                 if address is not None:
                     raise URLRefused(f"{_describe(resolved, host)} is {reason}")
-                raise URLRefused(f"{host} resolves to {resolved}, which is {reason}")
+                # The message reaches clients (image errors): name the kind of address,
+                # never the internal address a stranger's host name resolved to.
+                kind = reason.split(" (", 1)[0]  # "private (embeds IPv4 ...)" -> "private"
+                raise URLRefused(f"{host} resolves to a {kind} address")
         return addresses
 
 
