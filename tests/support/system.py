@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -16,8 +15,7 @@ import httpx
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.launcher.embedded import free_port
-
-SERVICES = ("ingest", "processor", "status", "notifier")
+from imgpipe.launcher.supervisor import ServiceSpec, plan_services
 
 
 def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
@@ -57,11 +55,20 @@ def with_free_ports(settings: Settings) -> Settings:
 
 @dataclass
 class ServiceProcess:
-    name: str
-    port: int
+    """One service as the launcher plans it, with the controls fault tests need."""
+
+    spec: ServiceSpec
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
 
     @property
     def pid(self) -> int:
@@ -75,8 +82,8 @@ class ServiceProcess:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"imgpipe.{self.name}.main"],
-            env=self.env,
+            self.spec.command,
+            env={**self.env, **self.spec.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -156,20 +163,9 @@ def running_system(settings: Settings, processors: int = 1, **env: str) -> Itera
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     system = System(settings)
-    ports = {
-        "ingest": settings.ingest_port,
-        "status": settings.status_port,
-        "notifier": settings.notifier_port,
-    }
-    for name in SERVICES:
-        instances = processors if name == "processor" else 1
-        for index in range(instances):
-            key = name if index == 0 else f"{name}-{index}"
-            port = ports.get(name) or free_port()
-            child_env = settings_env(settings, **env)
-            if name == "processor":
-                child_env["PROCESSOR_PORT"] = str(port)
-            system.services[key] = ServiceProcess(name, port, child_env, logs / f"{key}.log")
+    for spec in plan_services(settings, processors):  # the launcher's own plan
+        log_path = logs / f"{spec.name}.log"
+        system.services[spec.name] = ServiceProcess(spec, settings_env(settings, **env), log_path)
     try:
         for service in system.services.values():
             service.start()
