@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted
 from imgpipe.contracts.settings import Settings
+from imgpipe.processor.adapters.repository import Outcome
 from imgpipe.processor.handlers import Processor
 from imgpipe.processor.jobs import jobs_for
 from tests.support.http_server import Response
@@ -102,3 +104,43 @@ async def test_request_where_every_image_fails_ends_in_error(
     [completed] = tap.of(request_id, RequestCompleted)
     assert completed.data.status == "error"
     assert completed.data.counts.model_dump() == {"total": 1, "ok": 0, "failed": 1}
+
+
+async def test_a_job_and_its_duplicate_in_one_batch_count_once(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    url = image_server.add("/0", Response(jpeg_bytes(seed=0), content_type="image/jpeg"))
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [[url]])
+    await processor.request_received(received.data)
+    [job] = jobs_for(received.data)
+    image = await processor.repository.get_image(request_id, job.image_key)
+    ok = {"outcome": "ok", "output_url": "http://x/0-0.jpg", "error": None}
+    failed = {"outcome": "failed", "error": {"code": "x", "message": "y"}}
+    # The same image twice in one bulk write: exactly one write takes effect.
+    stored = await processor.repository.record_outcomes(
+        [Outcome(request_id, image["_id"], ok), Outcome(request_id, image["_id"], failed)]
+    )
+    assert stored == [True, False]
+    assert (await processor.repository.get_image(request_id, job.image_key))["outcome"] == "ok"
+
+
+async def test_concurrent_duplicate_jobs_publish_one_completion(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    urls = [
+        image_server.add(f"/{i}", Response(jpeg_bytes(seed=i), content_type="image/jpeg"))
+        for i in range(3)
+    ]
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [urls])
+    await processor.request_received(received.data)
+    jobs = jobs_for(received.data)
+    await asyncio.gather(*(processor.process_job(job) for job in [*jobs, *jobs]))
+    await tap.flush()
+
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.counts.model_dump() == {"total": 3, "ok": 3, "failed": 0}
+    request = await processor.repository.get_request(request_id)
+    assert (request["ok"], request["failed"]) == (3, 0)
+    assert {e.data.image_key for e in tap.of(request_id, ImageProcessed)} == {"0-0", "0-1", "0-2"}

@@ -41,8 +41,9 @@ def worker_count(settings: Settings) -> int:
 
 
 def prefetch(settings: Settings) -> int:
-    """Enough jobs in hand that the pool never idles while others download or write."""
-    return settings.prefetch or 2 * worker_count(settings) + 2
+    """Enough jobs in hand that the pool never idles while others download, wait for
+    their outcome batch (outcomes.WINDOW) or write."""
+    return settings.prefetch or 3 * worker_count(settings) + 3
 
 
 def build_storage(settings: Settings) -> Storage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -31,10 +31,11 @@ from imgpipe.contracts.events import (
     processed_event_id,
 )
 from imgpipe.processor.adapters.download import DownloadError, download
-from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
+from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.jobs import Job, jobs_for
+from imgpipe.processor.outcomes import OutcomeBatcher
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Publisher(Protocol):
 
     async def publish(self, event: CloudEvent) -> None: ...
 
+    async def publish_many(self, events: Sequence[CloudEvent]) -> None: ...
+
     async def send(self, queue_key: str, body: bytes, message_id: str) -> None: ...
 
 
@@ -64,6 +67,10 @@ class Processor:
     max_image_bytes: int
     instance: str = "processor"  # recorded with each outcome: which process did the work
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _outcomes: OutcomeBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._outcomes = OutcomeBatcher(self.repository, self.bus.publish_many)
 
     # RequestReceived --------------------------------------------------------------
 
@@ -115,13 +122,15 @@ class Processor:
             await self._replay(image)  # duplicate job or redelivery: no new work
             return
         fields = await self._outcome(job)
-        if not await self.repository.record_outcome(job.request_id, job.image_key, fields):
+        # Stored, counted and published together with the outcomes that finish meanwhile.
+        recorded = await self._outcomes.record(
+            Outcome(job.request_id, image["_id"], fields), processed_event({**image, **fields})
+        )
+        if not recorded.stored:
             # A duplicate of this job recorded its outcome first: that one stands.
             await self._replay(await self._image(job))
             return
-        request = await self.repository.count_outcome(job.request_id, fields["outcome"])
-        await self.bus.publish(processed_event({**image, **fields}))
-        if _looks_done(request):
+        if recorded.request is not None and _looks_done(recorded.request):
             await self._complete(job.request_id)
 
     async def _outcome(self, job: Job) -> dict[str, Any]:
