@@ -24,11 +24,14 @@ from imgpipe.contracts.events import (
 
 @dataclass(frozen=True)
 class Change:
-    """One event's effect on a request's document: fields to `$set`, a time to `$max`."""
+    """One event's effect on a request's document: fields to `$set`, a time to `$max`.
+    `urgent`: a reader is waiting for it (the request appears, or is final), so the
+    batch writer writes it without resting."""
 
     request_id: str
     fields: dict[str, Any]
     at: datetime
+    urgent: bool = False
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -37,7 +40,7 @@ Submit = Callable[[Change], Awaitable[None]]
 def change_for(event: AnyEvent) -> Change:
     data = event.data
     if isinstance(data, RequestReceived):
-        return Change(data.request_id, _received_fields(data), data.received_at)
+        return Change(data.request_id, _received_fields(data), data.received_at, urgent=True)
     if isinstance(data, ImageProcessed):
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.
@@ -49,7 +52,7 @@ def change_for(event: AnyEvent) -> Change:
             "final_counts": data.counts.model_dump(),
             "completed_at": data.completed_at,
         }
-        return Change(data.request_id, fields, data.completed_at)
+        return Change(data.request_id, fields, data.completed_at, urgent=True)
     raise TypeError(f"no read-model update for {type(data).__name__}")
 
 

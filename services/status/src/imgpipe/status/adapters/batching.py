@@ -2,8 +2,21 @@
 
 The bus hands messages to handlers concurrently (up to the prefetch). Each handler
 submits its update and waits; while one bulk write is in flight the next updates queue
-up and go together in the following one. No timer: a lone update is written at once,
-a burst costs one round trip per batch instead of one per event.
+up and go together in the following one. A lone update is written at once, a burst
+costs one round trip per batch instead of one per event.
+
+After each write the writer rests for a multiple of the time that write took. The read
+model keeps one document per request, and the database rewrites the whole document on
+every update (SecantusDB: ~35 ms at 1,000 images, growing with the request), so
+writing back to back kept a core of the database busy all the time and starved the
+image codec: throughput fell as requests grew. Resting `rest_ratio` times the write's
+duration caps the writer's share of the database at 1 / (1 + rest_ratio) and lets more
+updates share each write: a write's cost grows with the document, and so does the
+number of updates that share it. Small documents write in milliseconds, so they rest
+for a fraction of a second; a large request's progress moves every `max_rest` seconds. A rest ends early once `flush_at` updates wait (keep it below the
+prefetch, or the broker stops delivering while the writer rests), or when an urgent
+update arrives (`urgent(item)`: by default the item's `urgent` attribute), such as the
+one that makes a request visible or final, which a user is waiting to read.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -23,9 +37,23 @@ Write = Callable[[list[T]], Awaitable[None]]
 
 
 class BatchWriter(Generic[T]):
-    def __init__(self, write: Write[T], *, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        write: Write[T],
+        *,
+        max_batch: int = 500,
+        rest_ratio: float = 30.0,
+        max_rest: float = 3.0,
+        flush_at: int = 200,
+        urgent: Callable[[T], bool] = lambda item: bool(getattr(item, "urgent", False)),
+    ) -> None:
         self._write = write
         self._max_batch = max_batch
+        self._rest_ratio = rest_ratio
+        self._max_rest = max_rest
+        self._flush_at = flush_at
+        self._urgent = urgent
+        self._urgent_waiting = False
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -49,6 +77,7 @@ class BatchWriter(Generic[T]):
             raise RuntimeError("writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        self._urgent_waiting |= self._urgent(item)
         self._wakeup.set()
         await future
 
@@ -59,7 +88,23 @@ class BatchWriter(Generic[T]):
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                self._urgent_waiting = any(self._urgent(item) for item, _ in self._pending)
+                started = time.monotonic()
                 await self._flush(batch)
+                await self._rest(
+                    min(self._max_rest, self._rest_ratio * (time.monotonic() - started))
+                )
+
+    async def _rest(self, seconds: float) -> None:
+        """Sleep `seconds`, or less once `flush_at` updates or an urgent one wait."""
+        deadline = time.monotonic() + seconds
+        while len(self._pending) < self._flush_at and not self._urgent_waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     async def _flush(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         try:
