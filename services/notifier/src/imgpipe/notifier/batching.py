@@ -1,0 +1,63 @@
+"""Group writes that arrive together into one round trip.
+
+The bus hands events to handlers concurrently (up to the prefetch). Each handler
+submits its item and waits; while one batch is being written the next items queue up
+and go together in the following one. No timer: a lone item is written at once.
+Handlers return (and the bus acks) only after their batch is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from imgpipe.contracts.bus import is_unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Write = Callable[[list[T]], Awaitable[None]]
+
+
+class Batcher(Generic[T]):
+    def __init__(self, write: Write[T], *, max_batch: int = 200) -> None:
+        self._write = write
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> None:
+        """Returns once the item's batch is written; raises if it could not be."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._flushing is None or self._flushing.done():
+            # Its own task: a handler cancelled mid-write must not strand the others.
+            self._flushing = asyncio.create_task(self._flush_all(), name="notifier-batches")
+        await future
+
+    async def _flush_all(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
+        try:
+            await self._write([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not is_unavailable(exc):
+                for one in batch:  # one by one, so a bad item fails alone
+                    await self._flush([one])
+                return
+            log.error("write of %d events failed: %r", len(batch), exc)
+            for _, future in batch:
+                if not future.done():
+                    failure = RuntimeError("write failed")
+                    failure.__cause__ = exc  # the bus tells "database unavailable" by it
+                    future.set_exception(failure)
+            return
+        for _, future in batch:
+            if not future.done():  # a cancelled handler: its event is redelivered
+                future.set_result(None)
