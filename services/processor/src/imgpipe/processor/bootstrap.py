@@ -181,6 +181,7 @@ class Runtime:
                 http=http,
                 compressor=compressor,
                 max_image_bytes=settings.max_image_bytes,
+                download_deadline=settings.download_timeout,
                 instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             )
             await warming

@@ -66,6 +66,7 @@ class Processor:
     compressor: Compressor
     max_image_bytes: int
     instance: str = "processor"  # recorded with each outcome: which process did the work
+    download_deadline: float | None = None  # seconds for a whole download (slow-drip guard)
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _outcomes: OutcomeBatcher = field(init=False)
 
@@ -136,7 +137,9 @@ class Processor:
     async def _outcome(self, job: Job) -> dict[str, Any]:
         """Download, compress and store one image; every expected failure is an outcome."""
         try:
-            data = await download(self.http, job.input_url, self.max_image_bytes)
+            data = await download(
+                self.http, job.input_url, self.max_image_bytes, self.download_deadline
+            )
         except DownloadError as exc:
             return self._failed(exc.code, exc.message)
         try:
