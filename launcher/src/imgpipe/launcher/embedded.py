@@ -66,7 +66,11 @@ def embedded_mongo(
     )
     try:
         wait_for_port(port, process=process)
-        yield f"mongodb://127.0.0.1:{port}/"
+        # No retryable writes on the embedded server: SecantusDB keeps each one's reply for
+        # 30 minutes and scans (past 10,000, sorts) them on every write, ~5 ms a write after
+        # a few thousand images. imgpipe's writes are idempotent or checked and the bus
+        # retries a handler that lost its connection; a real MongoDB keeps its default.
+        yield f"mongodb://127.0.0.1:{port}/?retryWrites=false"
     finally:
         process.terminate()
         try:

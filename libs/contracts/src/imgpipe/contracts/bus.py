@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -200,17 +199,7 @@ def is_unavailable(exc: BaseException) -> bool:
 def connection_name(namespace: str, service: str = "") -> str:
     """The client-provided name the broker shows for a connection."""
     where = f"{socket.gethostname()}:{os.getpid()}"
-    return f"imgpipe/{namespace or '-'}/{service or _main_service()}/{where}"
-
-
-def _main_service() -> str:
-    """`python -m imgpipe.processor.main` -> "processor"; else the program's name."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    parts = spec.name.split(".") if spec is not None else []
-    if len(parts) >= 2 and parts[0] == "imgpipe":
-        return parts[1]
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return program if program and not program.startswith("-") else "imgpipe"
+    return f"imgpipe/{namespace or '-'}/{service or 'client'}/{where}"
 
 
 def _delivery_void(message: AbstractIncomingMessage) -> bool:

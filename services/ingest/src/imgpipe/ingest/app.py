@@ -50,7 +50,9 @@ def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None 
         repository = RequestRepository(service_database(mongo, settings, "ingest"))
         topology = Topology(settings.namespace, settings.delivery_limit)
         publisher = EventPublisher(
-            lambda: Bus.connect(settings.amqp_url, topology, prefetch=settings.prefetch or 1),
+            lambda: Bus.connect(
+                settings.amqp_url, topology, prefetch=settings.prefetch or 1, service="ingest"
+            ),
             publish_timeout=outbox.publish_timeout,
             retry_interval=outbox.connect_retry,
         )

@@ -13,8 +13,9 @@ image codec: throughput fell as requests grew. Resting `rest_ratio` times the wr
 duration caps the writer's share of the database at 1 / (1 + rest_ratio) and lets more
 updates share each write: a write's cost grows with the document, and so does the
 number of updates that share it. Small documents write in milliseconds, so they rest
-for a fraction of a second; a large request's progress moves every `max_rest` seconds. A rest ends early once `flush_at` updates wait (keep it below the
-prefetch, or the broker stops delivering while the writer rests), or when an urgent
+for a fraction of a second; a large request's progress moves every `max_rest` seconds.
+A rest ends early once `flush_at` updates wait (keep it below the prefetch, or the
+broker stops delivering while the writer rests), or when an urgent
 update arrives (`urgent(item)`: by default the item's `urgent` attribute), such as the
 one that makes a request visible or final, which a user is waiting to read.
 """
