@@ -68,6 +68,8 @@ def serve(create_app: Callable[[Settings], FastAPI], port: Callable[[Settings], 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per image download and webhook is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
     if settings.allow_private_urls:
         logging.getLogger("imgpipe").warning(
