@@ -88,9 +88,6 @@ class Repository:
             },
         )
 
-    async def store_image(self, data: ImageProcessed) -> None:
-        await self.store_images([data])
-
     async def store_images(self, batch: list[ImageProcessed]) -> None:
         """Upsert the images of a batch of ImageProcessed in one round trip."""
         if not batch:
