@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -27,6 +27,7 @@ from imgpipe.notifier.routes import router
 log = logging.getLogger(__name__)
 QUEUE_KEY = "notifier"
 DEFAULT_PREFETCH = 32  # handlers are a few MongoDB writes each
+SHUTDOWN_STEP_SECONDS = 10.0
 
 
 def create_app(settings: Settings | None = None, config: NotifierConfig | None = None) -> FastAPI:
@@ -60,13 +61,14 @@ def create_app(settings: Settings | None = None, config: NotifierConfig | None =
         try:
             yield
         finally:
-            await bus.close()  # stop taking events first; unacked ones are redelivered
+            # Stop taking events first; unacked ones are redelivered.
+            await _bounded("closing the broker connection", bus.close())
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            await dispatcher.stop()
-            await http.aclose()
-            await client.close()
+            await _bounded("stopping the dispatcher", dispatcher.stop())
+            await _bounded("closing the HTTP client", http.aclose())
+            await _bounded("closing the database client", client.close())
 
     app = FastAPI(
         title="imgpipe notifier",
@@ -85,6 +87,17 @@ def create_app(settings: Settings | None = None, config: NotifierConfig | None =
     app.include_router(health_router(checks))
     app.include_router(router, dependencies=[Depends(require_api_key(settings))])
     return app
+
+
+async def _bounded(step: str, awaitable: Awaitable[None]) -> None:
+    """Shutdown must end: a step still running after SHUTDOWN_STEP_SECONDS is logged and
+    left behind (its state is in MongoDB and the broker, so nothing is lost)."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_STEP_SECONDS)
+    if not done:
+        log.warning("shutdown: %s took over %.0fs; leaving it", step, SHUTDOWN_STEP_SECONDS)
+    elif task.exception() is not None:
+        log.warning("shutdown: %s failed: %r", step, task.exception())
 
 
 async def _sweep_forever(deps: Deps) -> None:
