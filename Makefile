@@ -24,4 +24,4 @@ lint: sync
 	$(UV) run --frozen ruff format .
 
 bench: sync
-	$(UV) run --frozen python bench/run.py
+	$(UV) run --frozen python bench/run.py $(ARGS)

@@ -46,6 +46,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _section("Throughput (images per second)", results["table"]["throughput"])
     lines += _section("Upload", results["table"]["upload"])
     lines += _section("Status reads", results["table"]["status"])
+    lines += _section("CPU per image in ms, by process", results["table"]["cpu"])
     lines += _memory_lines(results["memory"], list(results["memory_phases"]))
     return "\n".join(lines)
 

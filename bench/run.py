@@ -24,6 +24,7 @@ import PIL
 import report
 from codec import codec_limit
 from corpus import Corpus, build_corpus, image_urls, serve, write_csv
+from cpu import per_image_ms, snapshot
 from memory import MemorySampler, ProcessPeak
 from status_load import LoadResult, status_load
 from system import System
@@ -50,6 +51,17 @@ class Options:
     scale: bool
     concurrency: int
     keep_data: bool
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every phase works with: the running system and the corpus it reads."""
+
+    options: Options
+    system: System
+    sampler: MemorySampler
+    corpus: Corpus
+    base_url: str
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -91,7 +103,8 @@ def run_system(options: Options, corpus: Corpus, base_url: str) -> dict[str, Any
     try:
         sampler = MemorySampler(system.start())
         with _sampling(sampler):
-            snapshots = run_phases(options, system, sampler, corpus, base_url, results)
+            run = Run(options, system, sampler, corpus, base_url)
+            snapshots = run_phases(run, results)
     finally:
         system.stop()
         if not options.keep_data:
@@ -101,20 +114,13 @@ def run_system(options: Options, corpus: Corpus, base_url: str) -> dict[str, Any
     return results
 
 
-def run_phases(
-    options: Options,
-    system: System,
-    sampler: MemorySampler,
-    corpus: Corpus,
-    base_url: str,
-    results: dict[str, Any],
-) -> dict[str, dict[int, ProcessPeak]]:
+def run_phases(run: Run, results: dict[str, Any]) -> dict[str, dict[int, ProcessPeak]]:
     """Each phase adds its figures to `results`; returns the memory peaks after each one."""
-    snapshots = {"idle": sampler.snapshot()}
-    for name, title, phase in _phases(options):
+    snapshots = {"idle": run.sampler.snapshot()}
+    for name, title, phase in _phases(run.options):
         print(f"phase: {title}")
-        results[name] = phase(system, corpus, base_url, options)
-        snapshots[title] = sampler.snapshot()
+        results[name] = phase(run)
+        snapshots[title] = run.sampler.snapshot()
     return snapshots
 
 
@@ -141,14 +147,18 @@ def _phases(options: Options) -> list[tuple[str, str, Any]]:
     return phases
 
 
-def end_to_end(system: System, urls: list[str], csv_path: Path) -> dict[str, Any]:
-    """Upload a CSV of `urls`; images per second from the upload request to `completed`."""
+def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
+    """Upload a CSV of `urls`; images per second from the upload request to `completed`,
+    and the CPU each process spent per image meanwhile."""
+    system = run.system
     rows = write_csv(csv_path, urls)
+    cpu_before = snapshot(run.sampler)
     upload = system.upload(csv_path)
     # Each poll reads the whole status document: poll large requests less often.
     interval = min(1.0, max(0.1, len(urls) / 10_000))
     final, done_at = system.wait_final(upload.request_id, 120 + len(urls), interval)
     seconds = done_at - upload.started
+    cpu = per_image_ms(cpu_before, snapshot(run.sampler), len(urls))
     progress = final.get("progress") or {}
     print(f"  {len(urls)} images: {final.get('status')} in {seconds:.1f} s, {progress}")
     return {
@@ -160,24 +170,26 @@ def end_to_end(system: System, urls: list[str], csv_path: Path) -> dict[str, Any
         "seconds_to_202": upload.seconds_to_202,
         "seconds": seconds,
         "images_per_second": len(urls) / seconds,
+        "cpu_ms_per_image": cpu,
     }
 
 
-def phase_end_to_end(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
-    urls = list(image_urls(base_url, corpus.names, len(corpus.names), "e2e"))
-    return end_to_end(system, urls, system.data_dir / "e2e.csv")
+def phase_end_to_end(run: Run) -> Any:
+    urls = list(image_urls(run.base_url, run.corpus.names, len(run.corpus.names), "e2e"))
+    return end_to_end(run, urls, run.system.data_dir / "e2e.csv")
 
 
-def phase_scale(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
-    urls = list(image_urls(base_url, corpus.names, opt.sizes.scale, "scale"))
-    return end_to_end(system, urls, system.data_dir / "scale.csv")
+def phase_scale(run: Run) -> Any:
+    urls = list(image_urls(run.base_url, run.corpus.names, run.options.sizes.scale, "scale"))
+    return end_to_end(run, urls, run.system.data_dir / "scale.csv")
 
 
-def phase_status_reads(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+def phase_status_reads(run: Run) -> Any:
     """Complete a request, then read its status from a second process under load."""
+    system, opt = run.system, run.options
     count = opt.sizes.status_request
-    urls = list(image_urls(base_url, corpus.names, count, "status"))
-    request = end_to_end(system, urls, system.data_dir / "status.csv")
+    urls = list(image_urls(run.base_url, run.corpus.names, count, "status"))
+    request = end_to_end(run, urls, system.data_dir / "status.csv")
     load = _load_in_child(
         system.status_endpoint(request["request_id"]),
         opt.sizes.status_seconds,
@@ -197,10 +209,11 @@ def _load_in_child(url: str, seconds: float, concurrency: int, headers: dict[str
     return result
 
 
-def phase_big_upload(system: System, corpus: Corpus, base_url: str, opt: Options) -> Any:
+def phase_big_upload(run: Run) -> Any:
     """Time to 202 for a large CSV; the run stops right after, so nothing waits on it."""
-    rows = opt.sizes.big_upload_rows
-    urls = list(image_urls(base_url, corpus.names, rows * 3, "big"))
+    system = run.system
+    rows = run.options.sizes.big_upload_rows
+    urls = list(image_urls(run.base_url, run.corpus.names, rows * 3, "big"))
     csv_path = system.data_dir / "big.csv"
     write_csv(csv_path, urls)
     upload = system.upload(csv_path)
@@ -237,7 +250,21 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         for n in ("end_to_end", "scale")
         if n in results
     ]
-    return {"throughput": throughput, "upload": upload, "status": _status_rows(results)}
+    return {
+        "throughput": throughput,
+        "upload": upload,
+        "status": _status_rows(results),
+        "cpu": _cpu_rows(results),
+    }
+
+
+def _cpu_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """CPU per image of the largest end-to-end run, by process group."""
+    runs = [results[n] for n in ("end_to_end", "scale") if n in results]
+    run = max(runs, key=lambda r: r["images"])
+    cpu = run["cpu_ms_per_image"]
+    rows = [(name, f"{ms:6.1f}") for name, ms in cpu.items() if ms >= 0.05]
+    return rows + [(f"total ({run['images']:,} images)", f"{sum(cpu.values()):6.1f}")]
 
 
 def _counts(run: dict[str, Any]) -> str:
