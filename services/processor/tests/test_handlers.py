@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.repository import Outcome
 from imgpipe.processor.handlers import Processor
-from imgpipe.processor.jobs import jobs_for
+from imgpipe.processor.jobs import Job, jobs_for
 from tests.support.http_server import Response
 from tests.support.images import jpeg_bytes
 
@@ -27,9 +28,9 @@ async def test_redelivered_request_after_fan_out_sends_no_more_jobs(
     urls = [image_server.url(f"/{i}") for i in range(5)]
     received = make_request(uuid.uuid4().hex, [urls[:2], urls[2:]])
     await processor.request_received(received.data)
-    assert await jobs_waiting(tap, settings) == 5
+    assert await jobs_waiting(tap, settings) == 1  # 5 images make one job
     await processor.request_received(received.data)
-    assert await jobs_waiting(tap, settings) == 5
+    assert await jobs_waiting(tap, settings) == 1
     request = await processor.repository.get_request(received.data.request_id)
     assert request["fanned_out"] is True and request["total"] == 5
 
@@ -44,11 +45,13 @@ async def test_crash_between_outcome_and_counter_is_repaired_by_the_redelivery(
     request_id = uuid.uuid4().hex
     received = make_request(request_id, [urls])
     await processor.request_received(received.data)
-    first, second = jobs_for(received.data)
+    first, second = jobs_for(received.data, per_job=1)
     await processor.process_job(second)
     # The first job's worker stored its outcome and died before counting it.
+    [image] = first.images
+    failed = {"outcome": "failed", "error": {"code": "x", "message": "y"}}
     assert await processor.repository.record_outcome(
-        request_id, first.image_key, {"outcome": "failed", "error": {"code": "x", "message": "y"}}
+        request_id, image.image_key, {**image.model_dump(), **failed}
     )
     assert (await processor.repository.get_request(request_id))["ok"] == 1
 
@@ -74,7 +77,7 @@ async def test_counters_ahead_of_the_images_do_not_finish_a_request_early(
     request_id = uuid.uuid4().hex
     received = make_request(request_id, [urls])
     await processor.request_received(received.data)
-    jobs = jobs_for(received.data)
+    jobs = jobs_for(received.data, per_job=1)
     await processor.process_job(jobs[0])
     await processor.repository.raise_counters(request_id, 3, 0)  # a counter that ran ahead
 
@@ -114,15 +117,16 @@ async def test_a_job_and_its_duplicate_in_one_batch_count_once(
     received = make_request(request_id, [[url]])
     await processor.request_received(received.data)
     [job] = jobs_for(received.data)
-    image = await processor.repository.get_image(request_id, job.image_key)
-    ok = {"outcome": "ok", "output_url": "http://x/0-0.jpg", "error": None}
-    failed = {"outcome": "failed", "error": {"code": "x", "message": "y"}}
+    [image] = job.images
+    ok = {**image.model_dump(), "outcome": "ok", "output_url": "http://x/0-0.jpg", "error": None}
+    failed = {**image.model_dump(), "outcome": "failed", "error": {"code": "x", "message": "y"}}
     # The same image twice in one bulk write: exactly one write takes effect.
     stored = await processor.repository.record_outcomes(
-        [Outcome(request_id, image["_id"], ok), Outcome(request_id, image["_id"], failed)]
+        [Outcome(request_id, image.image_key, ok), Outcome(request_id, image.image_key, failed)]
     )
     assert stored == [True, False]
-    assert (await processor.repository.get_image(request_id, job.image_key))["outcome"] == "ok"
+    recorded = await processor.repository.get_images(request_id, [image.image_key])
+    assert recorded[image.image_key]["outcome"] == "ok"
 
 
 async def test_concurrent_duplicate_jobs_publish_one_completion(
@@ -144,3 +148,36 @@ async def test_concurrent_duplicate_jobs_publish_one_completion(
     request = await processor.repository.get_request(request_id)
     assert (request["ok"], request["failed"]) == (3, 0)
     assert {e.data.image_key for e in tap.of(request_id, ImageProcessed)} == {"0-0", "0-1", "0-2"}
+
+
+async def test_a_job_queued_by_the_one_image_version_is_processed(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    url = image_server.add("/0", Response(jpeg_bytes(seed=0), content_type="image/jpeg"))
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [[url]])
+    await processor.request_received(received.data)
+    # What the earlier version queued: one image at the top level, and its image doc
+    # inserted with no outcome before the work.
+    legacy = {"request_id": request_id, "image_key": "0-0", "row_index": 0, "position": 0}
+    legacy |= {"input_url": url, "quality": 50}
+    await processor.repository.images.insert_one(
+        {"_id": f"{request_id}:0-0", **legacy, "outcome": None}
+    )
+    await processor.process_job(Job.model_validate_json(json.dumps(legacy)))
+    await tap.flush()
+
+    [processed] = tap.of(request_id, ImageProcessed)
+    assert processed.data.outcome == "ok" and processed.data.input_url == url
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.counts.model_dump() == {"total": 1, "ok": 1, "failed": 0}
+    assert (await processor.repository.get_images(request_id, ["0-0"]))["0-0"]["outcome"] == "ok"
+
+
+def test_jobs_hold_a_few_images_each_in_input_order(make_request) -> None:
+    urls = [[f"http://img.example/{row}/{i}" for i in range(3)] for row in range(4)]
+    jobs = jobs_for(make_request("r", urls).data, per_job=5)
+    assert [len(job.images) for job in jobs] == [5, 5, 2]
+    flat = [image.input_url for job in jobs for image in job.images]
+    assert flat == [url for row in urls for url in row]
+    assert jobs[0].message_id == "r:0-0..1-1" and jobs[2].message_id == "r:3-1..3-2"

@@ -161,8 +161,9 @@ async def test_redelivered_request_and_duplicate_jobs_change_nothing(
 async def test_two_processors_share_one_request(
     processor_settings, image_server, tap, run_processor, make_request
 ) -> None:
-    settings = processor_settings
-    # A little latency per image keeps either instance from draining the queue alone.
+    # One job (up to 8 images) in hand at a time, and a little latency per image, keep
+    # either instance from draining the queue alone.
+    settings = processor_settings.model_copy(update={"prefetch": 1})
     served = serve_images(image_server, 20, delay=0.05)
     request_id = uuid.uuid4().hex
 
@@ -184,7 +185,8 @@ async def test_two_processors_share_one_request(
 async def test_a_processor_stopped_mid_request_leaves_the_rest_to_the_next_one(
     processor_settings, image_server, tap, run_processor, make_request
 ) -> None:
-    settings = processor_settings
+    # One job (up to 8 images) in hand at a time: the second job is left in the queue.
+    settings = processor_settings.model_copy(update={"prefetch": 1})
     served = serve_images(image_server, 12, delay=0.1)
     request_id = uuid.uuid4().hex
 

@@ -41,9 +41,11 @@ def worker_count(settings: Settings) -> int:
 
 
 def prefetch(settings: Settings) -> int:
-    """Enough jobs in hand that the pool never idles while others download, wait for
-    their outcome batch (outcomes.WINDOW) or write."""
-    return settings.prefetch or 3 * worker_count(settings) + 3
+    """Jobs in hand at once (each holds up to jobs.IMAGES_PER_JOB images): enough that
+    the pool never idles while other images download, wait for their outcome batch
+    (outcomes.WINDOW) or write, yet few enough to keep memory flat and to leave work in
+    the queue for other processor instances."""
+    return settings.prefetch or worker_count(settings) + 2
 
 
 def build_storage(settings: Settings) -> Storage:

@@ -1,9 +1,11 @@
-"""The processor's logic: fan a request out into per-image jobs, process each job once.
+"""The processor's logic: fan a request out into jobs of a few images, process each
+image once.
 
-Delivery is at least once, so every step is idempotent: the request and image docs are
-created with upserts and unique keys, an image's outcome is set only where none is
-yet, the counter moves only for the write that set the outcome, and events carry
-stable ids. A failed image is an outcome like any other; it never blocks its request.
+Delivery is at least once, so every step is idempotent: the request doc is created
+with an upsert, an image's outcome is inserted under a unique `_id` (a second one is
+refused), the counter moves only for the write that stored the outcome, and events
+carry stable ids. A failed image is an outcome like any other; it never blocks its
+request.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from imgpipe.processor.adapters.download import DownloadError, download
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.compress import Compressed, CompressError
-from imgpipe.processor.jobs import Job, jobs_for
+from imgpipe.processor.jobs import Job, JobImage, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
 
 log = logging.getLogger(__name__)
@@ -81,26 +83,26 @@ class Processor:
 
     async def request_received(self, request: RequestReceived) -> None:
         jobs = jobs_for(request)
-        if len(jobs) != request.image_count:
+        total = sum(len(job.images) for job in jobs)
+        if total != request.image_count:
             log.warning(
                 "request %s: image_count %d but %d URLs; using the URLs",
                 request.request_id,
                 request.image_count,
-                len(jobs),
+                total,
             )
         doc = await self.repository.create_request(
-            request.request_id, total=len(jobs), quality=request.options.quality
+            request.request_id, total=total, quality=request.options.quality
         )
         if doc["fanned_out"]:
             return  # a redelivery of a request whose jobs are all sent
-        await self.repository.insert_images(job.model_dump(exclude={"quality"}) for job in jobs)
         for start in range(0, len(jobs), FANOUT_BATCH):
             batch = jobs[start : start + FANOUT_BATCH]
             await asyncio.gather(
                 *(self.bus.send(JOBS_QUEUE, job.to_bytes(), job.message_id) for job in batch)
             )
         await self.repository.mark_fanned_out(request.request_id)
-        log.info("request %s: %d jobs sent", request.request_id, len(jobs))
+        log.info("request %s: %d images in %d jobs sent", request.request_id, total, len(jobs))
         if not jobs:  # ingest refuses these; finish rather than hang if one slips through
             await self._complete(request.request_id)
 
@@ -116,36 +118,53 @@ class Processor:
         await self.process_job(job)
 
     async def process_job(self, job: Job) -> None:
-        image = await self.repository.get_image(job.request_id, job.image_key)
-        if image is None:  # jobs are sent after their images are stored: retry, then dead-letter
-            raise LookupError(f"no image {job.image_key} for request {job.request_id}")
-        if image["outcome"] is not None:
-            await self._replay(image)  # duplicate job or redelivery: no new work
+        if await self.repository.get_request(job.request_id) is None:
+            # Jobs are sent after their request is stored: retry, then dead-letter.
+            raise LookupError(f"no request {job.request_id} for job {job.message_id}")
+        keys = [image.image_key for image in job.images]
+        done = await self.repository.get_images(job.request_id, keys)
+        if done:  # a redelivery or a duplicate job: repeat what is known
+            await self._replay(job.request_id, list(done.values()))
+        todo = [image for image in job.images if image.image_key not in done]
+        if not todo:
             return
-        fields = await self._outcome(job)
+        docs = await asyncio.gather(*(self._image_doc(job, image) for image in todo))
         # Stored, counted and published together with the outcomes that finish meanwhile.
-        recorded = await self._outcomes.record(
-            Outcome(job.request_id, image["_id"], fields), processed_event({**image, **fields})
+        recorded = await asyncio.gather(
+            *(
+                self._outcomes.record(
+                    Outcome(job.request_id, doc["image_key"], doc), processed_event(doc)
+                )
+                for doc in docs
+            )
         )
-        if not recorded.stored:
-            # A duplicate of this job recorded its outcome first: that one stands.
-            await self._replay(await self._image(job))
-            return
-        if recorded.request is not None and _looks_done(recorded.request):
+        lost = [doc["image_key"] for doc, r in zip(docs, recorded, strict=True) if not r.stored]
+        if lost:  # a duplicate of this job stored those outcomes first: they stand
+            stored = await self.repository.get_images(job.request_id, lost)
+            await self._replay(job.request_id, list(stored.values()))
+        if any(r.request is not None and _looks_done(r.request) for r in recorded):
             await self._complete(job.request_id)
 
-    async def _outcome(self, job: Job) -> dict[str, Any]:
+    async def _image_doc(self, job: Job, image: JobImage) -> Doc:
+        """The image doc to store: who it is, then what became of it."""
+        return {
+            "request_id": job.request_id,
+            **image.model_dump(),
+            **(await self._outcome(job, image)),
+        }
+
+    async def _outcome(self, job: Job, image: JobImage) -> dict[str, Any]:
         """Download, compress and store one image; every expected failure is an outcome."""
         try:
             data = await download(
-                self.http, job.input_url, self.max_image_bytes, self.download_deadline
+                self.http, image.input_url, self.max_image_bytes, self.download_deadline
             )
         except DownloadError as exc:
             return self._failed(exc.code, exc.message)
         try:
             result = await self.compressor(data, job.quality)
             stored = await self.storage.save(
-                job.request_id, job.image_key, result.data, result.format
+                job.request_id, image.image_key, result.data, result.format
             )
         except CompressError as exc:
             return self._failed(exc.code, exc.message, bytes_in=len(data))
@@ -173,17 +192,10 @@ class Processor:
             "processed_by": self.instance,
         }
 
-    async def _image(self, job: Job) -> Doc:
-        image = await self.repository.get_image(job.request_id, job.image_key)
-        if image is None:
-            raise LookupError(f"image {job.image_key} of request {job.request_id} vanished")
-        return image
-
-    async def _replay(self, image: Doc) -> None:
-        """Re-publish a recorded outcome and re-check completion. A crash between the
+    async def _replay(self, request_id: str, images: Sequence[Doc]) -> None:
+        """Re-publish recorded outcomes and re-check completion. A crash between the
         outcome write and the counter bump leaves the counter behind: catch it up here."""
-        request_id = image["request_id"]
-        await self.bus.publish(processed_event(image))
+        await self.bus.publish_many([processed_event(image) for image in images])
         ok, failed = await self.repository.count_outcomes(request_id)
         request = await self.repository.raise_counters(request_id, ok, failed)
         if request is not None and _looks_done(request):
