@@ -26,7 +26,10 @@ from imgpipe.notifier.routes import router
 
 log = logging.getLogger(__name__)
 QUEUE_KEY = "notifier"
-DEFAULT_PREFETCH = 32  # handlers are a few MongoDB writes each
+# ImageProcessed handlers wait in a batch (config.image_batch_window) holding their
+# prefetch slot, so the prefetch caps a batch's size: 32 made a backlog drain at most
+# 32 events per window. Deep enough for full batches (Batcher's max_batch is 200).
+DEFAULT_PREFETCH = 256
 SHUTDOWN_STEP_SECONDS = 10.0
 
 

@@ -4,6 +4,11 @@ Handlers only write to MongoDB (so the message is acked quickly); the dispatcher
 sends. Planning is idempotent: a webhook type is planned once per request (the
 `planned` list), and a delivery is unique per (request, endpoint, type), so
 duplicate or concurrent events never double-send.
+
+ImageProcessed events are stored in batches (batching.py). Once a request's processing
+webhook is planned, an image of it changes nothing until RequestCompleted, so such
+requests are remembered (RecentIds) and their images only stored, plus one read per
+batch for the ones whose final webhook waits for images (see images_processed).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +34,9 @@ from imgpipe.notifier.model import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, S
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]
+# Requests whose processing webhook this process knows is planned; a forgotten one
+# costs one idempotent request update and planning pass at its next image batch.
+KNOWN_REQUESTS = 4096
 
 
 def utcnow() -> datetime:
@@ -61,6 +70,26 @@ class KeyedLock:
                 self._locks[key] = (lock, users - 1)
 
 
+class RecentIds:
+    """The last `size` ids added (least recently added or seen ones drop out first)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> None:
+        self._ids[key] = None
+        self._ids.move_to_end(key)
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or key not in self._ids:
+            return False
+        self._ids.move_to_end(key)
+        return True
+
+
 @dataclass
 class Deps:
     repo: Repository
@@ -70,10 +99,14 @@ class Deps:
     # ImageProcessed events that arrive together are stored together (see images_processed).
     _images: Batcher[ImageArrival] | None = field(default=None, init=False)
     _planning: KeyedLock = field(default_factory=KeyedLock, init=False)
+    _processing_planned: RecentIds = field(
+        default_factory=lambda: RecentIds(KNOWN_REQUESTS), init=False
+    )
 
     def image_batcher(self) -> Batcher[ImageArrival]:
         if self._images is None:
-            self._images = Batcher(lambda batch: images_processed(batch, self))
+            window = self.config.image_batch_window
+            self._images = Batcher(lambda batch: images_processed(batch, self), window=window)
         return self._images
 
 
@@ -92,7 +125,7 @@ async def handle_event(event: AnyEvent, deps: Deps) -> None:
     await plan_in_turn(request, deps)
 
 
-async def plan_in_turn(request: Doc, deps: Deps) -> None:
+async def plan_in_turn(request: Doc, deps: Deps) -> set[str]:
     """Plan one request at a time in this process, stamped when its turn comes.
 
     Deliveries are listed and sent in creation-time order. Two plans of one request
@@ -100,53 +133,80 @@ async def plan_in_turn(request: Doc, deps: Deps) -> None:
     later webhook type earlier than the one before it; taking turns, and the time then,
     keeps the stamps in lifecycle order."""
     async with deps._planning.hold(request["_id"]):
-        await plan(request, deps, utcnow())
+        return await plan(request, deps, utcnow())
 
 
 async def images_processed(batch: list[ImageArrival], deps: Deps) -> None:
-    """A batch of ImageProcessed: one bulk write for the images, then one request update
-    and one planning pass per request (SecantusDB costs ~1 ms per operation, and a
-    request's planning reads the same document whatever the number of its images)."""
+    """A batch of ImageProcessed: one bulk insert for the images, then per request either
+    nothing (its processing webhook is known to be planned) or one request update and a
+    planning pass. The known ones whose final webhook is still pending are read back
+    (one query for the batch) and planned: that final may have been waiting for these
+    images. Reading after storing closes the race with a RequestCompleted handled at the
+    same time, here or in another instance: it sets `final_pending` before counting
+    images, so either its count sees these images or this read sees the flag."""
     await deps.repo.store_images([arrival.data for arrival in batch])
+    first_at = _first_arrivals(batch)
+    known = [request_id for request_id in first_at if request_id in deps._processing_planned]
+    for request in await deps.repo.pending_finals(known):
+        await plan_in_turn(request, deps)
+    for request_id, at in first_at.items():
+        if request_id not in known:
+            request = await deps.repo.note_processing(request_id, at)
+            if PROCESSING in await plan_in_turn(request, deps):
+                deps._processing_planned.add(request_id)
+
+
+def _first_arrivals(batch: list[ImageArrival]) -> dict[str, datetime]:
+    """The earliest event time per request in the batch."""
     first_at: dict[str, datetime] = {}
     for arrival in batch:
         request_id = arrival.data.request_id
         first_at[request_id] = min(arrival.at, first_at.get(request_id, arrival.at))
-    for request_id, at in first_at.items():
-        await plan_in_turn(await deps.repo.note_processing(request_id, at), deps)
+    return first_at
 
 
-async def plan(request: Doc, deps: Deps, now: datetime) -> None:
-    """Create the deliveries for every status change that is due and not yet planned.
+async def plan(request: Doc, deps: Deps, now: datetime) -> set[str]:
+    """Create the deliveries for every status change that is due and not yet planned;
+    returns the webhook types planned by now.
 
     Nothing goes out before RequestReceived: it carries the webhook URL and the rows.
     Types are planned in lifecycle order, so a later webhook's deliveries always
     exist after the earlier ones' (the dispatcher relies on that for ordering).
     """
     if not request.get("received"):
-        return
+        return set()
     planned = set(request.get("planned") or [])
-    request_id = request["_id"]
     created = False
     if RECEIVED not in planned:
         created |= await _emit(RECEIVED, payloads.received(request), request, deps, now)
+        planned.add(RECEIVED)
     started = request.get("first_processed_at") or request.get("completed")
     if PROCESSING not in planned and started:
-        ok, failed = await deps.repo.image_counts(request_id)
+        ok, failed = await deps.repo.image_counts(request["_id"])
         created |= await _emit(
             PROCESSING, payloads.processing(request, ok, failed), request, deps, now
         )
-    if completed := request.get("completed"):
-        final_type = f"request.{completed['status']}"
-        if planned & FINAL_TYPES:
-            if request.get("final_pending"):  # a duplicate RequestCompleted
-                await deps.repo.mark_planned(request_id, final_type)
-        elif await _final_ready(request, deps, now):
-            products = await _products(request, deps)
-            payload = payloads.final(final_type, request, products, deps.settings)
-            created |= await _emit(final_type, payload, request, deps, now)
+        planned.add(PROCESSING)
+    if request.get("completed"):
+        created |= await _plan_final(request, planned, deps, now)
     if created:
         deps.wake()
+    return planned
+
+
+async def _plan_final(request: Doc, planned: set[str], deps: Deps, now: datetime) -> bool:
+    """The completed or error webhook, once every image is stored (or the grace is over)."""
+    final_type = f"request.{request['completed']['status']}"
+    if planned & FINAL_TYPES:
+        if request.get("final_pending"):  # a duplicate RequestCompleted
+            await deps.repo.mark_planned(request["_id"], final_type)
+        return False
+    if not await _final_ready(request, deps, now):
+        return False
+    products = await _products(request, deps)
+    payload = payloads.final(final_type, request, products, deps.settings)
+    planned.add(final_type)
+    return await _emit(final_type, payload, request, deps, now)
 
 
 async def plan_overdue(deps: Deps) -> None:

@@ -5,7 +5,8 @@ Collections:
   which webhook types it has already planned (so duplicates never re-plan).
 - `rows`: the request's CSV rows from RequestReceived, in chunks (a 100k-row
   request would not fit one document).
-- `images`: one document per ImageProcessed, to build the final product list.
+- `images`: one document per image (inserted once, from its first ImageProcessed),
+  to count outcomes and build the final product list.
 - `subscriptions`: endpoints registered through the API.
 - `deliveries`: one document per (request, endpoint, webhook type), unique, with
   its attempt log; `next_attempt_at` and the lease make retries survive restarts.
@@ -18,13 +19,14 @@ from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
 from imgpipe.notifier.model import CANCELLED, FINAL_TYPES, PENDING
 
 Doc = dict[str, Any]
 ROWS_PER_CHUNK = 1000
+DUPLICATE_KEY = 11000
 
 
 class Repository:
@@ -89,31 +91,38 @@ class Repository:
         )
 
     async def store_images(self, batch: list[ImageProcessed]) -> None:
-        """Upsert the images of a batch of ImageProcessed in one round trip."""
-        if not batch:
+        """Insert the images of a batch of ImageProcessed in one round trip.
+
+        An image's outcome never changes (a redelivered ImageProcessed carries the stored
+        one), so one already here is skipped: inserts cost SecantusDB a fifth of upserts."""
+        docs = [
+            {
+                "_id": f"{data.request_id}:{data.image_key}",
+                "request_id": data.request_id,
+                "key": data.image_key,
+                "outcome": data.outcome,
+                "output_url": data.output_url,
+                "error": data.error.model_dump() if data.error else None,
+            }
+            for data in batch
+        ]
+        if not docs:
             return
-        await self.images.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": f"{data.request_id}:{data.image_key}"},
-                    {
-                        "$set": {
-                            "request_id": data.request_id,
-                            "key": data.image_key,
-                            "outcome": data.outcome,
-                            "output_url": data.output_url,
-                            "error": data.error.model_dump() if data.error else None,
-                        }
-                    },
-                    upsert=True,
-                )
-                for data in batch
-            ],
-            ordered=False,
-        )
+        try:
+            await self.images.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            if not _only_duplicates(exc):
+                raise
 
     async def note_processing(self, request_id: str, at: datetime) -> Doc:
         return await self._upsert_request(request_id, {"$min": {"first_processed_at": at}})
+
+    async def pending_finals(self, request_ids: list[str]) -> list[Doc]:
+        """Those of these requests whose final webhook is not planned yet."""
+        if not request_ids:
+            return []
+        cursor = self.requests.find({"_id": {"$in": request_ids}, "final_pending": True})
+        return await cursor.to_list()
 
     async def mark_completed(self, data: RequestCompleted, seen_at: datetime) -> Doc:
         return await self._upsert_request(
@@ -324,3 +333,11 @@ class Repository:
         )
         for doc in docs:  # later webhooks to the same URL need not wait for these
             await self.release_successors(doc, now)
+
+
+def _only_duplicates(exc: BulkWriteError) -> bool:
+    details = exc.details or {}
+    errors = details.get("writeErrors") or []
+    if details.get("writeConcernErrors"):
+        return False
+    return bool(errors) and all(error.get("code") == DUPLICATE_KEY for error in errors)

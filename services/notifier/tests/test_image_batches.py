@@ -1,0 +1,172 @@
+"""ImageProcessed handling against a real database: images are inserted once, bursts share
+a write, and a request whose processing webhook is planned costs no request update."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from imgpipe.contracts import mongo
+from imgpipe.contracts.events import (
+    CloudEvent,
+    Counts,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    Row,
+    image_key,
+)
+from imgpipe.contracts.settings import Settings
+from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.config import NotifierConfig
+from imgpipe.notifier.handlers import Deps, handle_event
+
+IMAGES = 12
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+HOOK = "http://hook.invalid/x"
+
+
+class CountingRepository(Repository):
+    """The real repository, counting the calls an image batch makes."""
+
+    calls: dict[str, int]
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def store_images(self, batch: list[ImageProcessed]) -> None:
+        self._count("store_images")
+        await super().store_images(batch)
+
+    async def note_processing(self, request_id: str, at: datetime) -> dict[str, Any]:
+        self._count("note_processing")
+        return await super().note_processing(request_id, at)
+
+
+@pytest.fixture
+async def repo(settings: Settings) -> AsyncIterator[CountingRepository]:
+    client = mongo.connect(settings)
+    repository = CountingRepository(mongo.service_database(client, settings, "notifier"))
+    repository.calls = {}
+    await repository.ensure_indexes()
+    try:
+        yield repository
+    finally:
+        await client.close()
+
+
+def new_deps(repo: Repository, settings: Settings) -> Deps:
+    return Deps(repo, settings, NotifierConfig(completion_grace=30.0))
+
+
+def event(data: Any) -> CloudEvent:
+    return CloudEvent.wrap(data, source="test", id=uuid.uuid4().hex)
+
+
+def received(request_id: str) -> CloudEvent:
+    rows = [
+        Row(serial_number=str(i), product_name="p", input_urls=[f"http://in/{i}.jpg"])
+        for i in range(IMAGES)
+    ]
+    data = RequestReceived(
+        request_id=request_id, rows=rows, image_count=IMAGES, webhook_url=HOOK, received_at=T0
+    )
+    return event(data)
+
+
+def image(request_id: str, row: int) -> ImageProcessed:
+    return ImageProcessed(
+        request_id=request_id,
+        image_key=image_key(row, 0),
+        row_index=row,
+        position=0,
+        input_url=f"http://in/{row}.jpg",
+        outcome="ok",
+        output_url=f"http://out/{row}.jpg",
+    )
+
+
+def completed(request_id: str) -> CloudEvent:
+    counts = Counts(total=IMAGES, ok=IMAGES, failed=0)
+    data = RequestCompleted(
+        request_id=request_id, status="completed", counts=counts, completed_at=T0
+    )
+    return event(data)
+
+
+async def trickle(deps: Deps, request_id: str, rows: range) -> None:
+    """Images arriving a few milliseconds apart, each handled as the bus would."""
+    handlers = []
+    for row in rows:
+        handlers.append(asyncio.create_task(handle_event(event(image(request_id, row)), deps)))
+        await asyncio.sleep(0.005)
+    await asyncio.gather(*handlers)
+
+
+async def webhook_types(repo: Repository, request_id: str) -> list[str]:
+    docs = await repo.deliveries.find({"request_id": request_id}).sort("seq", 1).to_list()
+    return [doc["event_type"] for doc in docs]
+
+
+async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> None:
+    request_id = uuid.uuid4().hex
+    first, second = image(request_id, 0), image(request_id, 1)
+    await repo.store_images([first, first])
+    await repo.store_images([first, second])  # a redelivery next to a new image
+    docs = await repo.images.find({"request_id": request_id}).sort("_id", 1).to_list()
+    assert docs[0] == {
+        "_id": f"{request_id}:0-0",
+        "request_id": request_id,
+        "key": "0-0",
+        "outcome": "ok",
+        "output_url": "http://out/0.jpg",
+        "error": None,
+    }
+    assert [doc["key"] for doc in docs] == ["0-0", "1-0"]
+    assert await repo.image_counts(request_id) == (2, 0)
+
+
+async def test_a_burst_of_images_is_one_write_and_one_request_update(
+    repo: CountingRepository, settings: Settings
+) -> None:
+    deps = new_deps(repo, settings)
+    request_id = uuid.uuid4().hex
+    await handle_event(received(request_id), deps)
+    await trickle(deps, request_id, range(0, 6))
+    assert repo.calls == {"store_images": 1, "note_processing": 1}
+    assert await webhook_types(repo, request_id) == ["request.received", "request.processing"]
+
+    # The processing webhook is known to be planned: later images are only stored.
+    await trickle(deps, request_id, range(6, 11))
+    assert repo.calls == {"store_images": 2, "note_processing": 1}
+    assert await repo.image_total(request_id) == 11
+    assert len(await webhook_types(repo, request_id)) == 2
+
+
+async def test_the_last_image_releases_a_final_webhook_planned_elsewhere(
+    repo: CountingRepository, settings: Settings
+) -> None:
+    # Two instances: this one knows the request, the other handles its RequestCompleted
+    # while the last image is still on its way here, so the final webhook waits for it.
+    here, elsewhere = new_deps(repo, settings), new_deps(repo, settings)
+    request_id = uuid.uuid4().hex
+    await handle_event(received(request_id), here)
+    await trickle(here, request_id, range(0, IMAGES - 1))
+    await handle_event(completed(request_id), elsewhere)
+    assert "request.completed" not in await webhook_types(repo, request_id)
+
+    await trickle(here, request_id, range(IMAGES - 1, IMAGES))
+    assert await webhook_types(repo, request_id) == [
+        "request.received",
+        "request.processing",
+        "request.completed",
+    ]
+    [final] = await repo.deliveries.find(
+        {"request_id": request_id, "event_type": "request.completed"}
+    ).to_list()
+    assert f"http://out/{IMAGES - 1}.jpg" in final["body"]
