@@ -192,9 +192,11 @@ def test_processor_sigterm_mid_request_finishes_in_flight_images(
     with (
         loopback_server() as server,
         tap_for(settings) as tap,
-        running_system(settings, **ENV) as system,
+        # One job (8 images) in hand at a time: SIGTERM lands while the second is in
+        # flight, and the third is still queued.
+        running_system(settings, **ENV, IMGPIPE_PREFETCH="1") as system,
     ):
-        submitted = submit(client, system, serve_images(server, 16, delay=1.0))
+        submitted = submit(client, system, serve_images(server, 24, delay=1.0))
         wait_mid_request(client, server, submitted, 2)
 
         processor = system.services["processor"]
