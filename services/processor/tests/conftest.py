@@ -28,6 +28,7 @@ from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
+from imgpipe.processor.adapters.download import Downloader
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.app import create_app
 from imgpipe.processor.bootstrap import build_storage
@@ -170,9 +171,8 @@ async def processor(settings: Settings, tap: EventTap) -> AsyncIterator[Processo
             repository=repository,
             bus=tap.bus,
             storage=build_storage(settings),
-            http=http,
+            download=Downloader([http], settings.max_image_bytes, settings.download_timeout),
             compressor=inline,
-            max_image_bytes=settings.max_image_bytes,
             instance="test",
         )
     await mongo.close()

@@ -22,6 +22,7 @@ from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, parse_cloudinary_url
+from imgpipe.processor.adapters.download import Downloader
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.adapters.storage import LocalStorage, Storage
 from imgpipe.processor.compress import Compressed, CompressError, compress
@@ -30,6 +31,7 @@ from imgpipe.processor.handlers import JOBS_QUEUE, Processor
 log = logging.getLogger(__name__)
 
 REQUESTS_QUEUE = "processor.requests"
+DOWNLOAD_CLIENTS = 4  # see adapters.download.Downloader
 # How long shutdown waits for jobs in progress; the broker redelivers the rest.
 SHUTDOWN_GRACE = 20.0
 
@@ -164,7 +166,11 @@ class Runtime:
     async def start(cls, settings: Settings) -> Runtime:
         mongo = connect(settings)
         compressor = PoolCompressor(worker_count(settings), settings.max_image_pixels)
-        http = outbound_client(settings)
+        downloader = Downloader(
+            [outbound_client(settings) for _ in range(DOWNLOAD_CLIENTS)],
+            settings.max_image_bytes,
+            settings.download_timeout,
+        )
         bus: Bus | None = None
         warming = asyncio.ensure_future(compressor.warm_up())
         try:
@@ -180,10 +186,8 @@ class Runtime:
                 repository=repository,
                 bus=bus,
                 storage=build_storage(settings),
-                http=http,
+                download=downloader,
                 compressor=compressor,
-                max_image_bytes=settings.max_image_bytes,
-                download_deadline=settings.download_timeout,
                 instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             )
             await warming
@@ -194,7 +198,7 @@ class Runtime:
             warming.cancel()
             if bus is not None:
                 await bus.close()
-            await http.aclose()
+            await downloader.aclose()
             compressor.shutdown()
             await mongo.close()
             raise
@@ -204,6 +208,6 @@ class Runtime:
         await self.drain.stop(grace)
         await self.bus.close()  # unsettled messages go back to the queue
         await self.drain.cancel_rest()
-        await self.processor.http.aclose()
+        await self.processor.download.aclose()
         self.compressor.shutdown()
         await self.mongo.close()

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -32,7 +31,7 @@ from imgpipe.contracts.events import (
     completed_event_id,
     processed_event_id,
 )
-from imgpipe.processor.adapters.download import DownloadError, download
+from imgpipe.processor.adapters.download import Downloader, DownloadError
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.compress import Compressed, CompressError
@@ -64,11 +63,9 @@ class Processor:
     repository: ProcessorRepository
     bus: Publisher
     storage: Storage
-    http: httpx.AsyncClient
+    download: Downloader
     compressor: Compressor
-    max_image_bytes: int
     instance: str = "processor"  # recorded with each outcome: which process did the work
-    download_deadline: float | None = None  # seconds for a whole download (slow-drip guard)
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _outcomes: OutcomeBatcher = field(init=False)
 
@@ -156,9 +153,7 @@ class Processor:
     async def _outcome(self, job: Job, image: JobImage) -> dict[str, Any]:
         """Download, compress and store one image; every expected failure is an outcome."""
         try:
-            data = await download(
-                self.http, image.input_url, self.max_image_bytes, self.download_deadline
-            )
+            data = await self.download(image.input_url)
         except DownloadError as exc:
             return self._failed(exc.code, exc.message)
         try:
