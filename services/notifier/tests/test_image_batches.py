@@ -23,6 +23,7 @@ from imgpipe.contracts.events import (
 )
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.batching import Batcher
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.handlers import Deps, handle_event
 
@@ -170,3 +171,20 @@ async def test_the_last_image_releases_a_final_webhook_planned_elsewhere(
         {"request_id": request_id, "event_type": "request.completed"}
     ).to_list()
     assert f"http://out/{IMAGES - 1}.jpg" in final["body"]
+
+
+async def test_a_completion_ends_the_image_batch_window() -> None:
+    """A final webhook waits for its request's last images to be stored: RequestCompleted
+    must not leave them lingering for the rest of the batch window."""
+    written: list[list[int]] = []
+
+    async def write(batch: list[int]) -> None:
+        written.append(batch)
+
+    batcher = Batcher(write, window=30.0)
+    pending = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    assert written == []  # still waiting for company
+    batcher.hurry()
+    await asyncio.wait_for(pending, 5.0)
+    assert written == [[1]]

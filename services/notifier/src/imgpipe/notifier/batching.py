@@ -45,6 +45,11 @@ class Batcher(Generic[T]):
             self._flushing = asyncio.create_task(self._flush_all(), name="notifier-batches")
         await future
 
+    def hurry(self) -> None:
+        """End the current wait now: someone waits on what is pending (a final webhook
+        waits for its request's last images to be stored)."""
+        self._full.set()
+
     async def _flush_all(self) -> None:
         if self._window > 0:
             with contextlib.suppress(TimeoutError):

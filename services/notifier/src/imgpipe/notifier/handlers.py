@@ -119,6 +119,7 @@ async def handle_event(event: AnyEvent, deps: Deps) -> None:
         await deps.image_batcher().submit(ImageArrival(data, event.time))
         return
     elif isinstance(data, RequestCompleted):
+        deps.image_batcher().hurry()  # its last images may be waiting in the batch window
         request = await deps.repo.mark_completed(data, now)
     else:  # pragma: no cover - parse_event only yields the three types
         return
