@@ -28,6 +28,7 @@ from cpu import per_image_ms, snapshot
 from memory import MemorySampler, ProcessPeak
 from status_load import LoadResult, status_load
 from system import System
+from webhooks import FinalWebhooks, receive_webhooks
 
 OUT = Path(__file__).resolve().parent / "out"
 CORES = os.cpu_count() or 1
@@ -62,6 +63,8 @@ class Run:
     sampler: MemorySampler
     corpus: Corpus
     base_url: str
+    webhook_url: str
+    final_webhooks: FinalWebhooks
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"codec limit: {codec.images_per_second:.1f} images/s ({codec.function})")
     results: dict[str, Any] = {"machine": _machine(), "codec": asdict(codec)}
     results["codec"]["images_per_second"] = codec.images_per_second
-    with serve(corpus.directory) as base_url:
-        results |= run_system(options, corpus, base_url)
+    with serve(corpus.directory) as base_url, receive_webhooks() as webhooks:
+        results |= run_system(options, corpus, base_url, webhooks)
     results["table"] = _table(results)
     print("\n" + report.render(results))
     report.write(results, OUT / "results.json")
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_system(options: Options, corpus: Corpus, base_url: str) -> dict[str, Any]:
+def run_system(
+    options: Options, corpus: Corpus, base_url: str, webhooks: tuple[str, FinalWebhooks]
+) -> dict[str, Any]:
     """Start `imgpipe up`, run every phase against it, stop it; returns the figures."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     system = System(OUT / f"run-{stamp}", f"bench{uuid.uuid4().hex[:8]}")
@@ -103,7 +108,7 @@ def run_system(options: Options, corpus: Corpus, base_url: str) -> dict[str, Any
     try:
         sampler = MemorySampler(system.start())
         with _sampling(sampler):
-            run = Run(options, system, sampler, corpus, base_url)
+            run = Run(options, system, sampler, corpus, base_url, *webhooks)
             snapshots = run_phases(run, results)
     finally:
         system.stop()
@@ -153,10 +158,9 @@ def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
     system = run.system
     rows = write_csv(csv_path, urls)
     cpu_before = snapshot(run.sampler)
-    upload = system.upload(csv_path)
-    # Each poll reads the whole status document: poll large requests less often.
-    interval = min(1.0, max(0.1, len(urls) / 10_000))
-    final, done_at = system.wait_final(upload.request_id, 120 + len(urls), interval)
+    upload = system.upload(csv_path, webhook_url=run.webhook_url)
+    final_webhook = run.final_webhooks.event(upload.request_id)
+    final, done_at = system.wait_final(upload.request_id, 120 + len(urls), final_webhook)
     seconds = done_at - upload.started
     cpu = per_image_ms(cpu_before, snapshot(run.sampler), len(urls))
     progress = final.get("progress") or {}

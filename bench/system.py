@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import httpx
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 SERVICES = ("ingest", "processor", "status", "notifier")
+SLOW_POLL = 1.0  # seconds between status reads before the final webhook
+FAST_POLL = 0.005  # and after it
 
 
 class BenchError(RuntimeError):
@@ -132,14 +135,15 @@ class System:
         except Exception as error:  # noqa: BLE001 - a failed cleanup must not hide the results
             print(f"warning: could not remove namespace {self.namespace}: {error!r}")
 
-    def upload(self, csv_path: Path, quality: int = 50) -> Upload:
+    def upload(self, csv_path: Path, quality: int = 50, webhook_url: str | None = None) -> Upload:
         """POST /upload; the clock starts before the request and stops at the 202."""
+        fields = {"quality": str(quality)} | ({"webhook_url": webhook_url} if webhook_url else {})
         with httpx.Client(timeout=300.0, headers=self.headers) as http, csv_path.open("rb") as f:
             started = time.perf_counter()
             response = http.post(
                 f"{self.ingest_url}/upload",
                 files={"file": (csv_path.name, f, "text/csv")},
-                data={"quality": str(quality)},
+                data=fields,
             )
             elapsed = time.perf_counter() - started
         if response.status_code != 202:
@@ -150,9 +154,11 @@ class System:
         return f"{self.status_url}/status/{request_id}"
 
     def wait_final(
-        self, request_id: str, timeout: float, interval: float
+        self, request_id: str, timeout: float, final_webhook: threading.Event
     ) -> tuple[dict[str, Any], float]:
-        """Poll the status until `completed` or `error`; returns it and the perf_counter then."""
+        """Until the status reads `completed` or `error`; returns it and the perf_counter
+        then. The status is read every few seconds until the final webhook arrives (or
+        should it never come), then every few milliseconds."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=30.0, headers=self.headers) as http:
             while time.monotonic() < deadline:
@@ -164,7 +170,8 @@ class System:
                         return body, time.perf_counter()
                 elif response.status_code != 404:  # 404: status has not seen it yet
                     raise BenchError(f"status answered {response.status_code}: {response.text}")
-                time.sleep(interval)
+                if final_webhook.wait(SLOW_POLL):
+                    time.sleep(FAST_POLL)
         raise BenchError(f"request {request_id} not final after {timeout:.0f}s")
 
 
