@@ -314,3 +314,15 @@ async def test_redirects_are_followed_up_to_max_redirects(server: LoopbackServer
         assert response.content == b"image bytes"
         with pytest.raises(httpx.TooManyRedirects):
             await client.get(redirect_chain(server, settings.max_redirects + 1))
+
+
+async def test_cookies_set_by_one_response_are_never_sent_back(server: LoopbackServer) -> None:
+    """One stranger's server must not plant cookies that later requests (for other
+    users' images or webhooks to the same host) carry back."""
+    set_cookie = {"Set-Cookie": "session=planted; Path=/"}
+    url = server.add("/planting", Response(b"x", headers=set_cookie))
+    async with outbound_client(make_settings(allow_private=True)) as client:
+        await client.get(url)
+        await client.get(url)
+    second = server.requests_to("/planting")[1]
+    assert "cookie" not in {name.lower() for name in second.headers}

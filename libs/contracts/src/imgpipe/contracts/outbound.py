@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ssl
 from functools import cache
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import httpcore
@@ -81,6 +82,14 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
         return await super().handle_async_request(request)
 
 
+class _NoCookies(DefaultCookiePolicy):
+    """Keep no cookie: a stranger's server must not plant one that later requests, made
+    for other users to the same host, would carry back."""
+
+    def set_ok(self, cookie: object, request: object) -> bool:
+        return False
+
+
 def outbound_client(
     settings: Settings, *, timeout: float | None = None, guard: Guard | None = None
 ) -> httpx.AsyncClient:
@@ -89,7 +98,7 @@ def outbound_client(
     `guard` defaults to the policy in settings (allow_private_urls); tests pass a Guard
     with their own resolver or address policy, production code never does.
     """
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=_GuardedTransport(guard or Guard.for_settings(settings.allow_private_urls)),
         timeout=httpx.Timeout(
             timeout or settings.download_timeout, connect=settings.connect_timeout
@@ -98,3 +107,5 @@ def outbound_client(
         max_redirects=settings.max_redirects,
         trust_env=False,
     )
+    client.cookies.jar.set_policy(_NoCookies())
+    return client
