@@ -84,7 +84,9 @@ class MemorySampler:
     """A thread that keeps, per process, the highest VmHWM seen; `snapshot` reads it."""
 
     root: int
-    interval: float = 0.5
+    # VmHWM is the kernel's own high-water mark, so sampling often adds nothing but CPU
+    # (each sample reads every process's stat): it only has to see a process before it exits.
+    interval: float = 2.0
     peaks: dict[int, ProcessPeak] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
