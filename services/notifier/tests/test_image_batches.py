@@ -188,3 +188,15 @@ async def test_a_completion_ends_the_image_batch_window() -> None:
     batcher.hurry()
     await asyncio.wait_for(pending, 5.0)
     assert written == [[1]]
+
+
+async def test_with_a_prefetch_of_one_an_image_does_not_wait_for_company(
+    repo: CountingRepository, settings: Settings
+) -> None:
+    """Each event holds its prefetch slot until its batch is written: with IMGPIPE_PREFETCH=1
+    no other event can join, so waiting out the window would only stall the queue."""
+    one_at_a_time = settings.model_copy(update={"prefetch": 1})
+    deps = Deps(repo, one_at_a_time, NotifierConfig(image_batch_window=30.0))
+    request_id = uuid.uuid4().hex
+    await asyncio.wait_for(handle_event(event(image(request_id, 0)), deps), 5.0)
+    assert await repo.image_counts(request_id) == (1, 0)

@@ -90,6 +90,9 @@ class RecentIds:
         return True
 
 
+MAX_IMAGE_BATCH = 200
+
+
 @dataclass
 class Deps:
     repo: Repository
@@ -106,7 +109,12 @@ class Deps:
     def image_batcher(self) -> Batcher[ImageArrival]:
         if self._images is None:
             window = self.config.image_batch_window
-            self._images = Batcher(lambda batch: images_processed(batch, self), window=window)
+            # A batch never outgrows the prefetch (each event holds a slot until written):
+            # with a small IMGPIPE_PREFETCH the window would only add latency.
+            most = min(MAX_IMAGE_BATCH, self.settings.prefetch or MAX_IMAGE_BATCH)
+            self._images = Batcher(
+                lambda batch: images_processed(batch, self), window=window, max_batch=most
+            )
         return self._images
 
 
