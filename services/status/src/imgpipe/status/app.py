@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from pymongo.errors import PyMongoError
 from starlette.staticfiles import StaticFiles
 
 from imgpipe.contracts.bus import Bus
@@ -21,6 +23,8 @@ from imgpipe.status.config import ReadCacheConfig
 from imgpipe.status.handlers import handle_event
 from imgpipe.status.read_cache import Clock, ReadCache, reader
 from imgpipe.status.routes import status_router
+
+log = logging.getLogger(__name__)
 
 # Handlers are cheap (one batched write each): a deep prefetch lets bursts share a write.
 DEFAULT_PREFETCH = 256
@@ -40,6 +44,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mongo = connect(settings)
         repository = StatusRepository(service_database(mongo, settings, "status"))
+        await _index(repository)
         writer: BatchWriter = BatchWriter(repository.write)
         writer.start()
         app.state.mongo, app.state.repository = mongo, repository
@@ -84,3 +89,12 @@ def create_app(
     settings.media_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/media", StaticFiles(directory=settings.media_dir, check_dir=False), name="media")
     return app
+
+
+async def _index(repository: StatusRepository) -> None:
+    """Indexes before the first write. The service starts without its database, as
+    before: the first page write creates them then."""
+    try:
+        await repository.ensure_indexes()
+    except PyMongoError as exc:
+        log.warning("read-model indexes not created at start-up (retried on write): %s", exc)

@@ -1,9 +1,12 @@
 """Event -> read-model update. Every update is idempotent and commutes with the others.
 
-The read model is one document per request (`_id` = request id). Each event only `$set`s
-the fields it owns (an image's outcome lives under `images.<key>`) and `$max`es
-`updated_at`, so duplicates change nothing and any delivery order converges on the same
-document. Updates upsert: an ImageProcessed that overtakes its RequestReceived is kept.
+The read model keeps, per request, one document for what RequestReceived and
+RequestCompleted carry (`_id` = request id) and the image outcomes in small page
+documents, one per `ROWS_PER_PAGE` rows (`adapters/repository.py`). Each event only
+`$set`s the fields it owns (an image's outcome lives under `images.<key>` of its page)
+and `$max`es `updated_at`, so duplicates change nothing and any delivery order converges
+on the same documents. Updates upsert: an ImageProcessed that overtakes its
+RequestReceived is kept.
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ from imgpipe.contracts.events import (
     image_key,
 )
 
+# Rows per image page. The database rewrites a whole document on every update, so a page
+# must stay small whatever the request's size. Measured on SecantusDB with 3 images a row:
+# 20 rows write for ~25% less CPU than 50; fewer rows add pages to read for little gain.
+ROWS_PER_PAGE = 20
+
 
 @dataclass(frozen=True)
 class Change:
-    """One event's effect on a request's document: fields to `$set`, a time to `$max`.
+    """One event's effect on a document: fields to `$set`, a time to `$max`.
+    `page`: the request's image page it goes to, None for the request's own document.
     `urgent`: a reader is waiting for it (the request appears, or is final), so the
     batch writer writes it without resting."""
 
@@ -32,6 +41,7 @@ class Change:
     fields: dict[str, Any]
     at: datetime
     urgent: bool = False
+    page: int | None = None
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -45,7 +55,8 @@ def change_for(event: AnyEvent) -> Change:
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.
         key = image_key(data.row_index, data.position)
-        return Change(data.request_id, {f"images.{key}": _image_fields(data)}, event.time)
+        fields = {f"images.{key}": _image_fields(data)}
+        return Change(data.request_id, fields, event.time, page=data.row_index // ROWS_PER_PAGE)
     if isinstance(data, RequestCompleted):
         fields = {
             "final_status": data.status,

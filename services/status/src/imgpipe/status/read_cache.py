@@ -1,7 +1,7 @@
 """A read cache in front of the read model: rendered answers by request id.
 
-Reading a 1,000-image request means one large document from the database and a render
-of about 150 KB of JSON: milliseconds of CPU that a client polling in a loop would pay
+Reading a 1,000-image request means its document and image pages from the database and
+a render of about 150 KB of JSON: milliseconds of CPU that a client polling in a loop would pay
 on every call. Here a request's answer is rendered once and served as bytes:
 
 - an answer that is still changing (request in progress) is kept `ttl` seconds, so many
@@ -104,7 +104,8 @@ class ReadCache:
 
 
 def reader(repository: StatusRepository) -> Load:
-    """What a miss costs: one find of the request's document, rendered if visible."""
+    """What a miss costs: the request's document and its image pages (two finds sent
+    together), rendered if visible."""
 
     async def load(request_id: str) -> Rendered | None:
         doc = await repository.get(request_id)

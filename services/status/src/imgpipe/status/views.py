@@ -1,4 +1,6 @@
-"""Read-model document -> what users see. Pure functions over one document, no queries.
+"""Read-model document -> what users see. Pure functions, no queries, over one document:
+the request's, with the outcomes from its image pages merged in under `images`
+(`StatusRepository.get`).
 
 The answer is built as plain dicts in the shape of `schemas.StatusResponse` and serialised
 once, in pydantic-core, without validating it again: the document was built from

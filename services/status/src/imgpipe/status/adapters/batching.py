@@ -5,17 +5,15 @@ submits its update and waits; while one bulk write is in flight the next updates
 up and go together in the following one. A lone update is written at once, a burst
 costs one round trip per batch instead of one per event.
 
-After each write the writer rests for a multiple of the time that write took. The read
-model keeps one document per request, and the database rewrites the whole document on
-every update (SecantusDB: ~35 ms at 1,000 images, growing with the request), so
-writing back to back kept a core of the database busy all the time and starved the
-image codec: throughput fell as requests grew. Resting `rest_ratio` times the write's
-duration caps the writer's share of the database at 1 / (1 + rest_ratio) and lets more
-updates share each write: a write's cost grows with the document, and so does the
-number of updates that share it. Small documents write in milliseconds, so they rest
-for a fraction of a second; a large request's progress moves every `max_rest` seconds.
-A rest ends early once `flush_at` updates wait (keep it below the prefetch, or the
-broker stops delivering while the writer rests), or when an urgent
+After each write the writer rests, so that more updates share the next one. A write
+has a large fixed cost (SecantusDB: ~1 ms of CPU for one outcome, ~3 ms for thirty), so
+at the pipeline's pace (about 60 outcomes a second, a few at a time) writing as soon as
+anything waits cost ~0.3 ms of database CPU per image, and resting half a second cuts
+that to ~0.1 ms. The rest is `min_rest`, or `rest_ratio` times the write's duration when
+that is longer (at most `max_rest`): a slow write (a busy database, a large document of
+the previous layout) rests longer, which caps the writer's share of the database at
+1 / (1 + rest_ratio). A rest ends early once `flush_at` updates wait (keep it below the
+prefetch, or the broker stops delivering while the writer rests), or when an urgent
 update arrives (`urgent(item)`: by default the item's `urgent` attribute), such as the
 one that makes a request visible or final, which a user is waiting to read.
 """
@@ -44,6 +42,7 @@ class BatchWriter(Generic[T]):
         *,
         max_batch: int = 500,
         rest_ratio: float = 30.0,
+        min_rest: float = 0.5,
         max_rest: float = 3.0,
         flush_at: int = 200,
         urgent: Callable[[T], bool] = lambda item: bool(getattr(item, "urgent", False)),
@@ -51,6 +50,7 @@ class BatchWriter(Generic[T]):
         self._write = write
         self._max_batch = max_batch
         self._rest_ratio = rest_ratio
+        self._min_rest = min_rest
         self._max_rest = max_rest
         self._flush_at = flush_at
         self._urgent = urgent
@@ -92,9 +92,8 @@ class BatchWriter(Generic[T]):
                 self._urgent_waiting = any(self._urgent(item) for item, _ in self._pending)
                 started = time.monotonic()
                 await self._flush(batch)
-                await self._rest(
-                    min(self._max_rest, self._rest_ratio * (time.monotonic() - started))
-                )
+                took = time.monotonic() - started
+                await self._rest(max(self._min_rest, min(self._max_rest, self._rest_ratio * took)))
 
     async def _rest(self, seconds: float) -> None:
         """Sleep `seconds`, or less once `flush_at` updates or an urgent one wait."""
