@@ -407,3 +407,21 @@ async def test_updates_arriving_during_a_rest_share_one_write() -> None:
         assert time.monotonic() - started < 5
     finally:
         await writer.close()
+
+
+async def test_a_rest_ends_once_flush_at_updates_wait() -> None:
+    """Each event holds its prefetch slot until written, so the app sets `flush_at` to at
+    most the prefetch: with IMGPIPE_PREFETCH=1 no second update could ever join a rest."""
+    writes: list[list[int]] = []
+
+    async def write(items: list[Change]) -> None:
+        writes.append([item.fields["n"] for item in items])
+
+    writer: BatchWriter[Change] = BatchWriter(write, min_rest=60.0, flush_at=1)
+    writer.start()
+    try:
+        for n in range(3):
+            await asyncio.wait_for(writer.submit(Change("r", {"n": n}, T0)), 5)
+        assert writes == [[0], [1], [2]]
+    finally:
+        await writer.close()

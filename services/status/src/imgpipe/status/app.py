@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Handlers are cheap (one batched write each): a deep prefetch lets bursts share a write.
 DEFAULT_PREFETCH = 256
+FLUSH_AT = 200
 
 
 def create_app(
@@ -45,7 +46,9 @@ def create_app(
         mongo = connect(settings)
         repository = StatusRepository(service_database(mongo, settings, "status"))
         await _index(repository)
-        writer: BatchWriter = BatchWriter(repository.write)
+        prefetch = settings.prefetch or DEFAULT_PREFETCH
+        # A rest ends once `flush_at` updates wait; more than the prefetch never can.
+        writer: BatchWriter = BatchWriter(repository.write, flush_at=min(FLUSH_AT, prefetch))
         writer.start()
         app.state.mongo, app.state.repository = mongo, repository
         app.state.read_cache = ReadCache(reader(repository), cache_config, clock)
@@ -58,7 +61,7 @@ def create_app(
             bus = await Bus.connect(
                 settings.amqp_url,
                 Topology(settings.namespace, settings.delivery_limit),
-                prefetch=settings.prefetch or DEFAULT_PREFETCH,
+                prefetch=prefetch,
                 service="status",
             )
             app.state.bus = bus
