@@ -52,6 +52,9 @@ COMPLETED = RequestCompleted.routing_key
 RECEIVED = RequestReceived.routing_key
 # One image worker: the machine is small and shared; faults matter, not throughput.
 ENV = {"IMGPIPE_WORKERS": "1"}
+# One message in hand per service: a job holds 8 images, so with a deeper prefetch a small
+# request is all in flight at once and there is no "mid-request" to interrupt.
+ONE_AT_A_TIME = {**ENV, "IMGPIPE_PREFETCH": "1"}
 # Long enough that, were each failed attempt requeued, the work would be dead-lettered.
 OUTAGE_SECONDS = 20.0
 
@@ -169,7 +172,8 @@ def test_processor_killed_mid_request_loses_and_duplicates_nothing(
     with (
         loopback_server() as server,
         tap_for(settings) as tap,
-        running_system(settings, **ENV) as system,
+        # The kill lands while the second job is in flight; the third is still queued.
+        running_system(settings, **ONE_AT_A_TIME) as system,
     ):
         submitted = submit(client, system, serve_images(server, 24, delay=0.5))
         processor = system.services["processor"]
@@ -192,9 +196,8 @@ def test_processor_sigterm_mid_request_finishes_in_flight_images(
     with (
         loopback_server() as server,
         tap_for(settings) as tap,
-        # One job (8 images) in hand at a time: SIGTERM lands while the second is in
-        # flight, and the third is still queued.
-        running_system(settings, **ENV, IMGPIPE_PREFETCH="1") as system,
+        # SIGTERM lands while the second job is in flight; the third is still queued.
+        running_system(settings, **ONE_AT_A_TIME) as system,
     ):
         submitted = submit(client, system, serve_images(server, 24, delay=1.0))
         wait_mid_request(client, server, submitted, 2)
@@ -235,7 +238,7 @@ def test_broker_connections_dropped_under_load_every_service_reconnects(
         with (
             loopback_server() as server,
             tap_for(settings) as tap,
-            running_system(settings, **ENV) as system,
+            running_system(settings, **ONE_AT_A_TIME) as system,
         ):
             prefix = f"imgpipe/{settings.namespace}/"
             services = set(system.services)
@@ -300,7 +303,7 @@ def test_database_outage_refuses_uploads_and_resumes_work_in_flight(
         with (
             loopback_server() as server,
             tap_for(settings, RECEIVED, COMPLETED) as tap,
-            running_system(settings, **ENV) as system,
+            running_system(settings, **ONE_AT_A_TIME) as system,
         ):
             submitted = submit(client, system, serve_images(server, 16, delay=0.5))
             wait_mid_request(client, server, submitted, 3)
