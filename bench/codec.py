@@ -94,6 +94,12 @@ class CodecResult:
     def images_per_second(self) -> float:
         return self.images / self.seconds
 
+    def combined(self, other: CodecResult) -> CodecResult:
+        """Both measurements as one: all their images over all their time."""
+        return CodecResult(
+            self.function, self.workers, self.images + other.images, self.seconds + other.seconds
+        )
+
 
 def codec_limit(files: list[Path], workers: int, min_images: int = 300) -> CodecResult:
     """Compress the corpus (repeated up to `min_images`) in a pool of `workers` processes."""

@@ -20,7 +20,7 @@ import httpx
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 SERVICES = ("ingest", "processor", "status", "notifier")
-SLOW_POLL = 1.0  # seconds between status reads before the final webhook
+SLOW_POLL = 5.0  # seconds between status reads before the final webhook (a fallback)
 FAST_POLL = 0.005  # and after it
 
 
