@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TypeVar
 
+from PIL import Image
 from pymongo import AsyncMongoClient
 
 from imgpipe.contracts.bus import Bus
@@ -81,10 +83,16 @@ class PoolCompressor:
         return ProcessPoolExecutor(self.workers, mp_context=context)
 
     async def warm_up(self) -> None:
-        """Start every worker now, so the first images do not wait for them."""
+        """Start every worker and run the codec once in it now, so the first request does
+        not wait for process start-up, Pillow's plugin registry or the codec libraries."""
         loop = asyncio.get_running_loop()
-        pool = self._pool
-        await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.workers)))
+        pool, sample = self._pool, _sample_jpeg()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, compress, sample, 50, self.max_pixels)
+                for _ in range(self.workers)
+            )
+        )
 
     async def __call__(self, data: bytes, quality: int) -> Compressed:
         loop = asyncio.get_running_loop()
@@ -107,8 +115,10 @@ class PoolCompressor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ready() -> bool:
-    return True
+def _sample_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 class Drain:
