@@ -31,6 +31,7 @@ from system import System
 from webhooks import FinalWebhooks, receive_webhooks
 
 OUT = Path(__file__).resolve().parent / "out"
+WARM_UP_IMAGES = 24
 CORES = os.cpu_count() or 1
 
 
@@ -135,6 +136,7 @@ def run_system(
 def run_phases(run: Run, results: dict[str, Any]) -> dict[str, dict[int, ProcessPeak]]:
     """Each phase adds its figures to `results`; returns the memory peaks after each one."""
     snapshots = {"idle": run.sampler.snapshot()}
+    warm_up(run)
     for name, title, phase in _phases(run.options):
         print(f"phase: {title}")
         results[name] = phase(run)
@@ -189,6 +191,15 @@ def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
         "images_per_second": len(urls) / seconds,
         "cpu_ms_per_image": cpu,
     }
+
+
+def warm_up(run: Run) -> None:
+    """One small request before any figure is taken, as any benchmark of a service warms
+    it: the first request after start-up opens connections, creates collections and
+    fills caches in every service, and would be charged to the first measured phase."""
+    urls = list(image_urls(run.base_url, run.corpus.names, WARM_UP_IMAGES, "warm-up"))
+    result = end_to_end(run, urls, run.system.data_dir / "warm-up.csv")
+    print(f"warm-up: {WARM_UP_IMAGES} images in {result['seconds']:.2f} s (not counted)")
 
 
 def phase_end_to_end(run: Run) -> Any:
