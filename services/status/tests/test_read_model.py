@@ -40,12 +40,13 @@ from imgpipe.contracts.events import (
     received_event_id,
 )
 from imgpipe.contracts.mongo import connect, service_database
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.status.adapters.batching import BatchWriter
 from imgpipe.status.adapters.repository import REQUESTS, StatusRepository, merge
 from imgpipe.status.app import create_app
-from imgpipe.status.handlers import ROWS_PER_PAGE, Change, change_for
+from imgpipe.status.handlers import ROWS_PER_PAGE, Change, change_for, handle_event
 from imgpipe.status.views import is_visible, render
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -425,3 +426,28 @@ async def test_a_rest_ends_once_flush_at_updates_wait() -> None:
         assert writes == [[0], [1], [2]]
     finally:
         await writer.close()
+
+
+async def test_the_first_outcome_of_a_request_is_urgent_the_rest_are_not() -> None:
+    """The first outcome moves a request to `processing`, a change a reader (or the
+    end-to-end test's poller) waits for: it must not sit out a write rest."""
+    submitted: list[Change] = []
+
+    async def submit(change: Change) -> None:
+        submitted.append(change)
+
+    started = RecentIds(10)
+    first, second = new_id(), new_id()
+    for event in [
+        processed(first, *KEYS[0]),
+        processed(first, *KEYS[1]),
+        processed(second, *KEYS[0]),
+    ]:
+        await handle_event(event, submit, started)
+    await handle_event(completed(first), submit, started)
+    assert [(c.request_id, c.urgent) for c in submitted] == [
+        (first, True),
+        (first, False),
+        (second, True),
+        (first, True),  # completion is always urgent
+    ]

@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imgpipe.contracts.events import AnyEvent, ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
 from imgpipe.notifier.adapters.repository import Repository
@@ -68,26 +68,6 @@ class KeyedLock:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
-
-
-class RecentIds:
-    """The last `size` ids added (least recently added or seen ones drop out first)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, key: str) -> None:
-        self._ids[key] = None
-        self._ids.move_to_end(key)
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str) or key not in self._ids:
-            return False
-        self._ids.move_to_end(key)
-        return True
 
 
 MAX_IMAGE_BATCH = 200

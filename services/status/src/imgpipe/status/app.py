@@ -14,6 +14,7 @@ from starlette.staticfiles import StaticFiles
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import AnyEvent
 from imgpipe.contracts.mongo import connect, ping, service_database
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.contracts.web import health_router
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 # Handlers are cheap (one batched write each): a deep prefetch lets bursts share a write.
 DEFAULT_PREFETCH = 256
 FLUSH_AT = 200
+KNOWN_REQUESTS = 4096  # requests whose first outcome is remembered (handlers.handle_event)
 
 
 def create_app(
@@ -53,8 +55,10 @@ def create_app(
         app.state.mongo, app.state.repository = mongo, repository
         app.state.read_cache = ReadCache(reader(repository), cache_config, clock)
 
+        started = RecentIds(KNOWN_REQUESTS)
+
         async def on_event(event: AnyEvent) -> None:
-            await handle_event(event, writer.submit)
+            await handle_event(event, writer.submit, started)
 
         bus: Bus | None = None
         try:

@@ -12,7 +12,7 @@ RequestReceived is kept.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from imgpipe.contracts.events import (
     RequestReceived,
     image_key,
 )
+from imgpipe.contracts.recent import RecentIds
 
 # Rows per image page. The database rewrites a whole document on every update, so a page
 # must stay small whatever the request's size. Measured on SecantusDB with 3 images a row:
@@ -67,9 +68,16 @@ def change_for(event: AnyEvent) -> Change:
     raise TypeError(f"no read-model update for {type(data).__name__}")
 
 
-async def handle_event(event: AnyEvent, submit: Submit) -> None:
-    """Store the event's effect; returns once it is written (the bus acks after that)."""
-    await submit(change_for(event))
+async def handle_event(event: AnyEvent, submit: Submit, started: RecentIds | None = None) -> None:
+    """Store the event's effect; returns once it is written (the bus acks after that).
+
+    `started` remembers requests whose first outcome this process has written: that one
+    moves a request to `processing`, a change readers wait for, so it is urgent."""
+    change = change_for(event)
+    if started is not None and change.page is not None and change.request_id not in started:
+        started.add(change.request_id)
+        change = replace(change, urgent=True)
+    await submit(change)
 
 
 def _received_fields(data: RequestReceived) -> dict[str, Any]:
