@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import replace
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.repository import Outcome
+from imgpipe.processor.compress import Compressed
 from imgpipe.processor.handlers import Processor
 from imgpipe.processor.jobs import Job, jobs_for
 from tests.support.http_server import Response
@@ -181,3 +183,32 @@ def test_jobs_hold_a_few_images_each_in_input_order(make_request) -> None:
     flat = [image.input_url for job in jobs for image in job.images]
     assert flat == [url for row in urls for url in row]
     assert jobs[0].message_id == "r:0-0..1-1" and jobs[2].message_id == "r:3-1..3-2"
+
+
+async def test_an_unexpected_error_fails_its_image_not_the_job_or_the_request(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    bodies = [jpeg_bytes(seed=i) for i in range(3)]
+    urls = [
+        image_server.add(f"/{i}", Response(body, content_type="image/jpeg"))
+        for i, body in enumerate(bodies)
+    ]
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [urls])
+    await processor.request_received(received.data)
+    working = processor.compressor
+
+    async def buggy(data: bytes, quality: int) -> Compressed:
+        if data == bodies[1]:
+            raise RuntimeError("a bug")
+        return await working(data, quality)
+
+    [job] = jobs_for(received.data)
+    await replace(processor, compressor=buggy).process_job(job)
+    await tap.flush()
+
+    outcomes = {e.data.image_key: e.data for e in tap.of(request_id, ImageProcessed)}
+    assert [outcomes[k].outcome for k in ("0-0", "0-1", "0-2")] == ["ok", "failed", "ok"]
+    assert outcomes["0-1"].error.code == "internal_error"
+    [completed] = tap.of(request_id, RequestCompleted)
+    assert completed.data.counts.model_dump() == {"total": 3, "ok": 2, "failed": 1}

@@ -144,11 +144,16 @@ class Processor:
 
     async def _image_doc(self, job: Job, image: JobImage) -> Doc:
         """The image doc to store: who it is, then what became of it."""
-        return {
-            "request_id": job.request_id,
-            **image.model_dump(),
-            **(await self._outcome(job, image)),
-        }
+        try:
+            outcome = await self._outcome(job, image)
+        except Exception:
+            # A bug met by one image must not fail its job's other images, nor, retried
+            # past the delivery limit, leave the request without an outcome for ever.
+            log.exception(
+                "image %s of request %s failed unexpectedly", image.image_key, job.request_id
+            )
+            outcome = self._failed("internal_error", "the image could not be processed")
+        return {"request_id": job.request_id, **image.model_dump(), **outcome}
 
     async def _outcome(self, job: Job, image: JobImage) -> dict[str, Any]:
         """Download, compress and store one image; every expected failure is an outcome."""
