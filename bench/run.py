@@ -25,10 +25,10 @@ import report
 from codec import CodecResult, codec_limit
 from corpus import Corpus, build_corpus, image_urls, serve, write_csv
 from cpu import per_image_ms, snapshot
+from finals import Finals, hear_completions, receive_webhooks
 from memory import MemorySampler, ProcessPeak
 from status_load import LoadResult, status_load
 from system import System
-from webhooks import FinalWebhooks, receive_webhooks
 
 OUT = Path(__file__).resolve().parent / "out"
 WARM_UP_IMAGES = 24
@@ -65,7 +65,7 @@ class Run:
     corpus: Corpus
     base_url: str
     webhook_url: str
-    final_webhooks: FinalWebhooks
+    finals: Finals
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
     before = measure_codec(corpus, options, "before")
     results: dict[str, Any] = {"machine": _machine()}
-    with serve(corpus.directory) as base_url, receive_webhooks() as webhooks:
-        results |= run_system(options, corpus, base_url, webhooks)
+    finals = Finals()
+    with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
+        results |= run_system(options, corpus, base_url, webhook_url, finals)
     after = measure_codec(corpus, options, "after")
     # This machine's speed drifts by ~10% from minute to minute (a shared VM): the limit
     # is measured on both sides of the system run, and the ratio uses both.
@@ -112,7 +113,7 @@ def measure_codec(corpus: Corpus, options: Options, when: str) -> CodecResult:
 
 
 def run_system(
-    options: Options, corpus: Corpus, base_url: str, webhooks: tuple[str, FinalWebhooks]
+    options: Options, corpus: Corpus, base_url: str, webhook_url: str, finals: Finals
 ) -> dict[str, Any]:
     """Start `imgpipe up`, run every phase against it, stop it; returns the figures."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -122,8 +123,9 @@ def run_system(
     try:
         sampler = MemorySampler(system.start())
         with _sampling(sampler):
-            run = Run(options, system, sampler, corpus, base_url, *webhooks)
-            snapshots = run_phases(run, results)
+            run = Run(options, system, sampler, corpus, base_url, webhook_url, finals)
+            with hear_completions(system.namespace, finals):
+                snapshots = run_phases(run, results)
     finally:
         system.stop()
         if not options.keep_data:
@@ -174,8 +176,8 @@ def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
     rows = write_csv(csv_path, urls)
     cpu_before = snapshot(run.sampler)
     upload = system.upload(csv_path, webhook_url=run.webhook_url)
-    final_webhook = run.final_webhooks.event(upload.request_id)
-    final, done_at = system.wait_final(upload.request_id, 120 + len(urls), final_webhook)
+    final_heard = run.finals.event(upload.request_id)
+    final, done_at = system.wait_final(upload.request_id, 120 + len(urls), final_heard)
     seconds = done_at - upload.started
     cpu = per_image_ms(cpu_before, snapshot(run.sampler), len(urls))
     progress = final.get("progress") or {}

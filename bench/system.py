@@ -20,7 +20,7 @@ import httpx
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 SERVICES = ("ingest", "processor", "status", "notifier")
-SLOW_POLL = 5.0  # seconds between status reads before the final webhook (a fallback)
+SLOW_POLL = 5.0  # seconds between status reads before the request is heard final
 FAST_POLL = 0.005  # and after it
 
 
@@ -154,11 +154,11 @@ class System:
         return f"{self.status_url}/status/{request_id}"
 
     def wait_final(
-        self, request_id: str, timeout: float, final_webhook: threading.Event
+        self, request_id: str, timeout: float, final_heard: threading.Event
     ) -> tuple[dict[str, Any], float]:
         """Until the status reads `completed` or `error`; returns it and the perf_counter
-        then. The status is read every few seconds until the final webhook arrives (or
-        should it never come), then every few milliseconds."""
+        then. The status is read every few seconds until the request is heard to be final
+        (or should that never come), then every few milliseconds."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=30.0, headers=self.headers) as http:
             while time.monotonic() < deadline:
@@ -170,7 +170,7 @@ class System:
                         return body, time.perf_counter()
                 elif response.status_code != 404:  # 404: status has not seen it yet
                     raise BenchError(f"status answered {response.status_code}: {response.text}")
-                if final_webhook.wait(SLOW_POLL):
+                if final_heard.wait(SLOW_POLL):
                     time.sleep(FAST_POLL)
         raise BenchError(f"request {request_id} not final after {timeout:.0f}s")
 
