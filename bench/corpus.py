@@ -7,13 +7,14 @@ import io
 import json
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socketserver import BaseRequestHandler
 from typing import BinaryIO
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -133,7 +134,13 @@ class _Handler(SimpleHTTPRequestHandler):
 @contextmanager
 def serve(directory: Path) -> Iterator[str]:
     """Serve `directory` on 127.0.0.1 (a free port); yields the base URL."""
-    handler = partial(_Handler, directory=str(directory))
+    with loopback(partial(_Handler, directory=str(directory))) as base_url:
+        yield base_url
+
+
+@contextmanager
+def loopback(handler: Callable[..., BaseRequestHandler]) -> Iterator[str]:
+    """A threading HTTP server on 127.0.0.1 (a free port); yields its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

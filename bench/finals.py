@@ -12,9 +12,10 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import aio_pika
+from corpus import loopback
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
@@ -59,15 +60,8 @@ def receive_webhooks(finals: Finals) -> Iterator[str]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hooks"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback(Handler) as base_url:
+        yield f"{base_url}/hooks"
 
 
 @contextmanager
