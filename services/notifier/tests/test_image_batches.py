@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from imgpipe.contracts import mongo
+from imgpipe.contracts.batching import Batcher
 from imgpipe.contracts.events import (
     CloudEvent,
     Counts,
@@ -23,7 +24,6 @@ from imgpipe.contracts.events import (
 )
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.repository import Repository
-from imgpipe.notifier.batching import Batcher
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.handlers import Deps, handle_event
 
@@ -178,10 +178,11 @@ async def test_a_completion_ends_the_image_batch_window() -> None:
     must not leave them lingering for the rest of the batch window."""
     written: list[list[int]] = []
 
-    async def write(batch: list[int]) -> None:
+    async def write(batch: list[int]) -> list[None]:
         written.append(batch)
+        return [None] * len(batch)
 
-    batcher = Batcher(write, window=30.0)
+    batcher: Batcher[int, None] = Batcher(write, window=30.0)
     pending = asyncio.create_task(batcher.submit(1))
     await asyncio.sleep(0.05)
     assert written == []  # still waiting for company

@@ -27,8 +27,8 @@ class NotifierConfig(BaseSettings):
     # Requests with more images than this get `products: null` in the final webhook
     # (the output CSV URL has them all); keeps bodies well under MongoDB's 16 MB.
     max_products_images: int = Field(default=10_000, ge=0)
-    # An ImageProcessed waits this long for others to share its write (batching.py): a
-    # processing webhook goes out this much later, SecantusDB does far fewer round trips.
+    # An ImageProcessed waits this long for others to share its write (contracts.batching):
+    # a processing webhook goes out this much later, SecantusDB does far fewer round trips.
     image_batch_window: float = Field(default=0.2, ge=0)
 
     @property

@@ -5,10 +5,11 @@ sends. Planning is idempotent: a webhook type is planned once per request (the
 `planned` list), and a delivery is unique per (request, endpoint, type), so
 duplicate or concurrent events never double-send.
 
-ImageProcessed events are stored in batches (batching.py). Once a request's processing
-webhook is planned, an image of it changes nothing until RequestCompleted, so such
-requests are remembered (RecentIds) and their images only stored, plus one read per
-batch for the ones whose final webhook waits for images (see images_processed).
+ImageProcessed events are stored in batches (imgpipe.contracts.batching). Once a
+request's processing webhook is planned, an image of it changes nothing until
+RequestCompleted, so such requests are remembered (RecentIds) and their images only
+stored, plus one read per batch for the ones whose final webhook waits for images (see
+images_processed).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from imgpipe.contracts.batching import Batcher
 from imgpipe.contracts.events import AnyEvent, ImageProcessed, RequestCompleted, RequestReceived
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
 from imgpipe.notifier.adapters.repository import Repository
-from imgpipe.notifier.batching import Batcher
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.model import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
 
@@ -80,22 +81,24 @@ class Deps:
     config: NotifierConfig
     wake: Callable[[], None] = lambda: None  # tells the local dispatcher there is work
     # ImageProcessed events that arrive together are stored together (see images_processed).
-    _images: Batcher[ImageArrival] | None = field(default=None, init=False)
+    _images: Batcher[ImageArrival, None] | None = field(default=None, init=False)
     _planning: KeyedLock = field(default_factory=KeyedLock, init=False)
     _processing_planned: RecentIds = field(
         default_factory=lambda: RecentIds(KNOWN_REQUESTS), init=False
     )
 
-    def image_batcher(self) -> Batcher[ImageArrival]:
+    def image_batcher(self) -> Batcher[ImageArrival, None]:
         if self._images is None:
             window = self.config.image_batch_window
             # A batch never outgrows the prefetch (each event holds a slot until written):
             # with a small IMGPIPE_PREFETCH the window would only add latency.
             most = min(MAX_IMAGE_BATCH, self.settings.prefetch or MAX_IMAGE_BATCH)
-            self._images = Batcher(
-                lambda batch: images_processed(batch, self), window=window, max_batch=most
-            )
+            self._images = Batcher(self._store_images, window=window, max_batch=most)
         return self._images
+
+    async def _store_images(self, batch: list[ImageArrival]) -> list[None]:
+        await images_processed(batch, self)
+        return [None] * len(batch)
 
 
 async def handle_event(event: AnyEvent, deps: Deps) -> None:

@@ -16,16 +16,12 @@ it could one image at a time: the redelivered job finds its outcome and repairs 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from imgpipe.contracts.bus import is_unavailable
+from imgpipe.contracts.batching import Batcher
 from imgpipe.contracts.events import CloudEvent
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
-
-log = logging.getLogger(__name__)
 
 # Outcomes in flight are bounded by the prefetch anyway; this only caps a write's size.
 MAX_BATCH = 100
@@ -47,7 +43,6 @@ class Recorded:
 class _Item:
     outcome: Outcome
     event: CloudEvent  # the ImageProcessed to publish if this outcome is stored
-    future: asyncio.Future[Recorded]
 
 
 class OutcomeBatcher:
@@ -56,41 +51,14 @@ class OutcomeBatcher:
     ) -> None:
         self._repository = repository
         self._publish_many = publish_many
-        self._window = window
-        self._pending: list[_Item] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._batches: Batcher[_Item, Recorded] = Batcher(
+            self._write, window=window, max_batch=MAX_BATCH, name="outcome-batches"
+        )
 
     async def record(self, outcome: Outcome, event: CloudEvent) -> Recorded:
         """Store the outcome, bump its request's counter and publish `event`; returns once
         all three are done (raises if they could not be)."""
-        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(outcome, event, future))
-        if self._flushing is None or self._flushing.done():
-            # Its own task: a handler cancelled mid-write must not strand the others.
-            self._flushing = asyncio.create_task(self._flush_all(), name="outcome-batches")
-        return await future
-
-    async def _flush_all(self) -> None:
-        await asyncio.sleep(self._window)
-        while self._pending:
-            batch = self._pending[:MAX_BATCH]
-            del self._pending[:MAX_BATCH]
-            await self._flush(batch)
-
-    async def _flush(self, batch: list[_Item]) -> None:
-        try:
-            results = await self._write(batch)
-        except Exception as exc:
-            if len(batch) > 1 and not is_unavailable(exc):
-                for item in batch:  # one by one, so a bad outcome fails alone
-                    await self._flush([item])
-                return
-            log.error("recording %d outcomes failed: %r", len(batch), exc)
-            for item in batch:
-                _settle(item.future, error=exc)
-            return
-        for item, result in zip(batch, results, strict=True):
-            _settle(item.future, result)
+        return await self._batches.submit(_Item(outcome, event))
 
     async def _write(self, batch: list[_Item]) -> list[Recorded]:
         stored = await self._repository.record_outcomes([item.outcome for item in batch])
@@ -103,19 +71,3 @@ class OutcomeBatcher:
             Recorded(True, requests[item.outcome.request_id]) if was_set else Recorded(False, None)
             for item, was_set in zip(batch, stored, strict=True)
         ]
-
-
-def _settle(
-    future: asyncio.Future[Recorded],
-    result: Recorded | None = None,
-    error: BaseException | None = None,
-) -> None:
-    if future.done():  # the handler was cancelled meanwhile: its job is redelivered
-        return
-    if error is not None:
-        failure = RuntimeError("recording the outcome failed")
-        failure.__cause__ = error  # the bus tells "database unavailable" from the cause
-        future.set_exception(failure)
-    else:
-        assert result is not None
-        future.set_result(result)
