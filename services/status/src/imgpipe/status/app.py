@@ -21,7 +21,7 @@ from imgpipe.contracts.web import health_router
 from imgpipe.status.adapters.batching import BatchWriter
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.config import ReadCacheConfig
-from imgpipe.status.handlers import handle_event
+from imgpipe.status.handlers import Change, handle_event
 from imgpipe.status.read_cache import Clock, ReadCache, reader
 from imgpipe.status.routes import status_router
 
@@ -48,12 +48,18 @@ def create_app(
         mongo = connect(settings)
         repository = StatusRepository(service_database(mongo, settings, "status"))
         await _index(repository)
+        read_cache = ReadCache(reader(repository), cache_config, clock)
+
+        async def write(changes: list[Change]) -> None:
+            await repository.write(changes)
+            read_cache.invalidate({change.request_id for change in changes})
+
         prefetch = settings.prefetch or DEFAULT_PREFETCH
         # A rest ends once `flush_at` updates wait; more than the prefetch never can.
-        writer: BatchWriter = BatchWriter(repository.write, flush_at=min(FLUSH_AT, prefetch))
+        writer: BatchWriter[Change] = BatchWriter(write, flush_at=min(FLUSH_AT, prefetch))
         writer.start()
         app.state.mongo, app.state.repository = mongo, repository
-        app.state.read_cache = ReadCache(reader(repository), cache_config, clock)
+        app.state.read_cache = read_cache
 
         started = RecentIds(KNOWN_REQUESTS)
 

@@ -5,8 +5,10 @@ a render of about 150 KB of JSON: milliseconds of CPU that a client polling in a
 on every call. Here a request's answer is rendered once and served as bytes:
 
 - an answer that is still changing (request in progress) is kept `ttl` seconds, so many
-  clients polling the same request cost one database read per `ttl` per instance, and
-  what they see is at most `ttl` plus one read behind the events;
+  clients polling the same request cost one database read per `ttl` per instance;
+- a write this instance makes drops the answers it changes (`invalidate`), so what it
+  wrote shows at once: the request appearing, its progress, its final state. Writes by
+  other status instances show within `ttl` plus one read;
 - a settled answer (final status, every image's outcome known) no longer changes; it is
   kept `final_ttl` seconds or until evicted;
 - concurrent misses for the same id share one read (single flight);
@@ -17,10 +19,9 @@ on every call. Here a request's answer is rendered once and served as bytes:
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from imgpipe.status.adapters.repository import StatusRepository
@@ -67,24 +68,30 @@ class ReadCache:
         if task is None:
             task = asyncio.create_task(self._fill(request_id))
             self._inflight[request_id] = task
-            task.add_done_callback(functools.partial(self._settled, request_id))
+            task.add_done_callback(_retrieve)
         # Shielded: one client going away must not cancel the read the others wait for.
         return await asyncio.shield(task)
 
-    def _settled(self, request_id: str, task: asyncio.Task[Rendered | None]) -> None:
-        if self._inflight.get(request_id) is task:
-            del self._inflight[request_id]
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter may have gone away meanwhile
+    def invalidate(self, request_ids: Iterable[str]) -> None:
+        """Forget the answers for `request_ids`: their documents were just written."""
+        for request_id in request_ids:
+            self._drop(request_id)
+            # A read in flight may predate the write: it is neither kept nor joined.
+            self._inflight.pop(request_id, None)
 
     async def _fill(self, request_id: str) -> Rendered | None:
         # The clock starts before the read: an event stored while it runs is seen
         # no later than `ttl` after the read began.
         started = self._clock()
-        rendered = await self._load(request_id)
-        if rendered is not None:
-            self._put(request_id, rendered, started)
-        return rendered
+        this = asyncio.current_task()
+        try:
+            rendered = await self._load(request_id)
+            if rendered is not None and self._inflight.get(request_id) is this:
+                self._put(request_id, rendered, started)
+            return rendered
+        finally:
+            if self._inflight.get(request_id) is this:
+                del self._inflight[request_id]
 
     def _put(self, request_id: str, rendered: Rendered, started: float) -> None:
         ttl = self._config.final_ttl if rendered.settled else self._config.ttl
@@ -101,6 +108,11 @@ class ReadCache:
         entry = self._entries.pop(request_id, None)
         if entry is not None:
             self._bytes -= entry.rendered.nbytes
+
+
+def _retrieve(task: asyncio.Task[Rendered | None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: every waiter may have gone away meanwhile
 
 
 def reader(repository: StatusRepository) -> Load:
