@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
+
 
 @dataclass
 class Response:
@@ -23,7 +25,7 @@ class Response:
 class Recorded:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: httpx.Headers  # names match in any case, as HTTP says
     body: bytes
     at: float
 
@@ -72,7 +74,7 @@ class LoopbackServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 recorded = Recorded(
-                    self.command, self.path, dict(self.headers.items()), body, time.time()
+                    self.command, self.path, httpx.Headers(self.headers.items()), body, time.time()
                 )
                 response = server._respond(recorded)
                 if response.delay:

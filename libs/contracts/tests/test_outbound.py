@@ -7,13 +7,23 @@ names resolve through a scripted resolver; production code uses neither seam.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 from ipaddress import ip_address
+from typing import Any
 
 import httpx
 import pytest
 
-from imgpipe.contracts.netguard import Guard, GuardedBackend, IPAddress, address_refusal
+from imgpipe.contracts.netguard import (
+    Guard,
+    GuardedResolver,
+    IPAddress,
+    address_refusal,
+    checked_socket,
+)
 from imgpipe.contracts.outbound import URLRefused, check_url, outbound_client
 from imgpipe.contracts.settings import Settings
 from tests.support.http_server import LoopbackServer, Response, loopback_server
@@ -188,12 +198,22 @@ async def test_a_live_loopback_server_gets_nothing(server: LoopbackServer, host:
     assert server.requests == []
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0x7f.1", "127.1"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0x7f.1", "[::ffff:127.0.0.1]"])
 async def test_allow_private_reaches_the_loopback_server(server: LoopbackServer, host: str) -> None:
     async with outbound_client(make_settings(allow_private=True)) as client:
         response = await client.get(f"http://{host}:{server.port}/img")
     assert response.status_code == 200
     assert response.content == b"image bytes"
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1"])
+async def test_legacy_numeric_hosts_are_never_dialled(server: LoopbackServer, host: str) -> None:
+    # aiohttp refuses all-digit IPv4 spellings other than a.b.c.d, even where the
+    # address rule is lifted: nothing reaches the server, and the error says why.
+    async with outbound_client(make_settings(allow_private=True)) as client:
+        with pytest.raises(httpx.RequestError, match="not a canonical IPv4 address"):
+            await client.get(f"http://{host}:{server.port}/img")
+    assert server.requests == []
 
 
 async def test_allow_private_still_refuses_credentials(server: LoopbackServer) -> None:
@@ -229,12 +249,29 @@ async def test_a_name_that_resolves_to_a_refused_address_is_refused(
 
 
 async def test_real_dns_for_localhost_is_checked_at_connect_time(server: LoopbackServer) -> None:
-    # The backend itself, below the static URL check: the system resolver's answer for
+    # The resolver itself, below the static URL check: the system resolver's answer for
     # localhost (127.0.0.1 and maybe ::1) is refused before any connection.
-    backend = GuardedBackend(Guard.for_settings(allow_private=False))
+    resolver = GuardedResolver(Guard.for_settings(allow_private=False))
     with pytest.raises(URLRefused, match="localhost resolves to a loopback address"):
-        await backend.connect_tcp("localhost", server.port, timeout=5)
+        await resolver.resolve("localhost", server.port)
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("addr_info", "reason"),
+    [
+        ((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80)), "loopback"),
+        ((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80)), "link-local"),
+        ((socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:10.0.0.1", 80, 0, 0)), "private"),
+    ],
+)
+def test_the_dialled_address_is_checked_last(addr_info: Any, reason: str) -> None:
+    # Below the resolver: what the connector is about to dial, whoever chose it.
+    open_socket = checked_socket(Guard.for_settings(allow_private=False))
+    with pytest.raises(PermissionError, match=reason):
+        open_socket(addr_info)
+    allowed = checked_socket(Guard.for_settings(allow_private=True))(addr_info)
+    allowed.close()
 
 
 async def test_connects_to_the_address_it_checked(server: LoopbackServer) -> None:
@@ -326,3 +363,19 @@ async def test_cookies_set_by_one_response_are_never_sent_back(server: LoopbackS
         await client.get(url)
     second = server.requests_to("/planting")[1]
     assert "cookie" not in {name.lower() for name in second.headers}
+
+
+async def test_a_server_that_hangs_up_is_not_a_timeout() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):  # until the listener closes
+                while True:  # every time: a client may retry an idempotent request
+                    connection, _ = listener.accept()
+                    connection.recv(65536)
+                    connection.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        async with outbound_client(make_settings(allow_private=True)) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="disconnected"):
+                await client.get(f"http://127.0.0.1:{listener.getsockname()[1]}/img")

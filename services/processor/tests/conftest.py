@@ -171,7 +171,7 @@ async def processor(settings: Settings, tap: EventTap) -> AsyncIterator[Processo
             repository=repository,
             bus=tap.bus,
             storage=build_storage(settings),
-            download=Downloader([http], settings.max_image_bytes, settings.download_timeout),
+            download=Downloader(http, settings.max_image_bytes, settings.download_timeout),
             compressor=inline,
             instance="test",
         )

@@ -248,9 +248,11 @@ class Loader:
         self.calls = 0
         self.release = asyncio.Event()
         self.release.set()
+        self.entered = asyncio.Event()
 
     async def __call__(self, request_id: str) -> Rendered | None:
         self.calls += 1
+        self.entered.set()
         await self.release.wait()
         return self.rendered
 
@@ -306,9 +308,9 @@ async def test_a_read_that_began_before_a_write_is_not_kept() -> None:
 
     cache.invalidate(["r"])
     loader.release.clear()
+    loader.entered.clear()
     reading = asyncio.create_task(cache.get("r"))
-    while loader.calls < 3:
-        await asyncio.sleep(0)
+    await loader.entered.wait()
     cache.invalidate(["r"])  # the write lands while that read is in flight
     loader.release.set()
     assert await reading is loader.rendered  # its reader gets it...

@@ -1,15 +1,18 @@
 """The SSRF guard behind `outbound_client`: which URLs and addresses imgpipe may reach.
 
-Two layers, both fed by one `Guard`:
+Three layers, all fed by one `Guard`:
 
 - `Guard.check_url` (static, per request and per redirect hop): only http and https, no
   credentials in the URL, and a host that is written as an address (in any spelling:
   `2130706433`, `0177.0.0.1`, `0x7f.1`, `[::ffff:127.0.0.1]`, ...) or named `localhost`
   must be an allowed address.
-- `GuardedBackend.connect_tcp` (at connect time): resolve the host once, refuse the
-  connection if any resolved address is refused, then connect to the checked addresses
-  themselves. Nothing resolves the name again, so DNS rebinding cannot swap the address
-  between the check and the connection.
+- `GuardedResolver` (at connect time, for names): resolve the host once and refuse it if
+  any resolved address is refused. The connector connects to exactly the addresses it
+  returns, and caches them, so DNS rebinding cannot swap the address between the check
+  and the connection.
+- `checked_socket` (at dial time, for every connection): the address the socket is about
+  to connect to, whether it came from a name or from an IP literal in the URL, which the
+  connector dials without asking the resolver.
 
 References: OWASP SSRF Prevention Cheat Sheet (resolve, check every answer, re-check on
 redirect, allow only http(s)) and imgproxy's dial-time source address checks.
@@ -17,15 +20,15 @@ redirect, allow only http(s)) and imgproxy's dial-time source address checks.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import anyio
-import httpcore
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # A policy names why an address is refused, or returns None to allow it.
@@ -195,7 +198,7 @@ def _describe(address: IPAddress, written: str) -> str:
 
 async def system_resolver(host: str, port: int) -> list[IPAddress]:
     """Every address the system resolver gives for `host`, in its order (off the loop)."""
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses: list[IPAddress] = []
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
@@ -240,7 +243,8 @@ class Guard:
             raise URLRefused(f"{_describe(address, host)} is {reason}")
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
-        """Resolve `host` once and return its addresses, all of them checked."""
+        """Resolve `host` once and return its addresses, all of them checked. A host that
+        cannot be resolved raises OSError, as the system resolver does."""
         try:
             address = host_address(host)
         except _NotAnAddress as exc:
@@ -251,9 +255,9 @@ class Guard:
             try:
                 addresses = await self.resolver(host, port)
             except OSError as exc:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+                raise OSError(f"cannot resolve {host}: {exc}") from None
         if not addresses:
-            raise httpcore.ConnectError(f"{host} has no addresses")
+            raise OSError(f"{host} has no addresses")
         for resolved in addresses:
             # One refused answer refuses the host: an image host has no business
             # publishing a private address next to its public ones.
@@ -267,54 +271,47 @@ class Guard:
         return addresses
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, except that `connect_tcp` connects only to addresses the
-    guard checked, and to those exactly (TLS SNI and the Host header keep the host name,
-    because httpcore passes them separately)."""
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver interface over `Guard.resolve`: the connector connects to the
+    checked addresses themselves (TLS SNI and the Host header keep the host name)."""
 
-    def __init__(self, guard: Guard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, guard: Guard) -> None:
         self.guard = guard
-        self._inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        deadline = None if timeout is None else anyio.current_time() + timeout
-        try:
-            with anyio.fail_after(timeout):
-                addresses = await self.guard.resolve(host, port)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        failure: Exception | None = None
-        for address in addresses:  # the next checked address when one does not answer
-            remaining = None if deadline is None else deadline - anyio.current_time()
-            if remaining is not None and remaining <= 0:
-                raise httpcore.ConnectTimeout(f"connecting to {host} timed out")
-            try:
-                return await self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=remaining,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in await self.guard.resolve(host, port)
+        ]
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise URLRefused("unix sockets are not an outbound destination")
+    async def close(self) -> None:
+        pass
 
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+
+AddrInfo = tuple[int, int, int, str, tuple[str, int] | tuple[str, int, int, int]]
+
+
+def checked_socket(guard: Guard) -> Callable[[AddrInfo], socket.socket]:
+    """A socket factory for aiohttp's connector that refuses to dial a refused address.
+
+    The static check and the resolver already refuse every case this one sees; it is the
+    last line, on the address actually dialled. A refusal is a PermissionError, because
+    the connector treats OSError as "this address failed" and tries the next one."""
+
+    def open_socket(addr_info: AddrInfo) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        address = ipaddress.ip_address(sockaddr[0])
+        if reason := guard.policy(address):
+            raise PermissionError(f"address {address} is {reason}")
+        return socket.socket(family, type_, proto)
+
+    return open_socket

@@ -6,6 +6,9 @@ loopback, private, link-local, multicast, unspecified or reserved address, check
 address actually connected to and again on every redirect hop. IMGPIPE_ALLOW_PRIVATE_URLS
 lifts the address rule (tests, demos); the scheme and credentials rules stay.
 
+The client is httpx's, over aiohttp's connection pool (httpx-aiohttp's transport): the
+same API everywhere, at well under half of httpcore's CPU per download (bench/README.md).
+
 A refusal raises `URLRefused` (an `httpx.RequestError`), which callers report with the
 error code `URLRefused.code` ("url_refused"). `check_url` runs the same static rules
 without any network, for validating input before it is accepted.
@@ -18,15 +21,16 @@ from functools import cache
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlsplit
 
-import httpcore
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
-from imgpipe.contracts.netguard import Guard, GuardedBackend, URLRefused
+from imgpipe.contracts.netguard import Guard, GuardedResolver, URLRefused, checked_socket
 from imgpipe.contracts.settings import Settings
 
 __all__ = ["Guard", "URLRefused", "check_url", "outbound_client"]
 
-# httpx's own defaults (httpx._config.DEFAULT_LIMITS), restated for the pool built below.
+# httpx's own defaults (httpx._config.DEFAULT_LIMITS); aiohttp's pool takes the total.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
@@ -59,32 +63,48 @@ def _lenient_host(url: str) -> str | None:
         return None
 
 
-class _GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport with two changes: every request (so every redirect hop) passes
-    `Guard.check_url` first, and the connection pool connects through `GuardedBackend`."""
+class _GuardedTransport(AiohttpTransport):
+    """httpx-aiohttp's transport with the guard: every request (so every redirect hop,
+    which httpx follows) passes `Guard.check_url` first, and the aiohttp session resolves
+    through `GuardedResolver` and dials through `checked_socket`."""
 
     def __init__(self, guard: Guard) -> None:
-        super().__init__(verify=_ssl_context(), trust_env=False, limits=_LIMITS)
+        super().__init__(verify=_ssl_context(), trust_env=False, client=self._session)
         self._guard = guard
-        # AsyncHTTPTransport has no network_backend parameter, so replace the pool it just
-        # built with the same pool plus our backend. `_pool` is the one attribute the
-        # transport's methods use (httpx 0.27, 0.28); test_outbound fails if it stops being.
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=_ssl_context(),
-            max_connections=_LIMITS.max_connections,
-            max_keepalive_connections=_LIMITS.max_keepalive_connections,
-            keepalive_expiry=_LIMITS.keepalive_expiry,
-            network_backend=GuardedBackend(guard),
+
+    def _session(self) -> aiohttp.ClientSession:
+        """Built on the first request: a session belongs to the running event loop."""
+        connector = aiohttp.TCPConnector(
+            limit=_LIMITS.max_connections or 0,
+            keepalive_timeout=_LIMITS.keepalive_expiry,
+            ssl=_ssl_context(),
+            resolver=GuardedResolver(self._guard),
+            socket_factory=checked_socket(self._guard),
+        )
+        return aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self._guard.check_url(request.url)
-        return await super().handle_async_request(request)
+        # httpx rebuilds each redirect hop around the first request's body stream, which
+        # the transport would send chunked even when empty, as a GET's stray body: read
+        # it, so an empty body is sent as none (our bodies are small webhook payloads).
+        await request.aread()
+        try:
+            return await super().handle_async_request(request)
+        except httpx.ConnectTimeout as exc:
+            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, even a
+            # server that closed the connection without answering.
+            if isinstance(exc.__cause__, aiohttp.ServerTimeoutError | TimeoutError):
+                raise
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
 
 
 class _NoCookies(DefaultCookiePolicy):
-    """Keep no cookie: a stranger's server must not plant one that later requests, made
-    for other users to the same host, would carry back."""
+    """Keep no cookie (httpx's jar; aiohttp's is a DummyCookieJar): a stranger's server
+    must not plant one that later requests, made for other users to the same host,
+    would carry back."""
 
     def set_ok(self, cookie: object, request: object) -> bool:
         return False

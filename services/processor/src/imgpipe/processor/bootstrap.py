@@ -33,7 +33,6 @@ from imgpipe.processor.handlers import JOBS_QUEUE, Processor
 log = logging.getLogger(__name__)
 
 REQUESTS_QUEUE = "processor.requests"
-DOWNLOAD_CLIENTS = 4  # see adapters.download.Downloader
 # How long shutdown waits for jobs in progress; the broker redelivers the rest.
 SHUTDOWN_GRACE = 20.0
 
@@ -177,7 +176,7 @@ class Runtime:
         mongo = connect(settings)
         compressor = PoolCompressor(worker_count(settings), settings.max_image_pixels)
         downloader = Downloader(
-            [outbound_client(settings) for _ in range(DOWNLOAD_CLIENTS)],
+            outbound_client(settings),
             settings.max_image_bytes,
             settings.download_timeout,
         )

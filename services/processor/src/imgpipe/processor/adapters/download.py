@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -84,28 +83,19 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     return body
 
 
+@dataclass(frozen=True)
 class Downloader:
-    """Downloads with the processor's limits, taking a few httpx clients in turn.
+    """Downloads with the processor's limits."""
 
-    httpcore's pool walks all its connections on every request and every response (and
-    asks each idle one whether its socket is readable), so its CPU per download grows
-    with the downloads in flight: one client with 32 in flight spent ~2.3 ms per 500 KB
-    image on loopback, four clients with 8 each ~1.0 ms."""
-
-    def __init__(
-        self, clients: Sequence[httpx.AsyncClient], max_bytes: int, deadline: float | None
-    ) -> None:
-        self.clients = list(clients)
-        self.max_bytes = max_bytes
-        self.deadline = deadline
-        self._turn = itertools.cycle(self.clients)
+    client: httpx.AsyncClient
+    max_bytes: int
+    deadline: float | None
 
     async def __call__(self, url: str) -> bytes:
-        return await download(next(self._turn), url, self.max_bytes, self.deadline)
+        return await download(self.client, url, self.max_bytes, self.deadline)
 
     async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+        await self.client.aclose()
 
 
 def _too_large(max_bytes: int) -> DownloadError:
