@@ -55,6 +55,7 @@ class BatchWriter(Generic[T]):
         self._flush_at = flush_at
         self._urgent = urgent
         self._urgent_waiting = False
+        self._resting = False
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -79,7 +80,10 @@ class BatchWriter(Generic[T]):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._urgent_waiting |= self._urgent(item)
-        self._wakeup.set()
+        # A resting writer wakes only for what ends its rest: waking it for every item
+        # (hundreds a second) only to sleep again cost a timer and a task each.
+        if not self._resting or self._urgent_waiting or len(self._pending) >= self._flush_at:
+            self._wakeup.set()
         await future
 
     async def _run(self) -> None:
@@ -97,14 +101,15 @@ class BatchWriter(Generic[T]):
 
     async def _rest(self, seconds: float) -> None:
         """Sleep `seconds`, or less once `flush_at` updates or an urgent one wait."""
-        deadline = time.monotonic() + seconds
-        while len(self._pending) < self._flush_at and not self._urgent_waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
+        if len(self._pending) >= self._flush_at or self._urgent_waiting:
+            return
+        self._wakeup.clear()
+        self._resting = True
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+        finally:
+            self._resting = False
 
     async def _flush(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         try:
