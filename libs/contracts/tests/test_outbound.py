@@ -274,6 +274,24 @@ def test_the_dialled_address_is_checked_last(addr_info: Any, reason: str) -> Non
     allowed.close()
 
 
+async def test_the_connector_dials_through_the_check(server: LoopbackServer) -> None:
+    # A policy that lets the test server pass once only: the resolver's check passes, so
+    # the refusal can only come from the dial-time check, which the client must use.
+    passes = [TEST_SERVER]
+
+    def once(address: IPAddress) -> str | None:
+        if address in passes:
+            passes.remove(address)
+            return None
+        return "refused at dial time"
+
+    guard = Guard(policy=once, resolver=ScriptedResolver({"once.test": [["127.0.0.1"]]}))
+    async with outbound_client(make_settings(allow_private=False), guard=guard) as client:
+        with pytest.raises(httpx.ConnectError, match="refused at dial time"):
+            await client.get(f"http://once.test:{server.port}/img")
+    assert server.requests == []
+
+
 async def test_connects_to_the_address_it_checked(server: LoopbackServer) -> None:
     # A rebinding name: first answer the (stand-in) public server, then cloud metadata.
     resolver = ScriptedResolver({"rebind.test": [["127.0.0.1"], ["169.254.169.254"]]})
@@ -379,3 +397,11 @@ async def test_a_server_that_hangs_up_is_not_a_timeout() -> None:
         async with outbound_client(make_settings(allow_private=True)) as client:
             with pytest.raises(httpx.RemoteProtocolError, match="disconnected"):
                 await client.get(f"http://127.0.0.1:{listener.getsockname()[1]}/img")
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]  # closed below: nothing listens there any more
+    async with outbound_client(make_settings(allow_private=True)) as client:
+        with pytest.raises(httpx.ConnectError, match="Connect call failed|refused"):
+            await client.get(f"http://127.0.0.1:{port}/img")

@@ -21,6 +21,7 @@ redirect, allow only http(s)) and imgproxy's dial-time source address checks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import re
 import socket
@@ -311,7 +312,7 @@ def checked_socket(guard: Guard) -> Callable[[AddrInfo], socket.socket]:
         family, type_, proto, _, sockaddr = addr_info
         address = ipaddress.ip_address(sockaddr[0])
         if reason := guard.policy(address):
-            raise PermissionError(f"address {address} is {reason}")
+            raise PermissionError(errno.EACCES, f"address {address} is {reason}")
         return socket.socket(family, type_, proto)
 
     return open_socket

@@ -94,10 +94,13 @@ class _GuardedTransport(AiohttpTransport):
         try:
             return await super().handle_async_request(request)
         except httpx.ConnectTimeout as exc:
-            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, even a
-            # server that closed the connection without answering.
-            if isinstance(exc.__cause__, aiohttp.ServerTimeoutError | TimeoutError):
+            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: name
+            # what happened, a refused connection or a server that hung up.
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ServerTimeoutError | TimeoutError):
                 raise
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                raise httpx.ConnectError(str(exc), request=request) from exc
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
 
 
