@@ -24,11 +24,17 @@ from urllib.parse import urlsplit
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
 
 from imgpipe.contracts.netguard import Guard, GuardedResolver, URLRefused, checked_socket
 from imgpipe.contracts.settings import Settings
 
 __all__ = ["Guard", "URLRefused", "check_url", "outbound_client"]
+
+# A body read returns what aiohttp has buffered (it pauses the socket past ~128 KB), up
+# to this many bytes. The library's 16 KB cut a 500 KB image into 31 chunks, each passing
+# through httpx's stream layers: ~0.1 ms more CPU per image than a few large chunks.
+AiohttpResponseStream.CHUNK_SIZE = 1024 * 1024
 
 # httpx's own defaults (httpx._config.DEFAULT_LIMITS); aiohttp's pool takes the total.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
