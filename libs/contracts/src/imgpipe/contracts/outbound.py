@@ -6,8 +6,8 @@ loopback, private, link-local, multicast, unspecified or reserved address, check
 address actually connected to and again on every redirect hop. IMGPIPE_ALLOW_PRIVATE_URLS
 lifts the address rule (tests, demos); the scheme and credentials rules stay.
 
-The client is httpx's, over aiohttp's connection pool (httpx-aiohttp's transport): the
-same API everywhere, at well under half of httpcore's CPU per download (bench/README.md).
+The client is httpx's, over aiohttp's connection pool (transport.py): one client API
+everywhere, at about half of httpcore's CPU per download.
 
 A refusal raises `URLRefused` (an `httpx.RequestError`), which callers report with the
 error code `URLRefused.code` ("url_refused"). `check_url` runs the same static rules
@@ -23,18 +23,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
-from httpx_aiohttp.transport import AiohttpResponseStream
 
 from imgpipe.contracts.netguard import Guard, GuardedResolver, URLRefused, checked_socket
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.transport import AiohttpTransport
 
 __all__ = ["Guard", "URLRefused", "check_url", "outbound_client"]
-
-# A body read returns what aiohttp has buffered (it pauses the socket past ~128 KB), up
-# to this many bytes. The library's 16 KB cut a 500 KB image into 31 chunks, each passing
-# through httpx's stream layers: ~0.1 ms more CPU per image than a few large chunks.
-AiohttpResponseStream.CHUNK_SIZE = 1024 * 1024
 
 # httpx's own defaults (httpx._config.DEFAULT_LIMITS); aiohttp's pool takes the total.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -57,8 +51,7 @@ def check_url(url: str, allow_private: bool) -> None:
 
 @cache
 def _ssl_context() -> ssl.SSLContext:
-    """One verifying context for every client: building one loads the CA bundle (~60 ms).
-    httpcore only ever sets the same ALPN list on it (no HTTP/2 here)."""
+    """One verifying context for every client: building one loads the CA bundle (~60 ms)."""
     return httpx.create_ssl_context(trust_env=False)
 
 
@@ -70,16 +63,15 @@ def _lenient_host(url: str) -> str | None:
 
 
 class _GuardedTransport(AiohttpTransport):
-    """httpx-aiohttp's transport with the guard: every request (so every redirect hop,
-    which httpx follows) passes `Guard.check_url` first, and the aiohttp session resolves
-    through `GuardedResolver` and dials through `checked_socket`."""
+    """Every request (so every redirect hop, which httpx follows) passes
+    `Guard.check_url` first; the aiohttp session resolves names through
+    `GuardedResolver` and dials every address through `checked_socket`."""
 
     def __init__(self, guard: Guard) -> None:
-        super().__init__(verify=_ssl_context(), trust_env=False, client=self._session)
+        super().__init__(self._session_for_guard)
         self._guard = guard
 
-    def _session(self) -> aiohttp.ClientSession:
-        """Built on the first request: a session belongs to the running event loop."""
+    def _session_for_guard(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=_LIMITS.max_connections or 0,
             keepalive_timeout=_LIMITS.keepalive_expiry,
@@ -93,21 +85,7 @@ class _GuardedTransport(AiohttpTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self._guard.check_url(request.url)
-        # httpx rebuilds each redirect hop around the first request's body stream, which
-        # the transport would send chunked even when empty, as a GET's stray body: read
-        # it, so an empty body is sent as none (our bodies are small webhook payloads).
-        await request.aread()
-        try:
-            return await super().handle_async_request(request)
-        except httpx.ConnectTimeout as exc:
-            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: name
-            # what happened, a refused connection or a server that hung up.
-            cause = exc.__cause__
-            if isinstance(cause, aiohttp.ServerTimeoutError | TimeoutError):
-                raise
-            if isinstance(cause, aiohttp.ClientConnectorError):
-                raise httpx.ConnectError(str(exc), request=request) from exc
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        return await super().handle_async_request(request)
 
 
 class _NoCookies(DefaultCookiePolicy):
