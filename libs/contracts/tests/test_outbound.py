@@ -407,3 +407,19 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     async with outbound_client(make_settings(allow_private=True)) as client:
         with pytest.raises(httpx.ConnectError, match="Connect call failed|refused"):
             await client.get(f"http://127.0.0.1:{port}/img")
+
+
+async def test_a_body_cut_short_is_a_protocol_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def cut_short() -> None:
+            with contextlib.suppress(OSError):
+                connection, _ = listener.accept()
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly this")
+                connection.close()
+
+        threading.Thread(target=cut_short, daemon=True).start()
+        async with outbound_client(make_settings(allow_private=True)) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(f"http://127.0.0.1:{listener.getsockname()[1]}/img")
