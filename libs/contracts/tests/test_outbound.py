@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from imgpipe.contracts.netguard import (
     Guard,
@@ -423,3 +425,24 @@ async def test_a_body_cut_short_is_a_protocol_error() -> None:
         async with outbound_client(make_settings(allow_private=True)) as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(f"http://127.0.0.1:{listener.getsockname()[1]}/img")
+
+
+async def test_tls_certificates_are_verified() -> None:
+    """After the switch of HTTP stacks: a certificate that no trusted CA issued is
+    refused (and with it any TLS interception a stranger's network might try)."""
+    issuer = trustme.CA()  # a CA of the test's own, which no system trusts
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    issuer.issue_cert("localhost", "127.0.0.1").configure_cert(server_context)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve_tls() -> None:
+            with contextlib.suppress(OSError):
+                connection, _ = listener.accept()
+                with server_context.wrap_socket(connection, server_side=True) as tls:
+                    tls.recv(65536)
+
+        threading.Thread(target=serve_tls, daemon=True).start()
+        url = f"https://localhost:{listener.getsockname()[1]}/img"
+        async with outbound_client(make_settings(allow_private=True)) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(url)
