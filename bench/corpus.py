@@ -138,11 +138,18 @@ def serve(directory: Path) -> Iterator[str]:
         yield base_url
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog is 5: the processor opening a few dozen connections
+    # at once had SYNs dropped and retried after the kernel's 1 s timeout, a stall no
+    # CDN would cause.
+    request_queue_size = 128
+
+
 @contextmanager
 def loopback(handler: Callable[..., BaseRequestHandler]) -> Iterator[str]:
     """A threading HTTP server on 127.0.0.1 (a free port); yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

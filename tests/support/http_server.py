@@ -33,6 +33,13 @@ class Recorded:
 Route = Response | Callable[[Recorded], Response]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a processor opening many
+    # connections at once; each retry waits the kernel's 1 s.
+    request_queue_size = 128
+
+
 class LoopbackServer:
     """Routes are looked up by path; every request is recorded for assertions."""
 
@@ -40,8 +47,7 @@ class LoopbackServer:
         self.routes: dict[str, Route] = {}
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self.port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
 
