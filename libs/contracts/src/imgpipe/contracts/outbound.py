@@ -30,8 +30,9 @@ from imgpipe.contracts.transport import AiohttpTransport
 
 __all__ = ["Guard", "URLRefused", "check_url", "outbound_client"]
 
-# httpx's own defaults (httpx._config.DEFAULT_LIMITS); aiohttp's pool takes the total.
-_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+# httpx's own defaults (httpx._config.DEFAULT_LIMITS), for aiohttp's pool.
+MAX_CONNECTIONS = 100
+KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection is kept
 
 
 def check_url(url: str, allow_private: bool) -> None:
@@ -73,8 +74,8 @@ class _GuardedTransport(AiohttpTransport):
 
     def _session_for_guard(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=_LIMITS.max_connections or 0,
-            keepalive_timeout=_LIMITS.keepalive_expiry,
+            limit=MAX_CONNECTIONS,
+            keepalive_timeout=KEEPALIVE_EXPIRY,
             ssl=_ssl_context(),
             resolver=GuardedResolver(self._guard),
             socket_factory=checked_socket(self._guard),

@@ -87,14 +87,12 @@ def _wire_url(url: httpx.URL) -> URL:
     """The URL as httpx encoded it. An IPv4 host in a legacy spelling (`2130706433`,
     `127.1`), which the guard has already judged by the address it means, is written as
     that address: aiohttp refuses to dial such hosts, browsers canonicalize them."""
-    host = url.host
-    if host and not host.startswith("[") and ":" not in host:
-        try:
-            address = host_address(host)
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv4Address) and str(address) != host:
-            url = url.copy_with(host=str(address))
+    try:
+        address = host_address(url.host)
+    except ValueError:  # neither a name nor an address: aiohttp reports it
+        address = None
+    if isinstance(address, ipaddress.IPv4Address) and str(address) != url.host:
+        url = url.copy_with(host=str(address))
     return URL(str(url), encoded=True)
 
 
@@ -112,9 +110,11 @@ def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise httpx.ConnectError(str(exc), request=request) from exc
     except aiohttp.InvalidURL as exc:
         raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
-    except aiohttp.ClientPayloadError as exc:  # a body cut short or badly framed
-        raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError) as exc:
+    except (  # a hang-up, a body cut short, a response that is not HTTP
+        aiohttp.ServerDisconnectedError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientResponseError,
+    ) as exc:
         raise httpx.RemoteProtocolError(str(exc), request=request) from exc
     except aiohttp.ClientError as exc:
         raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
