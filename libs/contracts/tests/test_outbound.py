@@ -252,6 +252,17 @@ async def test_a_name_that_resolves_to_a_refused_address_is_refused(
     assert resolver.calls == ["internal.test"]
 
 
+async def test_a_name_that_does_not_resolve_says_so() -> None:
+    async def unknown(host: str, port: int) -> list[IPAddress]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    client = outbound_client(make_settings(allow_private=False), guard=Guard(resolver=unknown))
+    async with client:
+        with pytest.raises(httpx.ConnectError) as failed:
+            await client.get("https://nowhere.test/a.jpg")
+    assert "cannot resolve nowhere.test: Name or service not known" in str(failed.value)
+
+
 async def test_real_dns_for_localhost_is_checked_at_connect_time(server: LoopbackServer) -> None:
     # The resolver itself, below the static URL check: the system resolver's answer for
     # localhost (127.0.0.1 and maybe ::1) is refused before any connection.

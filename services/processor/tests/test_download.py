@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -145,3 +146,54 @@ async def test_refused_address_is_reported_as_refused() -> None:
             await download(client, "http://169.254.169.254/latest/meta-data/", 10**7)
     assert raised.value.code == "url_refused"
     assert "169.254.169.254" in raised.value.message
+
+
+async def test_a_compressed_body_is_refused_unread(
+    server: LoopbackServer, client: httpx.AsyncClient
+) -> None:
+    """A few hundred gzipped bytes can inflate to gigabytes: images are asked for as is,
+    and a server that encodes one anyway is refused before anything is decoded."""
+    inflated = gzip.compress(jpeg_bytes() + b"\0" * 10_000_000)
+    url = server.add(
+        "/bomb.jpg",
+        Response(inflated, content_type="image/jpeg", headers={"Content-Encoding": "gzip"}),
+    )
+    error = await failure(client, url)
+    assert error.code == "download_failed"
+    assert "gzip-encoded" in error.message
+    [request] = server.requests_to("/bomb.jpg")
+    assert request.headers["Accept-Encoding"] == "identity"
+
+
+async def test_a_redirect_body_is_never_read(client: httpx.AsyncClient) -> None:
+    """The body of a redirect is not the image: an endless one must not hold the download."""
+    sent = 0
+    jpeg = jpeg_bytes()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        request = await reader.readuntil(b"\r\n\r\n")
+        if request.startswith(b"GET /image"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(jpeg), jpeg))
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: /image\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"\0" * 8192
+        try:
+            while sent < 10**8:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        body = await download(client, f"http://127.0.0.1:{port}/old", 10**7, deadline=10)
+    assert body == jpeg
+    assert sent < 10**7

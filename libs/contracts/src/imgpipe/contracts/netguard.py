@@ -256,9 +256,11 @@ class Guard:
             try:
                 addresses = await self.resolver(host, port)
             except OSError as exc:
-                raise OSError(f"cannot resolve {host}: {exc}") from None
+                # errno and strerror both set: aiohttp's error shows strerror alone.
+                reason = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"cannot resolve {host}: {reason}") from None
         if not addresses:
-            raise OSError(f"{host} has no addresses")
+            raise OSError(0, f"{host} has no addresses")
         for resolved in addresses:
             # One refused answer refuses the host: an image host has no business
             # publishing a private address next to its public ones.

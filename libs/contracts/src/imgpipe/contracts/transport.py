@@ -8,6 +8,10 @@ The transport sends exactly the request httpx built: its URL as encoded (aiohttp
 otherwise requote it, turning `%7E` into `~`, which breaks URLs signed byte for byte), its
 headers and its body, never following redirects itself (httpx does, hop by hop). aiohttp's
 errors become httpx's, so callers see one set of exceptions.
+
+A redirect's body is dropped unread: httpx reads every hop's body in full, with no cap,
+and a stranger's server could send gigabytes there (or a few gzipped bytes that inflate
+to them).
 """
 
 from __future__ import annotations
@@ -51,15 +55,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     sock_read=timeout.get("read"),
                 ),
             )
+        extensions = {
+            "http_version": b"HTTP/1.1",
+            "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+        }
+        if _is_redirect(response):
+            # Never read: the connection goes back to the pool only if the body came with
+            # the headers, else aiohttp closes it.
+            response.release()
+            headers = [(k, v) for k, v in response.raw_headers if k.lower() not in _BODY_HEADERS]
+            return httpx.Response(
+                response.status, headers=headers, request=request, extensions=extensions
+            )
         return httpx.Response(
             response.status,
             headers=response.raw_headers,
             stream=_Body(response, request),
             request=request,
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
-            },
+            extensions=extensions,
         )
 
     async def aclose(self) -> None:
@@ -81,6 +94,14 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._response.release()
+
+
+_REDIRECTS = {301, 302, 303, 307, 308}  # the ones httpx follows
+_BODY_HEADERS = {b"content-length", b"content-encoding", b"transfer-encoding"}
+
+
+def _is_redirect(response: aiohttp.ClientResponse) -> bool:
+    return response.status in _REDIRECTS and "Location" in response.headers
 
 
 def _wire_url(url: httpx.URL) -> URL:

@@ -1,4 +1,10 @@
-"""Download one image: streaming, capped in size, and sniffed for a real image format."""
+"""Download one image: streaming, capped in size, and sniffed for a real image format.
+
+The body is read as it comes off the wire, never decoded: images are compressed
+already, so the request asks for no Content-Encoding and a response that has one anyway
+is refused. Decoding would let a few hundred gzipped bytes inflate to gigabytes before
+the size cap saw them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,10 @@ _MAGIC: tuple[tuple[bytes, ...], ...] = (
     (b"BM",),  # BMP
     (b"II*\x00", b"MM\x00*"),  # TIFF
 )
+
+
+# Redirect hops keep the headers, so every hop asks for the body as is.
+_AS_IS = {"Accept-Encoding": "identity"}
 
 
 class DownloadError(Exception):
@@ -50,7 +60,7 @@ async def download(
 
 async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     try:
-        async with client.stream("GET", url) as response:
+        async with client.stream("GET", url, headers=_AS_IS) as response:
             if not response.is_success:
                 raise DownloadError(
                     "http_error", f"HTTP {response.status_code} {response.reason_phrase}".strip()
@@ -58,11 +68,12 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise _too_large(max_bytes)
+            _check_not_encoded(response)
             # Chunks joined once at the end: one copy, rather than a growing bytearray's
             # reallocations plus the final bytes() copy of ~500 KB on the event loop.
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:  # stop reading: never hold more than the cap
@@ -96,6 +107,15 @@ class Downloader:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _check_not_encoded(response: httpx.Response) -> None:
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise DownloadError(
+            "download_failed",
+            f"the server sent the image {encoding}-encoded, though asked to send it as is",
+        )
 
 
 def _too_large(max_bytes: int) -> DownloadError:
