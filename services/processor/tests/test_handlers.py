@@ -10,8 +10,8 @@ from dataclasses import replace
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.repository import Outcome
-from imgpipe.processor.compress import Compressed
-from imgpipe.processor.handlers import Processor
+from imgpipe.processor.compress import Compressed, CompressError
+from imgpipe.processor.handlers import MAX_ERROR_MESSAGE, Processor
 from imgpipe.processor.jobs import Job, jobs_for
 from tests.support.http_server import Response
 from tests.support.images import jpeg_bytes
@@ -212,3 +212,25 @@ async def test_an_unexpected_error_fails_its_image_not_the_job_or_the_request(
     assert outcomes["0-1"].error.code == "internal_error"
     [completed] = tap.of(request_id, RequestCompleted)
     assert completed.data.counts.model_dump() == {"total": 3, "ok": 2, "failed": 1}
+
+
+async def test_a_long_error_message_is_shortened(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    """A decoder may quote the stranger's bytes it choked on; the outcome keeps a digest."""
+    url = image_server.add("/bad.jpg", Response(jpeg_bytes(), content_type="image/jpeg"))
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [[url]])
+    await processor.request_received(received.data)
+
+    async def verbose(data: bytes, quality: int) -> Compressed:
+        raise CompressError("decode_error", "cannot decode image: " + "\\x00" * 100_000)
+
+    [job] = jobs_for(received.data)
+    await replace(processor, compressor=verbose).process_job(job)
+    await tap.flush()
+
+    [processed] = tap.of(request_id, ImageProcessed)
+    assert processed.data.error.code == "decode_error"
+    assert processed.data.error.message.startswith("cannot decode image: \\x00")
+    assert len(processed.data.error.message) == MAX_ERROR_MESSAGE
