@@ -292,6 +292,25 @@ async def test_limits_answer_413(
     assert await ingest_db.requests.count_documents({}) == 0
 
 
+async def test_a_request_too_big_for_the_broker_answers_413(
+    settings: Settings, run_ingest, ingest_db: AsyncDatabase, received_events
+) -> None:
+    """Within the CSV limits, yet larger as a RequestReceived than the broker takes: refused
+    at once, rather than stored and left in the outbox for ever."""
+    csv = rows_csv(40, urls_per_row=2)
+    async with run_ingest(settings.model_copy(update={"max_event_bytes": 4_000})) as (_, client):
+        refused = await client.post("/upload", **upload_form(csv))
+        accepted = await client.post("/upload", **upload_form(rows_csv(2)))
+    assert refused.status_code == 413, refused.text
+    [error] = refused.json()["errors"]
+    assert error["field"] == "file"
+    assert "as an event, over the limit of 4,000" in error["message"]
+    assert accepted.status_code == 202, accepted.text
+    assert await ingest_db.requests.count_documents({}) == 1
+    event = await received_events.next()
+    assert event.data.request_id == accepted.json()["request_id"]
+
+
 async def test_thousand_rows(settings: Settings, run_ingest, received_events) -> None:
     async with run_ingest(settings) as (_, client):
         response = await client.post("/upload", **upload_form(rows_csv(1000, urls_per_row=2)))

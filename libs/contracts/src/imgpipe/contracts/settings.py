@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_csv_bytes: int = Field(default=20 * 1024 * 1024, alias="IMGPIPE_MAX_CSV_BYTES")
     max_rows: int = Field(default=100_000, alias="IMGPIPE_MAX_ROWS")
     max_images: int = Field(default=100_000, alias="IMGPIPE_MAX_IMAGES")
+    # A request travels as one RequestReceived: RabbitMQ 4 refuses messages over 16 MiB
+    # (its max_message_size), and an event it refuses would never leave ingest's outbox.
+    max_event_bytes: int = Field(default=16 * 1024 * 1024, alias="IMGPIPE_MAX_EVENT_BYTES")
     max_image_bytes: int = Field(default=25 * 1024 * 1024, alias="IMGPIPE_MAX_IMAGE_BYTES")
     max_image_pixels: int = Field(default=50_000_000, alias="IMGPIPE_MAX_IMAGE_PIXELS")
     download_timeout: float = Field(default=30.0, alias="IMGPIPE_DOWNLOAD_TIMEOUT")

@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None 
     settings = settings or Settings()
     outbox = outbox or OutboxConfig()
     limits = CsvLimits(
-        settings.max_csv_bytes, settings.max_rows, settings.max_images, settings.allow_private_urls
+        settings.max_csv_bytes,
+        settings.max_rows,
+        settings.max_images,
+        settings.allow_private_urls,
+        settings.max_event_bytes,
     )
 
     @asynccontextmanager

@@ -72,6 +72,8 @@ class CsvLimits:
     max_rows: int
     max_images: int
     allow_private_urls: bool = False  # IMGPIPE_ALLOW_PRIVATE_URLS: the guard's address rule
+    # IMGPIPE_MAX_EVENT_BYTES: the request as a RequestReceived, checked once it is built
+    max_event_bytes: int | None = None
 
 
 @dataclass(frozen=True)

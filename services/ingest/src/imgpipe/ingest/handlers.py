@@ -74,13 +74,29 @@ async def parse_upload(
         ) from None
     if problems:
         raise UploadRejected(422, problems)
-    return IngestRequest(
+    request = IngestRequest(
         request_id=new_request_id(),
         rows=parsed.rows,
         options=Options(quality=upload.quality),
         webhook_url=webhook_url,
         received_at=clock(),
     )
+    _check_event_size(request, limits.max_event_bytes)
+    return request
+
+
+def _check_event_size(request: IngestRequest, max_bytes: int | None) -> None:
+    """Refuse now a request the broker would refuse later: stored, it would sit in the
+    outbox for ever while its client waits for a status that never moves."""
+    if max_bytes is None:
+        return
+    size = len(request.received_event().to_bytes())
+    if size > max_bytes:
+        message = (
+            f"the request is {size:,} bytes as an event, over the limit of {max_bytes:,}: "
+            "split the file"
+        )
+        raise UploadRejected(413, [Problem(message, field="file")])
 
 
 async def publish_received(
