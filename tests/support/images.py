@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -46,3 +48,20 @@ def exif_rotated_jpeg_bytes(width: int = 400, height: int = 200, seed: int = 0) 
     buffer = io.BytesIO()
     photo(width, height, seed).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
     return buffer.getvalue()
+
+
+def grey16_png_bytes(rows: list[list[int]], transparent: int | None = None) -> bytes:
+    """A 16-bit greyscale PNG, optionally with a tRNS chunk naming one grey as transparent.
+
+    Written by hand: Pillow cannot save tRNS for 16-bit grey."""
+    height, width = len(rows), len(rows[0])
+    raw = b"".join(b"\x00" + struct.pack(f">{width}H", *row) for row in rows)
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))]
+    if transparent is not None:
+        chunks.append((b"tRNS", struct.pack(">H", transparent)))
+    chunks += [(b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(kind, body) for kind, body in chunks)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -8,10 +8,11 @@ import pickle
 import pytest
 from PIL import Image, ImageChops, ImageCms, ImageStat
 
-from imgpipe.processor.compress import CompressError, compress
+from imgpipe.processor.compress import MAX_ICC_BYTES, CompressError, compress
 from tests.support.images import (
     EXIF_ORIENTATION,
     exif_rotated_jpeg_bytes,
+    grey16_png_bytes,
     jpeg_bytes,
     photo,
     png_with_alpha_bytes,
@@ -185,3 +186,224 @@ async def test_the_worker_pool_runs_the_same_function() -> None:
         assert raised.value.code == "decode_error"
     finally:
         pool.shutdown()
+
+
+def halves(left: int, right: int, width: int = 32, height: int = 16) -> list[list[int]]:
+    return [[left] * (width // 2) + [right] * (width // 2) for _ in range(height)]
+
+
+def deep_grey(mode: str, left: float, right: float) -> Image.Image:
+    image = Image.new(mode, (32, 16), left)
+    image.paste(right, (16, 0, 32, 16))
+    return image
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        grey16_png_bytes(halves(20_000, 65_535)),
+        encode(deep_grey("I;16B", 20_000, 65_535), "TIFF"),
+        encode(deep_grey("I", 20_000, 65_535), "TIFF"),
+    ],
+    ids=["png-16-bit", "tiff-16-bit-big-endian", "tiff-32-bit"],
+)
+def test_deep_grey_is_scaled_to_8_bits_not_clipped(original: bytes) -> None:
+    output = decode(compress(original, 90, LIMIT).data)
+    assert output.mode == "L"
+    assert abs(output.getpixel((4, 8)) - 78) <= 2  # 20000 / 257, not clipped to white
+    assert output.getpixel((28, 8)) >= 253
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "expected"),
+    [(0.25, 1.0, (64, 255)), (-100.0, 300.0, (0, 255))],
+    ids=["zero-to-one", "other-range-stretched"],
+)
+def test_float_grey_is_scaled_to_8_bits(
+    left: float, right: float, expected: tuple[int, int]
+) -> None:
+    output = decode(compress(encode(deep_grey("F", left, right), "TIFF"), 90, LIMIT).data)
+    assert output.mode == "L"
+    assert abs(output.getpixel((4, 8)) - expected[0]) <= 2
+    assert abs(output.getpixel((28, 8)) - expected[1]) <= 2
+
+
+def test_float_grey_that_is_not_a_number_is_a_decode_error() -> None:
+    with pytest.raises(CompressError) as raised:
+        compress(encode(deep_grey("F", 0.5, float("inf")), "TIFF"), 90, LIMIT)
+    assert raised.value.code == "decode_error"
+    assert "not numbers" in raised.value.message
+
+
+def test_16_bit_grey_png_keeps_its_transparent_grey() -> None:
+    # 20000 and 20001 are the same 8-bit grey: only the exact 16-bit value is transparent.
+    result = compress(grey16_png_bytes(halves(20_000, 20_001), transparent=20_000), 90, LIMIT)
+    output = decode(result.data)
+    assert result.format == "webp"
+    assert output.getpixel((4, 8))[3] == 0
+    assert output.getpixel((28, 8))[3] == 255
+    assert abs(output.getpixel((28, 8))[0] - 78) <= 2
+
+
+def progressive_jpeg(width: int, height: int) -> bytes:
+    return encode(Image.new("RGB", (width, height), (120, 60, 30)), "JPEG", progressive=True)
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    # Every scan is decoded over the whole image: thousands of them take seconds.
+    data = progressive_jpeg(512, 512)
+    last_scan = data[data.rindex(b"\xff\xda") : -2]
+    original = data[:-2] + last_scan * 200 + b"\xff\xd9"
+    with pytest.raises(CompressError) as raised:
+        compress(original, 50, LIMIT)
+    assert raised.value.code == "image_too_large"
+    assert "210 scans" in raised.value.message
+
+
+def test_progressive_jpeg_with_a_progressive_thumbnail_is_accepted() -> None:
+    data = progressive_jpeg(640, 480)
+    thumbnail = progressive_jpeg(160, 120)  # carried in an APP segment, as EXIF does
+    segment = b"\xff\xe9" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    result = compress(data[:2] + segment + data[2:], 50, LIMIT)
+    assert (result.width, result.height) == (640, 480)
+
+
+class Spy:
+    """Records calls to an Image method, still running the real one."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        real = getattr(Image.Image, name)
+
+        def spy(image: Image.Image, *args: object, **kwargs: object) -> object:
+            self.calls.append((image.mode, *args))
+            return real(image, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, name, spy)
+
+
+def test_an_upright_image_is_not_copied_on_the_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies, conversions = Spy(monkeypatch, "copy"), Spy(monkeypatch, "convert")
+    compress(jpeg_bytes(320, 240), 50, LIMIT)
+    compress(png_with_alpha_bytes(320, 240), 50, LIMIT)
+    assert copies.calls == []
+    assert ("RGBA", "RGBA") not in conversions.calls
+
+
+def quadrants() -> Image.Image:
+    image = Image.new("RGB", (64, 48), (220, 30, 30))
+    image.paste((30, 200, 60), (32, 0, 64, 24))
+    image.paste((40, 60, 220), (0, 24, 32, 48))
+    image.paste((240, 220, 40), (32, 24, 64, 48))
+    return image
+
+
+# How each EXIF orientation is stored: the transpose that undoes what a viewer applies.
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_every_exif_orientation_comes_out_upright(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    stored = quadrants().transpose(STORED[orientation])
+    original = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    output = decode(compress(original, 90, LIMIT).data)
+    assert output.size == (64, 48)
+    assert mean_difference(output, quadrants()) < 8
+
+
+def with_header(profile: bytes, *, size: int | None = None, signature: bytes = b"acsp") -> bytes:
+    declared = len(profile) if size is None else size
+    return declared.to_bytes(4, "big") + profile[4:36] + signature + profile[40:]
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        with_header(srgb_profile() + b"\x00" * MAX_ICC_BYTES),
+        with_header(srgb_profile() + b"smuggled", size=len(srgb_profile())),
+        with_header(srgb_profile(), signature=b"junk"),
+        b"\x00" * 16 + b"RGB " + b"J" * 3_000_000,
+    ],
+    ids=["too-large", "declared-size-differs", "no-acsp-signature", "junk-that-names-rgb"],
+)
+def test_oversized_or_malformed_icc_profile_is_dropped(profile: bytes) -> None:
+    original = encode(photo(120, 80), "JPEG", quality=95, icc_profile=profile)
+    result = compress(original, 50, LIMIT)
+    assert "icc_profile" not in decode(result.data).info
+    assert len(result.data) < 100_000
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_jpeg_missing_only_its_end_marker_is_accepted(progressive: bool) -> None:
+    original = encode(photo(640, 480), "JPEG", quality=90, progressive=progressive)
+    assert original.endswith(b"\xff\xd9")
+    output = decode(compress(original[:-2], 90, LIMIT).data)
+    assert mean_difference(output, decode(original)) < 4
+
+
+@pytest.mark.parametrize("kept", [0.25, 0.5, 0.9])
+def test_jpeg_cut_mid_scan_is_still_a_decode_error(kept: float) -> None:
+    original = jpeg_bytes(640, 480)
+    with pytest.raises(CompressError) as raised:
+        compress(original[: int(len(original) * kept)], 50, LIMIT)
+    assert raised.value.code == "decode_error"
+    assert "truncated" in raised.value.message
+
+
+def grey_palette() -> Image.Image:
+    image = Image.linear_gradient("L").resize((64, 48)).convert("P")
+    image.putpalette([value for grey in range(256) for value in (grey, grey, grey)])
+    return image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.linear_gradient("L").resize((64, 48)).convert("1"),
+        Image.linear_gradient("L").resize((64, 48)).convert("LA"),
+        grey_palette(),
+    ],
+    ids=["1-bit", "opaque-LA", "grey-palette"],
+)
+def test_grey_inputs_become_grey_jpegs(image: Image.Image) -> None:
+    result = compress(encode(image, "PNG"), 50, LIMIT)
+    assert result.format == "jpeg"
+    assert decode(result.data).mode == "L"
+
+
+def test_colour_palette_stays_colour() -> None:
+    output = decode(compress(encode(photo(64, 48).quantize(16), "PNG"), 50, LIMIT).data)
+    assert output.mode == "RGB"
+
+
+def test_unknown_format_says_what_is_readable() -> None:
+    with pytest.raises(CompressError) as raised:
+        compress(b"<html>not an image</html>", 50, LIMIT)
+    assert raised.value.message == (
+        "not an image format imgpipe can read (JPEG, PNG, GIF, WebP, BMP, TIFF)"
+    )
+
+
+def test_decompression_bomb_message_quotes_the_size_and_the_real_limit() -> None:
+    original = encode(Image.new("L", (1000, 1000)), "PNG")
+    with pytest.raises(CompressError) as raised:
+        compress(original, 50, 300_000)
+    assert raised.value.message == "1000x1000 is 1,000,000 pixels, over the limit of 300,000"
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "JPEG2000", "TGA"])
+def test_formats_the_downloader_refuses_are_never_decoded(fmt: str) -> None:
+    with pytest.raises(CompressError) as raised:
+        compress(encode(tiny(16, 12), fmt), 50, LIMIT)
+    assert raised.value.code == "decode_error"
+    assert raised.value.message.startswith("not an image format imgpipe can read")

@@ -8,20 +8,34 @@ metadata dropped, and nothing is ever upscaled (nothing is resized at all).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageMath, ImageOps
 
 OutputFormat = Literal["jpeg", "webp"]
 
+# The formats the download sniffer lets through: no other decoder may ever run.
+_READABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+_UNREADABLE = "not an image format imgpipe can read (JPEG, PNG, GIF, WebP, BMP, TIFF)"
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # ICC header bytes 16..20 name the profile's colour space; keep it only if it matches the output.
 _ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "CMYK": b"CMYK"}
+# Display profiles are a few KB, camera and press profiles a few hundred: anything larger
+# is bloat at best and a way to smuggle data past "all other metadata dropped" at worst.
+MAX_ICC_BYTES = 1 << 20
 _JPEG_MODES = {"RGB", "L", "CMYK"}
 # The largest side WebP can hold; a longer side is refused before any pixel is decoded.
 MAX_SIDE = 16_383
+_JPEG_START, _JPEG_END, _JPEG_SCAN = b"\xff\xd8", b"\xff\xd9", b"\xff\xda"
+# A progressive JPEG has ~10 scans (18 for CMYK), an EXIF thumbnail or an MPO's second
+# picture a few more each; libjpeg decodes every scan over the whole image.
+MAX_JPEG_SCANS = 64
+# libjpeg gives every 8x8 block it never received luma 128 (C and K 127 in Adobe CMYK);
+# the slack covers rounding in the conversion back to luma.
+_DECODER_FILL = range(127, 130)
 
 
 class CompressError(Exception):
@@ -43,51 +57,185 @@ class Compressed:
 
 def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
     """Re-encode `data` at `quality` (1-95); raises CompressError for bad or oversized input."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x the limit: treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as source:
-                _check_sides(source)
-                # Only the first frame is ever decoded, however many an animation holds.
-                image = _prepare(source)
-            return _encode(image, quality)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CompressError("image_too_large", str(exc)) from None
+            image = _decode(data, max_pixels)
+        return _encode(image, quality)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Raised by a decoder mid-way (a TIFF's tiles, say); Pillow's text quotes twice the limit.
+        message = f"decoding needs more than the limit of {max_pixels:,} pixels"
+        raise CompressError("image_too_large", message) from None
     except CompressError:
         raise
+    except Image.UnidentifiedImageError:  # its text names the BytesIO and its address
+        raise CompressError("decode_error", _UNREADABLE) from None
     except MemoryError:
         raise CompressError("image_too_large", "not enough memory to decode the image") from None
     except Exception as exc:  # Pillow raises many types for malformed input
         raise CompressError("decode_error", f"cannot decode image: {exc}") from None
 
 
-def _check_sides(source: Image.Image) -> None:
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    """The first frame, upright, in RGB, RGBA, L or CMYK; checked before any pixel is decoded."""
+    end_added = False
+    if data.startswith(_JPEG_START):
+        _check_scan_count(data)
+        # Browsers show a JPEG that lacks only its end marker; Pillow calls it truncated.
+        # (Zero padding after the marker is common and harmless.)
+        if not data.rstrip(b"\x00").endswith(_JPEG_END):
+            data, end_added = data + _JPEG_END, True
+    with _open(data, max_pixels) as source:
+        _check_size(source, max_pixels)
+        # Only the first frame is ever decoded, however many an animation holds.
+        source.load()
+        if end_added:
+            _check_not_cut_short(source)
+        return _prepare(source)
+
+
+def _check_scan_count(data: bytes) -> None:
+    # A small file can repeat one scan thousands of times: seconds of CPU for one image.
+    # 0xFFDA never occurs in entropy-coded data, so counting bytes errs only towards more.
+    scans = data.count(_JPEG_SCAN)
+    if scans > MAX_JPEG_SCANS:
+        raise CompressError(
+            "image_too_large",
+            f"the JPEG has {scans} scans, more than the {MAX_JPEG_SCANS} any real image needs;"
+            " decoding them all would take too long",
+        )
+
+
+def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
+    # Pillow's check at open quotes twice the limit and no size; _check_size does both.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(io.BytesIO(data), formats=_READABLE_FORMATS)
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # still guards sizes found while decoding
+
+
+def _check_size(source: Image.Image, max_pixels: int) -> None:
     width, height = source.size
     if max(width, height) > MAX_SIDE:
         raise CompressError(
             "image_too_large", f"{width}x{height} has a side longer than {MAX_SIDE} pixels"
         )
+    if width * height > max_pixels:
+        raise CompressError(
+            "image_too_large",
+            f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}",
+        )
+
+
+def _check_not_cut_short(source: Image.Image) -> None:
+    """With its end marker added, a JPEG cut mid-scan decodes too, its missing blocks grey.
+
+    Only a cut well before the end shows in the last block: one in the last few blocks, or
+    in a progressive JPEG's later scans, passes as a little damage, as a browser shows it."""
+    width, height = source.size
+    last_block = source.crop(((width - 1) // 8 * 8, (height - 1) // 8 * 8, width, height))
+    for band in _unblended_bands(last_block):
+        low, high = band.getextrema()
+        if low in _DECODER_FILL and high in _DECODER_FILL:
+            message = "the JPEG is truncated: its last pixels are missing"
+            raise CompressError("decode_error", message)
+
+
+def _unblended_bands(block: Image.Image) -> list[Image.Image]:
+    # Subsampled bands are upsampled, which blends in the colour of the block before.
+    if block.mode == "CMYK":
+        return [block.getchannel("C"), block.getchannel("K")]
+    return [block.convert("L")]  # luma, as the JPEG stored it, give or take rounding
 
 
 def _prepare(source: Image.Image) -> Image.Image:
-    """Decode the first frame upright; returns an image in RGB, RGBA, L or CMYK."""
-    source.load()
     icc = source.info.get("icc_profile")
-    image = ImageOps.exif_transpose(source) or source
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        image = image.convert("RGBA")
-        alpha_min, _ = image.getchannel("A").getextrema()
-        if alpha_min == 255:  # an alpha channel that hides nothing: opaque after all
-            image = image.convert("RGB")
-    elif image.mode not in _JPEG_MODES:
-        image = image.convert("RGB")
+    # In place: no copy of the whole image when there is no orientation to apply.
+    ImageOps.exif_transpose(source, in_place=True)
+    image = _to_output_mode(source)
     # Drop every piece of metadata but the ICC profile (and only one that fits the pixels).
     image.info = {}
-    if isinstance(icc, bytes) and icc[16:20] == _ICC_SPACE.get(image.mode):
+    if _icc_is_keepable(icc, image.mode):
         image.info["icc_profile"] = icc
     return image
+
+
+def _to_output_mode(image: Image.Image) -> Image.Image:
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _deep_grey_to_8_bits(image)
+    if image.mode == "F":
+        return _float_grey_to_8_bits(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return _alpha_only_if_used(image)
+    if image.mode == "1" or _is_grey_palette(image):
+        return image.convert("L")  # a grey JPEG: a third of the samples of an RGB one
+    if image.mode not in _JPEG_MODES:
+        return image.convert("RGB")
+    return image
+
+
+def _alpha_only_if_used(image: Image.Image) -> Image.Image:
+    """RGBA (for WebP) when some pixel is see-through; otherwise L or RGB, without alpha."""
+    with_alpha = "LA" if image.mode in ("L", "LA") else "RGBA"  # grey stays grey if opaque
+    image = image if image.mode == with_alpha else image.convert(with_alpha)
+    if _is_opaque(image.getchannel("A")):
+        return image.convert(with_alpha[:-1])
+    return image if image.mode == "RGBA" else image.convert("RGBA")
+
+
+def _is_opaque(alpha: Image.Image) -> bool:
+    alpha_min, _ = alpha.getextrema()
+    return alpha_min == 255
+
+
+def _is_grey_palette(image: Image.Image) -> bool:
+    # Only without a profile: a palette's profile is RGB and would not fit grey output.
+    if image.mode != "P" or "icc_profile" in image.info:
+        return False
+    palette = image.getpalette("RGB") or []
+    used = image.getcolors(256) or []
+    return all(len(set(palette[3 * index : 3 * index + 3])) == 1 for _, index in used)
+
+
+def _deep_grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grey, scaled: convert("L") would clip everything above 255 to white."""
+    wide = image if image.mode in ("I", "I;16") else image.convert("I")
+    grey = wide.point(lambda value: value * (1 / 257) + 0.5).convert("L")
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    # PNG's tRNS names one 16-bit grey: compare before scaling, where 257 greys become one.
+    opaque = ImageMath.lambda_eval(
+        lambda args: args["notequal"](args["image"], transparent) * 255, image=image.convert("I")
+    )
+    return _alpha_only_if_used(Image.merge("LA", (grey, opaque.convert("L"))))
+
+
+def _float_grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """Float grey is usually 0..1; any other range has no scale but its own, so it is
+    stretched from its darkest to its brightest pixel (a flat image becomes black)."""
+    low, high = image.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise CompressError(
+            "decode_error", "the image has floating-point pixels that are not numbers"
+        )
+    if low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scale = 255 / (high - low) if high > low else 0.0
+    return image.point(lambda value: (value - low) * scale + 0.5).convert("L")
+
+
+def _icc_is_keepable(icc: object, mode: str) -> bool:
+    """Small, with a well-formed header (declared size, "acsp" signature), for these pixels."""
+    return (
+        isinstance(icc, bytes)
+        and len(icc) <= MAX_ICC_BYTES
+        and int.from_bytes(icc[:4], "big") == len(icc)
+        and icc[36:40] == b"acsp"
+        and icc[16:20] == _ICC_SPACE.get(mode)
+    )
 
 
 def _encode(image: Image.Image, quality: int) -> Compressed:
