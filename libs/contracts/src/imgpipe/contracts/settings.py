@@ -63,6 +63,16 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _printable_keys(cls, keys: list[str]) -> list[str]:
+        # HTTP carries header values as latin-1 while clients send UTF-8: a key beyond
+        # printable ASCII could never match. Refuse it at start-up, not at every request.
+        for key in keys:
+            if not (key.isascii() and key.isprintable() and " " not in key):
+                raise ValueError("IMGPIPE_API_KEYS: each key must be printable ASCII, no spaces")
+        return keys
+
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
     def _split_schedule(cls, value: object) -> object:
