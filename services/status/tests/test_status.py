@@ -345,6 +345,8 @@ async def test_media_files_are_served_publicly(settings: Settings) -> None:
         assert response.status_code == 200
         assert response.content == b"\xff\xd8jpeg bytes"
         assert response.headers["content-type"] == "image/jpeg"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "public, max-age=86400"
         assert (await client.get("/media/req-1/missing.jpg")).status_code == 404
         (settings.data_dir / "secret.txt").write_text("not media")
         assert (await client.get("/media/..%2fsecret.txt")).status_code == 404

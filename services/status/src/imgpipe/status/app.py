@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from pymongo.errors import PyMongoError
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import AnyEvent
@@ -100,8 +102,19 @@ def create_app(
     app.include_router(status_router(settings))
     # Media is public on purpose: its URLs are handed out in status answers and webhooks.
     settings.media_dir.mkdir(parents=True, exist_ok=True)
-    app.mount("/media", StaticFiles(directory=settings.media_dir, check_dir=False), name="media")
+    app.mount("/media", MediaFiles(directory=settings.media_dir, check_dir=False), name="media")
     return app
+
+
+class MediaFiles(StaticFiles):
+    """The compressed images. A file never changes once written (one name per image of a
+    request), so caches may keep it; `nosniff` holds browsers to the served type."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)  # raises for a missing file
+        response.headers["Cache-Control"] = "public, max-age=86400"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 async def _index(repository: StatusRepository) -> None:
