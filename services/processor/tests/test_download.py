@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -32,6 +33,37 @@ async def failure(client: httpx.AsyncClient, url: str, max_bytes: int = 10**7) -
     with pytest.raises(DownloadError) as raised:
         await download(client, url, max_bytes)
     return raised.value
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    """A server speaking HTTP by hand, for what the loopback server will not do; yields
+    its base URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+class EndlessChunks:
+    """Sends one chunk after another until the client hangs up (or 100 MB); counts them."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+        self.sent = 0
+
+    async def send(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            while self.sent < 10**8:
+                writer.write(b"%x\r\n%s\r\n" % (len(self.chunk), self.chunk))
+                self.sent += len(self.chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
 
 async def test_image_is_downloaded_whatever_its_content_type(
@@ -73,29 +105,17 @@ async def test_declared_size_over_the_cap_is_too_large(
 
 async def test_streamed_body_over_the_cap_stops_reading(client: httpx.AsyncClient) -> None:
     """A chunked response without Content-Length that never ends: the cap must cut it."""
-    sent = 0
+    body = EndlessChunks(b"\xff\xd8\xff" + b"\0" * 8189)
 
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        chunk = b"\xff\xd8\xff" + b"\0" * 8189
-        try:
-            while sent < 10**8:
-                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                sent += len(chunk)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await body.send(writer)
 
-    server = await asyncio.start_server(endless, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        error = await failure(client, f"http://127.0.0.1:{port}/stream", max_bytes=100_000)
+    async with raw_server(endless) as base_url:
+        error = await failure(client, f"{base_url}/stream", max_bytes=100_000)
     assert error.code == "too_large"
-    assert sent < 10**8
+    assert body.sent < 10**8
 
 
 async def test_slow_server_is_a_timeout(server: LoopbackServer) -> None:
@@ -131,11 +151,9 @@ async def test_slow_drip_past_the_deadline_is_a_timeout(client: httpx.AsyncClien
         finally:
             writer.close()
 
-    server = await asyncio.start_server(drip, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
+    async with raw_server(drip) as base_url:
         with pytest.raises(DownloadError) as raised:
-            await download(client, f"http://127.0.0.1:{port}/drip", 10**7, deadline=1.0)
+            await download(client, f"{base_url}/drip", 10**7, deadline=1.0)
     assert raised.value.code == "timeout"
     assert dripped < 1_000  # stopped after about a second, not after the whole body
 
@@ -167,11 +185,10 @@ async def test_a_compressed_body_is_refused_unread(
 
 async def test_a_redirect_body_is_never_read(client: httpx.AsyncClient) -> None:
     """The body of a redirect is not the image: an endless one must not hold the download."""
-    sent = 0
     jpeg = jpeg_bytes()
+    redirect_body = EndlessChunks(b"\0" * 8192)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
         request = await reader.readuntil(b"\r\n\r\n")
         if request.startswith(b"GET /image"):
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(jpeg), jpeg))
@@ -180,20 +197,9 @@ async def test_a_redirect_body_is_never_read(client: httpx.AsyncClient) -> None:
             return
         writer.write(b"HTTP/1.1 302 Found\r\nLocation: /image\r\n")
         writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
-        chunk = b"\0" * 8192
-        try:
-            while sent < 10**8:
-                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                sent += len(chunk)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await redirect_body.send(writer)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        body = await download(client, f"http://127.0.0.1:{port}/old", 10**7, deadline=10)
+    async with raw_server(serve) as base_url:
+        body = await download(client, f"{base_url}/old", 10**7, deadline=10)
     assert body == jpeg
-    assert sent < 10**7
+    assert redirect_body.sent < 10**7
