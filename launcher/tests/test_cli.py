@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def start_up(settings: Settings, *args: str, embedded: bool) -> Up:
     env = settings_env(settings, IMGPIPE_ALLOW_PRIVATE_URLS="true")
     if embedded:
         env.pop("MONGODB_URL")
+    return launch_up(settings, env, *args)
+
+
+def launch_up(settings: Settings, env: dict[str, str], *args: str) -> Up:
     process = subprocess.Popen(
         [*IMGPIPE, "up", *args],
         env=env,
@@ -152,6 +157,56 @@ def test_up_starts_everything_with_an_embedded_database_and_sigterm_stops_it_all
     for port in SERVICE_PORTS:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{getattr(up.settings, port)}/readyz", timeout=5)
+
+
+def wait_until_gone(pids: set[int], timeout: float) -> list[int]:
+    """Polls until every pid has exited; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (survivors := sorted(pid for pid in pids if alive(pid))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return survivors
+
+
+def kill_groups(pids: set[int]) -> None:
+    """Cleanup for a failed test: leave no service or database running on the machine."""
+    for pid in pids:
+        with suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_with_sigkill_takes_its_children_with_it_and_up_starts_again(
+    settings: Settings,
+) -> None:
+    # A fixed database port: a database left over from the first run would answer the second.
+    args = ("--quiet", "--mongo-port", str(free_port()))
+    first = start_up(settings, *args, embedded=True)
+    started: set[int] = set()
+    try:
+        first.wait_until_up()
+        started = descendants(first.process.pid)
+        assert len(started) >= 5  # four services and the database
+
+        first.process.kill()
+        first.process.wait(30)
+
+        survivors = wait_until_gone(started, timeout=30)
+        assert survivors == [], f"outlived the launcher: {survivors}"
+    finally:
+        kill_groups({pid for pid in started if alive(pid)})
+        if first.process.poll() is None:
+            first.process.kill()
+
+    second = launch_up(first.settings, first.env, *args)
+    try:
+        second.wait_until_up()
+        assert "embedded SecantusDB" in second.output
+    finally:
+        code = second.stop()
+    assert code == 0, second.output
+    assert "all services stopped" in second.output
 
 
 @pytest.fixture(scope="module")

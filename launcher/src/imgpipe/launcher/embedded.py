@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from imgpipe.launcher.tethered import tethered_command
+
 
 class EmbeddedMongoUnavailable(RuntimeError):
     pass
@@ -56,7 +58,8 @@ def embedded_mongo(
     port = port or free_port()
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
-        [_server_command(), "--port", str(port), "--storage-path", str(storage)],
+        # Tethered: a killed launcher must not leave a database holding the storage directory.
+        tethered_command([_server_command(), "--port", str(port), "--storage-path", str(storage)]),
         stdout=output,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

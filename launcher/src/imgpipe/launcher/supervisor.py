@@ -21,6 +21,7 @@ import httpx
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.launcher.embedded import embedded_mongo, free_port
+from imgpipe.launcher.tethered import tethered_command
 
 DEFAULT_MONGO_PORT = 27018
 STOP_GRACE_SECONDS = 10.0
@@ -114,7 +115,9 @@ class Child:
         self.log_path = log_path
         self.tail: deque[str] = deque(maxlen=30)
         self.process = subprocess.Popen(
-            spec.command,
+            # Tethered: the service gets SIGTERM if the launcher is killed (even with SIGKILL),
+            # so it never outlives it holding its port.
+            tethered_command(spec.command),
             env={**env, **spec.env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
