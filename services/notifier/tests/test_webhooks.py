@@ -37,6 +37,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.notifier.app import create_app
 from imgpipe.notifier.config import NotifierConfig
+from imgpipe.notifier.subscriptions import normalise_url
 from tests.support.http_server import LoopbackServer, Recorded, Response
 
 WAIT = 60.0  # generous ceiling for anything that happens in the background
@@ -215,9 +216,11 @@ async def wait_until(check: Callable[[], Awaitable[Any]] | Callable[[], Any], wh
 
 
 async def deliveries(client: httpx.AsyncClient, request_id: str) -> list[dict[str, Any]]:
+    """A request's deliveries oldest first, so in lifecycle order: the API lists newest
+    first (see test_deliveries_are_listed_newest_first_and_paged_back_with_before)."""
     response = await client.get("/deliveries", params={"request_id": request_id})
     assert response.status_code == 200, response.text
-    return response.json()
+    return response.json()[::-1]
 
 
 # Tests ---------------------------------------------------------------------------
@@ -567,3 +570,174 @@ async def test_private_addresses_are_refused_unless_allowed(
     [attempt] = delivery["attempts"]
     assert attempt["status_code"] is None and attempt["error"].startswith("url_refused")
     assert receiver.to("/private") == []
+
+
+# Subscriptions and the delivery log: the API's rules ---------------------------------
+
+
+def test_subscription_urls_are_normalised() -> None:
+    assert normalise_url("HTTPS://Example.COM:443/Hook?a=B") == "https://example.com/Hook?a=B"
+    assert normalise_url("http://EXAMPLE.com:80/x") == "http://example.com/x"
+    assert normalise_url("http://example.com:8080/x") == "http://example.com:8080/x"
+    assert normalise_url("https://[::1]:443/x") == "https://[::1]/x"
+
+
+async def test_creating_an_equal_subscription_returns_the_existing_one(
+    settings, receiver, run_notifier
+) -> None:
+    hook = receiver.endpoint("/same")
+    shouting = hook.replace("http://", "HTTP://")
+    async with run_notifier(settings) as (_, client):
+        created = await client.post("/subscriptions", json={"url": hook})
+        assert created.status_code == 201
+        for same in (
+            {"url": hook},
+            {"url": shouting},
+            {"url": hook, "event_types": list(reversed(created.json()["event_types"]))},
+        ):
+            again = await client.post("/subscriptions", json=same)
+            assert again.status_code == 200, same
+            assert again.json() == created.json()
+        # Other webhook types make another subscription, stored under the normalised URL.
+        finals = await client.post(
+            "/subscriptions", json={"url": shouting, "event_types": ["request.completed"]}
+        )
+        assert finals.status_code == 201
+        assert finals.json()["url"] == hook
+        assert len((await client.get("/subscriptions")).json()) == 2
+
+
+async def _first_attempt_logged(client, request_id: str) -> list | None:
+    log = await deliveries(client, request_id)
+    return log if log and all(d["attempts"] for d in log) else None
+
+
+async def test_deleting_one_of_two_subscriptions_to_an_endpoint_keeps_its_deliveries(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = quick_retries(settings, 60)  # after one failure the delivery waits, pending
+    hook = receiver.endpoint("/shared", default=Response(status=500))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        every = (await client.post("/subscriptions", json={"url": hook})).json()
+        received_only = await client.post(
+            "/subscriptions", json={"url": hook, "event_types": ["request.received"]}
+        )
+        assert received_only.status_code == 201
+        await publish(bus, received(request_id))
+        [delivery] = await wait_until(
+            lambda: _first_attempt_logged(client, request_id), "a failed first attempt"
+        )
+        assert delivery["status"] == "pending" and delivery["subscription_id"] == every["id"]
+
+        assert (await client.delete(f"/subscriptions/{every['id']}")).status_code == 204
+        [kept] = await deliveries(client, request_id)
+        assert kept["status"] == "pending"  # the other subscription still wants it
+        assert kept["subscription_id"] == received_only.json()["id"]
+
+        # Once no subscription wants it, it is cancelled.
+        assert (await client.delete(f"/subscriptions/{kept['subscription_id']}")).status_code == 204
+        [cancelled] = await deliveries(client, request_id)
+    assert cancelled["status"] == "cancelled" and cancelled["next_attempt_at"] is None
+
+
+async def test_retrying_a_delivery_nobody_subscribes_to_any_more_is_refused(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = quick_retries(settings, 60)
+    hook = receiver.endpoint("/left", Response(status=500))  # then 200
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        subscription = (await client.post("/subscriptions", json={"url": hook})).json()
+        await publish(bus, received(request_id))
+        [delivery] = await wait_until(
+            lambda: _first_attempt_logged(client, request_id), "a failed first attempt"
+        )
+        await client.delete(f"/subscriptions/{subscription['id']}")
+
+        refused = await client.post(f"/deliveries/{delivery['id']}/retry")
+        assert refused.status_code == 409
+        assert "subscribe the endpoint again" in refused.json()["detail"]
+        assert (await _status_of(client, delivery["id"], "cancelled")) is not None
+
+        # Subscribed again, the endpoint can have it; the delivery joins the new subscription.
+        again = (await client.post("/subscriptions", json={"url": hook})).json()
+        retried = await client.post(f"/deliveries/{delivery['id']}/retry")
+        assert retried.status_code == 202
+        assert retried.json()["subscription_id"] == again["id"]
+        await wait_until(lambda: _status_of(client, delivery["id"], "delivered"), "the retry")
+    assert [d.status for d in receiver.to("/left")] == [500, 200]
+
+
+async def test_subscriptions_with_impossible_ports_or_unknown_fields_are_refused(
+    settings, run_notifier
+) -> None:
+    async with run_notifier(settings) as (_, client):
+        for url in (
+            "https://example.com:0/hook",
+            "https://example.com:99999/hook",
+            "https://example.com:http/hook",
+        ):
+            refused = await client.post("/subscriptions", json={"url": url})
+            assert refused.status_code == 422, url
+            assert "port must be a number from 1 to 65535" in refused.json()["detail"][0]["msg"]
+        misspelt = await client.post(
+            "/subscriptions",
+            json={"url": "https://example.com/hook", "event_type": ["request.completed"]},
+        )
+        assert misspelt.status_code == 422
+        [problem] = misspelt.json()["detail"]
+        assert problem["type"] == "extra_forbidden" and problem["loc"] == ["body", "event_type"]
+        assert (await client.get("/subscriptions")).json() == []
+
+
+async def test_an_unknown_delivery_status_is_refused_naming_the_valid_ones(
+    settings, run_notifier
+) -> None:
+    async with run_notifier(settings) as (_, client):
+        refused = await client.get("/deliveries", params={"status": "bogus"})
+        assert refused.status_code == 422
+        message = refused.json()["detail"][0]["msg"]
+        assert all(f"'{name}'" in message for name in ("pending", "delivered", "failed"))
+        assert "'cancelled'" in message
+        assert (await client.get("/deliveries", params={"status": "failed"})).json() == []
+
+
+async def test_deliveries_are_listed_newest_first_and_paged_back_with_before(
+    settings, receiver, bus, run_notifier
+) -> None:
+    # Three endpoints per request: their deliveries share a created_at, so paging by
+    # time alone would skip some; the delivery-id cursor must not.
+    hook = receiver.endpoint("/own")
+    request_ids = [new_id() for _ in range(3)]
+    async with run_notifier(settings) as (_, client):
+        for path in ("/a", "/b"):
+            await client.post("/subscriptions", json={"url": receiver.endpoint(path)})
+        for request_id in request_ids:  # one after another: each request is newer
+            await publish(bus, received(request_id, hook))
+            await wait_until(
+                lambda request_id=request_id: _delivered(client, request_id), "three deliveries"
+            )
+        everything = (await client.get("/deliveries")).json()
+        pages = await _pages(client, limit=2)
+        newest = everything[0]["created_at"]
+        older = (await client.get("/deliveries", params={"before": newest})).json()
+        refused = await client.get("/deliveries", params={"before": "not-a-cursor"})
+
+    newest_first = [request_id for request_id in reversed(request_ids) for _ in range(3)]
+    assert [d["request_id"] for d in everything] == newest_first
+    assert [len(page) for page in pages] == [2, 2, 2, 2, 1]
+    assert [d["id"] for page in pages for d in page] == [d["id"] for d in everything]
+    assert older == everything[3:]  # a time cursor: strictly older than it
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["query", "before"]
+
+
+async def _pages(client: httpx.AsyncClient, limit: int) -> list[list[dict[str, Any]]]:
+    """Every page, following `before`; a cursor that goes nowhere ends it too."""
+    pages: list[list[dict[str, Any]]] = []
+    params: dict[str, Any] = {"limit": limit}
+    while len(pages) < 10 and (page := (await client.get("/deliveries", params=params)).json()):
+        pages.append(page)
+        params["before"] = page[-1]["id"]
+    return pages

@@ -24,3 +24,4 @@ DELIVERED = "delivered"
 FAILED = "failed"
 CANCELLED = "cancelled"
 DONE_STATES = (DELIVERED, FAILED, CANCELLED)
+DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]

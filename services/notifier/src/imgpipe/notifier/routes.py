@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 
 from imgpipe.contracts.outbound import URLRefused, check_url
 from imgpipe.notifier.handlers import Deps
+from imgpipe.notifier.model import DeliveryStatus
 from imgpipe.notifier.schemas import Delivery, Subscription, SubscriptionIn
+from imgpipe.notifier.subscriptions import (
+    find_equal,
+    normalise_url,
+    owner_for_retry,
+    settle_orphans,
+)
+
+Doc = dict[str, Any]
 
 
 def deps(request: Request) -> Deps:
@@ -31,25 +40,41 @@ router = APIRouter()
     "/subscriptions",
     status_code=status.HTTP_201_CREATED,
     response_model=Subscription,
+    responses={200: {"description": "An equal subscription exists; this is it."}},
     tags=["subscriptions"],
 )
-async def create_subscription(body: SubscriptionIn, deps: DepsDep) -> Subscription:
-    """Register an endpoint for some or all webhook types (of every request from now on)."""
-    try:  # the same rules every delivery will meet, so a bad URL fails here, not later
-        check_url(body.url, deps.settings.allow_private_urls)
-    except URLRefused as exc:
-        raise HTTPException(
-            422,
-            detail=[{"loc": ["body", "url"], "msg": str(exc), "type": URLRefused.code}],
-        ) from None
+async def create_subscription(
+    body: SubscriptionIn, deps: DepsDep, response: Response
+) -> Subscription:
+    """Register an endpoint for some or all webhook types (of every request from now on).
+
+    Idempotent: the same URL (scheme and host in any case, default port or not) with the
+    same webhook types answers 200 with the subscription that exists."""
+    _refuse_unsafe_url(body.url, deps)
+    url = normalise_url(body.url)
+    existing = await find_equal(deps.repo, url, body.event_types)
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return Subscription.from_doc(existing)
     doc = {
         "_id": f"sub_{uuid.uuid4().hex}",
-        "url": body.url,
+        "url": url,
         "event_types": body.event_types,
         "created_at": _now_ms(),
     }
     await deps.repo.add_subscription(doc)
     return Subscription.from_doc(doc)
+
+
+def _refuse_unsafe_url(url: str, deps: Deps) -> None:
+    """The same rules every delivery will meet, so a bad URL fails here, not later."""
+    try:
+        check_url(url, deps.settings.allow_private_urls)
+    except URLRefused as exc:
+        raise HTTPException(
+            422,
+            detail=[{"loc": ["body", "url"], "msg": str(exc), "type": URLRefused.code}],
+        ) from None
 
 
 @router.get("/subscriptions", response_model=list[Subscription], tags=["subscriptions"])
@@ -72,9 +97,13 @@ async def get_subscription(subscription_id: str, deps: DepsDep) -> Subscription:
     tags=["subscriptions"],
 )
 async def delete_subscription(subscription_id: str, deps: DepsDep) -> Response:
-    if not await deps.repo.delete_subscription(subscription_id):
+    """Its pending deliveries go on under another subscription of the same endpoint and
+    type if there is one, and are cancelled otherwise."""
+    doc = await deps.repo.delete_subscription(subscription_id)
+    if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such subscription")
-    await deps.repo.cancel_for_subscription(subscription_id, datetime.now(UTC))
+    orphans = [(subscription_id, list(doc["event_types"]))]
+    await settle_orphans(deps.repo, doc["url"], orphans, datetime.now(UTC))
     deps.wake()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -83,13 +112,44 @@ async def delete_subscription(subscription_id: str, deps: DepsDep) -> Response:
 async def list_deliveries(
     deps: DepsDep,
     request_id: str | None = None,
-    status_: Annotated[str | None, Query(alias="status")] = None,
+    status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     endpoint: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        str | None,
+        Query(
+            description="the id of the last delivery seen, for the page after it (or an "
+            "ISO 8601 time: deliveries created before it)"
+        ),
+    ] = None,
 ) -> list[Delivery]:
-    """Every delivery with its full attempt log (time, status code, latency, error, next retry)."""
-    docs = await deps.repo.list_deliveries(request_id, status_, endpoint, limit)
+    """Deliveries, newest first, each with its full attempt log (time, status code,
+    latency, error, next retry)."""
+    cursor = await _cursor(before, deps)
+    docs = await deps.repo.list_deliveries(request_id, status_, endpoint, limit, cursor)
     return [Delivery.from_doc(doc) for doc in docs]
+
+
+async def _cursor(before: str | None, deps: Deps) -> Doc | None:
+    """Where the page starts: after a delivery (exact), or before a time."""
+    if before is None:
+        return None
+    if (delivery := await deps.repo.get_delivery(before)) is not None:
+        return delivery
+    try:
+        at = datetime.fromisoformat(before)
+    except ValueError:
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "loc": ["query", "before"],
+                    "msg": "must be the id of a delivery or an ISO 8601 time",
+                    "type": "value_error",
+                }
+            ],
+        ) from None
+    return {"created_at": at if at.tzinfo else at.replace(tzinfo=UTC)}
 
 
 @router.get("/deliveries/{delivery_id}", response_model=Delivery, tags=["deliveries"])
@@ -107,9 +167,33 @@ async def get_delivery(delivery_id: str, deps: DepsDep) -> Delivery:
     tags=["deliveries"],
 )
 async def retry_delivery(delivery_id: str, deps: DepsDep) -> Delivery:
-    """Send this delivery again now, with a fresh retry schedule; earlier attempts stay logged."""
-    doc = await deps.repo.replay(delivery_id, datetime.now(UTC))
+    """Send this delivery again now, with a fresh retry schedule; earlier attempts stay logged.
+
+    A delivery made for a subscription is sent only while a subscription (its own, or
+    another of the same endpoint and type) still wants it: 409 otherwise."""
+    doc = await deps.repo.get_delivery(delivery_id)
     if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
+    owner = await _owner_or_conflict(doc, deps)
+    now = datetime.now(UTC)
+    replayed = await deps.repo.replay(delivery_id, now, owner)
+    assert replayed is not None  # deliveries are never deleted
+    if owner is not None:  # the owner may have been deleted since we looked
+        await settle_orphans(deps.repo, doc["endpoint"], [(owner, [doc["event_type"]])], now)
     deps.wake()
-    return Delivery.from_doc(doc)
+    return Delivery.from_doc(replayed)
+
+
+async def _owner_or_conflict(doc: Doc, deps: Deps) -> str | None:
+    """The subscription a retry belongs to (None for a request's own webhook URL)."""
+    if doc["subscription_id"] is None:
+        return None
+    owner = await owner_for_retry(deps.repo, doc)
+    if owner is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"subscription {doc['subscription_id']} was deleted and no subscription "
+            f"wants {doc['event_type']} webhooks at {doc['endpoint']} any more; "
+            "subscribe the endpoint again to retry this delivery",
+        )
+    return owner

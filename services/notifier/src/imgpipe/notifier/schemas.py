@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imgpipe.notifier.model import WEBHOOK_TYPES, WebhookType
+from imgpipe.notifier.model import WEBHOOK_TYPES, DeliveryStatus, WebhookType
+
+MAX_PORT = 65535
 
 
 class SubscriptionIn(BaseModel):
+    # A misspelt field (say `event_type`) must not quietly subscribe to everything.
+    model_config = ConfigDict(extra="forbid")
+
     url: str = Field(max_length=2048, examples=["https://example.com/hooks/imgpipe"])
     event_types: list[WebhookType] = Field(
         default_factory=lambda: list(WEBHOOK_TYPES),
@@ -27,12 +32,23 @@ class SubscriptionIn(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL")
+        if not _valid_port(parts):
+            raise ValueError(f"the port must be a number from 1 to {MAX_PORT}")
         return value
 
     @field_validator("event_types")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    """No port, or one a connection can use (urlsplit itself lets 0 through)."""
+    try:
+        port = parts.port  # raises for a port that is not a number or over 65535
+    except ValueError:
+        return False
+    return port is None or 1 <= port <= MAX_PORT
 
 
 class Subscription(BaseModel):
@@ -63,7 +79,7 @@ class Delivery(BaseModel):
     endpoint: str
     subscription_id: str | None
     webhook_id: str = Field(description="the `webhook-id` header, the same on every retry")
-    status: str = Field(description="pending, delivered, failed or cancelled")
+    status: DeliveryStatus
     attempts: list[Attempt]
     next_attempt_at: datetime | None
     created_at: datetime

@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -26,6 +26,9 @@ from imgpipe.notifier.model import CANCELLED, FINAL_TYPES, PENDING
 
 Doc = dict[str, Any]
 ROWS_PER_CHUNK = 1000
+# Newest first; seq keeps one planning pass's webhooks (same created_at) in lifecycle
+# order, _id makes the order total so a cursor never skips or repeats a delivery.
+LOG_ORDER = [("created_at", DESCENDING), ("seq", DESCENDING), ("_id", DESCENDING)]
 DUPLICATE_KEY = 11000
 
 
@@ -51,6 +54,8 @@ class Repository:
         )
         await self.deliveries.create_index([("status", ASCENDING), ("next_attempt_at", 1)])
         await self.deliveries.create_index("subscription_id")
+        # The delivery log is listed newest first, in this order (see list_deliveries).
+        await self.deliveries.create_index(LOG_ORDER)
 
     # Request facts -----------------------------------------------------------------
 
@@ -191,9 +196,9 @@ class Repository:
     async def get_subscription(self, subscription_id: str) -> Doc | None:
         return await self.subscriptions.find_one({"_id": subscription_id})
 
-    async def delete_subscription(self, subscription_id: str) -> bool:
-        result = await self.subscriptions.delete_one({"_id": subscription_id})
-        return result.deleted_count == 1
+    async def delete_subscription(self, subscription_id: str) -> Doc | None:
+        """The deleted subscription, None when there was none."""
+        return await self.subscriptions.find_one_and_delete({"_id": subscription_id})
 
     async def subscriptions_for(self, event_type: str) -> list[Doc]:
         cursor = self.subscriptions.find({"event_types": event_type})
@@ -290,8 +295,14 @@ class Repository:
         )
 
     async def list_deliveries(
-        self, request_id: str | None, status: str | None, endpoint: str | None, limit: int
+        self,
+        request_id: str | None,
+        status: str | None,
+        endpoint: str | None,
+        limit: int,
+        before: Doc | None = None,
     ) -> list[Doc]:
+        """Newest first; `before` (a delivery, or just a `created_at`) lists older ones."""
         query: Doc = {}
         if request_id:
             query["request_id"] = request_id
@@ -299,40 +310,65 @@ class Repository:
             query["status"] = status
         if endpoint:
             query["endpoint"] = endpoint
-        cursor = self.deliveries.find(query).sort(
-            [("created_at", ASCENDING), ("seq", ASCENDING), ("endpoint", ASCENDING)]
-        )
+        if before is not None:
+            query.update(_older_than(before))
+        cursor = self.deliveries.find(query).sort(LOG_ORDER)
         return await cursor.limit(limit).to_list()
 
     async def get_delivery(self, delivery_id: str) -> Doc | None:
         return await self.deliveries.find_one({"_id": delivery_id})
 
-    async def replay(self, delivery_id: str, now: datetime) -> Doc | None:
-        """Pending again and due now, with a fresh retry budget; the log is kept."""
+    async def replay(
+        self, delivery_id: str, now: datetime, subscription_id: str | None = None
+    ) -> Doc | None:
+        """Pending again and due now, with a fresh retry budget; the log is kept.
+        `subscription_id` links it to the subscription that covers it now."""
+        fields: Doc = {"status": PENDING, "next_attempt_at": now, "tries": 0, "updated_at": now}
+        if subscription_id is not None:
+            fields["subscription_id"] = subscription_id
         return await self.deliveries.find_one_and_update(
-            {"_id": delivery_id},
-            {
-                "$set": {
-                    "status": PENDING,
-                    "next_attempt_at": now,
-                    "tries": 0,
-                    "updated_at": now,
-                }
-            },
-            return_document=ReturnDocument.AFTER,
+            {"_id": delivery_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
         )
 
-    async def cancel_for_subscription(self, subscription_id: str, now: datetime) -> None:
-        """A deleted subscription gets no more attempts; its delivery log stays."""
-        docs = await self.deliveries.find(
-            {"subscription_id": subscription_id, "status": PENDING}, {"attempts": 0, "body": 0}
-        ).to_list()
+    async def reassign_pending(
+        self, subscription_id: str, event_type: str, heir_id: str, now: datetime
+    ) -> None:
+        """Link a subscription's pending deliveries of one type to another subscription."""
         await self.deliveries.update_many(
-            {"subscription_id": subscription_id, "status": PENDING},
-            {"$set": {"status": CANCELLED, "next_attempt_at": None, "updated_at": now}},
+            {"subscription_id": subscription_id, "event_type": event_type, "status": PENDING},
+            {"$set": {"subscription_id": heir_id, "updated_at": now}},
+        )
+
+    async def cancel_for_subscription(
+        self, subscription_id: str, event_types: list[str], now: datetime
+    ) -> None:
+        """No more attempts for these pending deliveries of a deleted subscription; the
+        delivery log stays."""
+        query = {
+            "subscription_id": subscription_id,
+            "event_type": {"$in": event_types},
+            "status": PENDING,
+        }
+        docs = await self.deliveries.find(query, {"attempts": 0, "body": 0}).to_list()
+        await self.deliveries.update_many(
+            query, {"$set": {"status": CANCELLED, "next_attempt_at": None, "updated_at": now}}
         )
         for doc in docs:  # later webhooks to the same URL need not wait for these
             await self.release_successors(doc, now)
+
+
+def _older_than(before: Doc) -> Doc:
+    """Deliveries after `before` in LOG_ORDER; only `created_at` when it is just a time."""
+    created_at = before["created_at"]
+    if "_id" not in before:
+        return {"created_at": {"$lt": created_at}}
+    return {
+        "$or": [
+            {"created_at": {"$lt": created_at}},
+            {"created_at": created_at, "seq": {"$lt": before["seq"]}},
+            {"created_at": created_at, "seq": before["seq"], "_id": {"$lt": before["_id"]}},
+        ]
+    }
 
 
 def _only_duplicates(exc: BulkWriteError) -> bool:
