@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import pickle
 
@@ -407,3 +408,22 @@ def test_formats_the_downloader_refuses_are_never_decoded(fmt: str) -> None:
         compress(encode(tiny(16, 12), fmt), 50, LIMIT)
     assert raised.value.code == "decode_error"
     assert raised.value.message.startswith("not an image format imgpipe can read")
+
+
+async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
+    """A dead worker breaks the whole pool; every image then in it is run again, alone,
+    so only the one that kills its worker twice fails."""
+    from imgpipe.processor.bootstrap import PoolCompressor
+    from tests.support.crashing import CRASH, compress_or_die
+
+    pool = PoolCompressor(2, LIMIT, function=compress_or_die)
+    try:
+        innocent = [f"image {i}".encode() for i in range(12)]
+        inputs = [*innocent[:6], CRASH, *innocent[6:]]
+        results = await asyncio.gather(*(pool(d, 50) for d in inputs), return_exceptions=True)
+        crashed = results.pop(6)
+        assert isinstance(crashed, CompressError) and crashed.code == "decode_error"
+        assert [getattr(result, "data", result) for result in results] == innocent
+        assert (await pool(b"after", 50)).data == b"after"
+    finally:
+        pool.shutdown()

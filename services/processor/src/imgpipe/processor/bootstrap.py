@@ -37,6 +37,7 @@ REQUESTS_QUEUE = "processor.requests"
 SHUTDOWN_GRACE = 20.0
 
 T = TypeVar("T")
+Compress = Callable[[bytes, int, int], Compressed]
 
 
 def worker_count(settings: Settings) -> int:
@@ -67,12 +68,21 @@ def build_storage(settings: Settings) -> Storage:
 
 
 class PoolCompressor:
-    """Runs `compress` in a process pool, keeping the event loop free for I/O."""
+    """Runs `compress` in a process pool, keeping the event loop free for I/O.
 
-    def __init__(self, workers: int, max_pixels: int) -> None:
+    A worker that dies (a crashing decoder, the OOM killer) breaks the whole pool: every
+    image then in it fails with BrokenProcessPool, though only one was to blame. Each of
+    them is run again alone, with nothing else in the pool, so a second death can only
+    be its own: that image fails, and the others go on."""
+
+    def __init__(self, workers: int, max_pixels: int, function: Compress = compress) -> None:
         self.workers = workers
         self.max_pixels = max_pixels
+        self._function = function  # a seam for tests: a module-level function
         self._pool = self._new_pool()
+        self._in_flight = 0
+        self._drained = asyncio.Condition()
+        self._solo = asyncio.Lock()  # held while an image runs alone
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # Not plain fork: forking a process that runs threads (pymongo, asyncio) can deadlock.
@@ -94,21 +104,39 @@ class PoolCompressor:
         )
 
     async def __call__(self, data: bytes, quality: int) -> Compressed:
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._pool
+        async with self._solo:  # wait while an image runs alone; then share the pool
+            pass
+        try:
+            return await self._run(data, quality)
+        except BrokenProcessPool:
+            return await self._run_alone(data, quality)
+
+    async def _run_alone(self, data: bytes, quality: int) -> Compressed:
+        async with self._solo:
+            async with self._drained:
+                await self._drained.wait_for(lambda: self._in_flight == 0)
             try:
-                return await loop.run_in_executor(pool, compress, data, quality, self.max_pixels)
+                return await self._run(data, quality)
             except BrokenProcessPool:
-                # A worker died (a crashing decoder, the OOM killer): every job then in the
-                # pool sees this. Retry once in a fresh pool; a second death blames the image.
-                if self._pool is pool:
-                    log.error("image worker died; starting a new pool")
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new_pool()
-                if attempt == 2:
-                    raise CompressError("decode_error", "decoding this image crashed") from None
-        raise AssertionError("unreachable")
+                raise CompressError("decode_error", "decoding this image crashed") from None
+
+    async def _run(self, data: bytes, quality: int) -> Compressed:
+        pool = self._pool
+        self._in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool, self._function, data, quality, self.max_pixels)
+        except BrokenProcessPool:
+            if self._pool is pool:  # the first to notice replaces it
+                log.error("image worker died; starting a new pool")
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                async with self._drained:
+                    self._drained.notify_all()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
