@@ -427,3 +427,20 @@ async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
         assert (await pool(b"after", 50)).data == b"after"
     finally:
         pool.shutdown()
+
+
+async def test_an_image_over_the_time_limit_fails_and_frees_its_worker() -> None:
+    from imgpipe.processor.bootstrap import PoolCompressor
+    from tests.support.crashing import STUCK, compress_or_die
+
+    pool = PoolCompressor(2, LIMIT, time_limit=0.5, function=compress_or_die)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(pool(STUCK, 50), pool(b"fine", 50), return_exceptions=True), 30
+        )
+        stuck, fine = results
+        assert isinstance(stuck, CompressError) and "longer than 0.5 s" in stuck.message
+        assert getattr(fine, "data", fine) == b"fine"
+        assert (await pool(b"after", 50)).data == b"after"
+    finally:
+        pool.shutdown()

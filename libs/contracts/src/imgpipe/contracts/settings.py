@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=16 * 1024 * 1024, alias="IMGPIPE_MAX_EVENT_BYTES")
     max_image_bytes: int = Field(default=25 * 1024 * 1024, alias="IMGPIPE_MAX_IMAGE_BYTES")
     max_image_pixels: int = Field(default=50_000_000, alias="IMGPIPE_MAX_IMAGE_PIXELS")
+    # Seconds one image may take to decode and encode; past it its worker is killed (a
+    # largest allowed image takes a few seconds: this is for decoders that never end).
+    image_time_limit: float = Field(default=60.0, alias="IMGPIPE_IMAGE_TIME_LIMIT")
     download_timeout: float = Field(default=30.0, alias="IMGPIPE_DOWNLOAD_TIMEOUT")
     connect_timeout: float = Field(default=5.0, alias="IMGPIPE_CONNECT_TIMEOUT")
     max_redirects: int = Field(default=5, alias="IMGPIPE_MAX_REDIRECTS")

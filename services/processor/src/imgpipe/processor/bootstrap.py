@@ -27,7 +27,7 @@ from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, par
 from imgpipe.processor.adapters.download import Downloader
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.adapters.storage import LocalStorage, Storage
-from imgpipe.processor.compress import Compressed, CompressError, compress
+from imgpipe.processor.compress import Compressed, CompressError, compress, within_time
 from imgpipe.processor.handlers import JOBS_QUEUE, Processor
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,22 @@ def build_storage(settings: Settings) -> Storage:
 class PoolCompressor:
     """Runs `compress` in a process pool, keeping the event loop free for I/O.
 
-    A worker that dies (a crashing decoder, the OOM killer) breaks the whole pool: every
-    image then in it fails with BrokenProcessPool, though only one was to blame. Each of
-    them is run again alone, with nothing else in the pool, so a second death can only
-    be its own: that image fails, and the others go on."""
+    A worker that dies (a crashing decoder, the OOM killer, an image over `time_limit`
+    seconds) breaks the whole pool: every image then in it fails with BrokenProcessPool,
+    though only one was to blame. Each of them is run again alone, with nothing else in
+    the pool, so a second death can only be its own: that image fails, and the others go
+    on."""
 
-    def __init__(self, workers: int, max_pixels: int, function: Compress = compress) -> None:
+    def __init__(
+        self,
+        workers: int,
+        max_pixels: int,
+        time_limit: float = 60.0,
+        function: Compress = compress,
+    ) -> None:
         self.workers = workers
         self.max_pixels = max_pixels
+        self.time_limit = time_limit
         self._function = function  # a seam for tests: a module-level function
         self._pool = self._new_pool()
         self._in_flight = 0
@@ -118,14 +126,17 @@ class PoolCompressor:
             try:
                 return await self._run(data, quality)
             except BrokenProcessPool:
-                raise CompressError("decode_error", "decoding this image crashed") from None
+                message = f"decoding this image crashed or took longer than {self.time_limit:g} s"
+                raise CompressError("decode_error", message) from None
 
     async def _run(self, data: bytes, quality: int) -> Compressed:
         pool = self._pool
         self._in_flight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(pool, self._function, data, quality, self.max_pixels)
+            return await loop.run_in_executor(
+                pool, within_time, self.time_limit, self._function, data, quality, self.max_pixels
+            )
         except BrokenProcessPool:
             if self._pool is pool:  # the first to notice replaces it
                 log.error("image worker died; starting a new pool")
@@ -202,7 +213,9 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         mongo = connect(settings)
-        compressor = PoolCompressor(worker_count(settings), settings.max_image_pixels)
+        compressor = PoolCompressor(
+            worker_count(settings), settings.max_image_pixels, settings.image_time_limit
+        )
         downloader = Downloader(
             outbound_client(settings),
             settings.max_image_bytes,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageFile, ImageMath, ImageOps
 
@@ -53,6 +55,19 @@ class Compressed:
     format: OutputFormat
     width: int
     height: int
+
+
+def within_time(
+    seconds: float, function: Callable[[bytes, int, int], Compressed], *args: Any
+) -> Compressed:
+    """Run `function` in a pool worker that dies if it takes longer than `seconds`:
+    SIGALRM's default action ends the process, which no decoder stuck in C can put off.
+    The pool sees a dead worker, as after a crash (bootstrap.PoolCompressor)."""
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return function(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
