@@ -89,7 +89,8 @@ class PoolCompressor:
         self._function = function  # a seam for tests: a module-level function
         self._pool = self._new_pool()
         self._in_flight = 0
-        self._drained = asyncio.Condition()
+        self._idle = asyncio.Event()  # set while no image is in the pool
+        self._idle.set()
         self._solo = asyncio.Lock()  # held while an image runs alone
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -112,8 +113,9 @@ class PoolCompressor:
         )
 
     async def __call__(self, data: bytes, quality: int) -> Compressed:
-        async with self._solo:  # wait while an image runs alone; then share the pool
-            pass
+        if self._solo.locked():  # wait while an image runs alone; then share the pool
+            async with self._solo:
+                pass
         try:
             return await self._run(data, quality)
         except BrokenProcessPool:
@@ -121,8 +123,7 @@ class PoolCompressor:
 
     async def _run_alone(self, data: bytes, quality: int) -> Compressed:
         async with self._solo:
-            async with self._drained:
-                await self._drained.wait_for(lambda: self._in_flight == 0)
+            await self._idle.wait()
             try:
                 return await self._run(data, quality)
             except BrokenProcessPool:
@@ -132,6 +133,7 @@ class PoolCompressor:
     async def _run(self, data: bytes, quality: int) -> Compressed:
         pool = self._pool
         self._in_flight += 1
+        self._idle.clear()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
@@ -146,8 +148,7 @@ class PoolCompressor:
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
-                async with self._drained:
-                    self._drained.notify_all()
+                self._idle.set()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
