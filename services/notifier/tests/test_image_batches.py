@@ -127,6 +127,7 @@ async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> Non
         "outcome": "ok",
         "output_url": "http://out/0.jpg",
         "error": None,
+        "attempts": None,
     }
     assert [doc["key"] for doc in docs] == ["0-0", "1-0"]
     assert await repo.image_counts(request_id) == (2, 0)

@@ -76,6 +76,7 @@ def processed(request_id: str, row: int, position: int, *, ok: bool = True) -> C
         outcome="ok" if ok else "failed",
         output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
         error=None if ok else ImageError(code="download_failed", message="HTTP 404"),
+        attempts=1 if ok else 3,
     )
     event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
     event.time = T0 + timedelta(seconds=1 + row * 10 + position)
@@ -272,6 +273,7 @@ async def test_each_status_change_arrives_once_in_order_signed(
             "input_urls": ["http://in/a.jpg", "http://in/b.jpg"],
             "output_urls": [f"http://media/{request_id}/0-0.jpg", None],
             "errors": [None, {"code": "download_failed", "message": "HTTP 404"}],
+            "attempts": [1, 3],
         },
         {
             "serial_number": "2",
@@ -279,6 +281,7 @@ async def test_each_status_change_arrives_once_in_order_signed(
             "input_urls": ["http://in/c.jpg"],
             "output_urls": [f"http://media/{request_id}/1-0.jpg"],
             "errors": [None],
+            "attempts": [1],
         },
     ]
     # The webhook-id names the message: different per status change.

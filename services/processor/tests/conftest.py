@@ -25,13 +25,11 @@ from imgpipe.contracts.events import (
     received_event_id,
 )
 from imgpipe.contracts.mongo import connect, service_database
-from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.processor.adapters.download import Downloader
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.app import create_app
-from imgpipe.processor.bootstrap import build_storage
+from imgpipe.processor.bootstrap import build_downloader, build_storage
 from imgpipe.processor.compress import Compressed, compress
 from imgpipe.processor.handlers import Processor
 from tests.support.http_server import LoopbackServer, loopback_server
@@ -166,13 +164,17 @@ async def processor(settings: Settings, tap: EventTap) -> AsyncIterator[Processo
     mongo = connect(settings)
     repository = ProcessorRepository(service_database(mongo, settings, "processor"))
     await repository.ensure_indexes()
-    async with outbound_client(settings) as http:
+    downloader = build_downloader(settings)
+    try:
         yield Processor(
             repository=repository,
             bus=tap.bus,
             storage=build_storage(settings),
-            download=Downloader(http, settings.max_image_bytes, settings.download_timeout),
+            download=downloader,
             compressor=inline,
+            topology=tap.bus.topology,
             instance="test",
         )
+    finally:
+        await downloader.aclose()
     await mongo.close()

@@ -88,6 +88,7 @@ def processed(request_id: str, row: int, position: int) -> CloudEvent:
         height=10 if ok else None,
         format="JPEG" if ok else None,
         error=None if ok else ImageError(code="download_failed", message=f"HTTP 404 {key}"),
+        attempts=1 if ok else 4,
     )
     event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
     event.time = T0 + timedelta(seconds=1 + row, milliseconds=position)
@@ -148,6 +149,7 @@ def expected_products(request_id: str) -> list[dict[str, Any]]:
                     {"code": "download_failed", "message": f"HTTP 404 {key}"} if bad else None
                     for key, bad in zip(keys, failed, strict=True)
                 ],
+                "attempts": [4 if bad else 1 for bad in failed],
             }
         )
     return products
@@ -213,6 +215,7 @@ async def test_image_outcomes_leave_the_request_document_untouched(
         "width": 10,
         "height": 10,
         "format": "JPEG",
+        "attempts": 1,
     }
     # The completion goes to the request document, and nowhere else.
     await apply(repository, [completed(request_id)])

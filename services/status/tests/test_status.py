@@ -77,6 +77,7 @@ def processed(request_id: str, row: int, position: int, *, ok: bool = True) -> C
         height=10 if ok else None,
         format="JPEG" if ok else None,
         error=None if ok else ImageError(code="download_failed", message="HTTP 404"),
+        attempts=1 if ok else 3,
     )
     event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
     event.time = T0 + timedelta(seconds=1 + row * 10 + position)
@@ -167,6 +168,7 @@ EXPECTED_PRODUCTS = [
         "input_urls": ["http://in/a.jpg", "http://in/b.jpg"],
         "output_urls": ["http://media/{id}/0-0.jpg", "http://media/{id}/0-1.jpg"],
         "errors": [None, None],
+        "attempts": [1, 1],
     },
     {
         "serial_number": "2",
@@ -174,6 +176,7 @@ EXPECTED_PRODUCTS = [
         "input_urls": ["http://in/c.jpg", "http://in/d.jpg", "http://in/e.jpg"],
         "output_urls": ["http://media/{id}/1-0.jpg", None, "http://media/{id}/1-2.jpg"],
         "errors": [None, {"code": "download_failed", "message": "HTTP 404"}, None],
+        "attempts": [1, 3, 1],
     },
 ]
 

@@ -68,6 +68,9 @@ class ImageProcessed(EventData):
     height: int | None = None
     format: str | None = None
     error: ImageError | None = None
+    # Download attempts made for the image (retries of transient failures included);
+    # None when no download was tried.
+    attempts: int | None = None
 
 
 class Counts(BaseModel):

@@ -26,9 +26,9 @@ import httpx
 
 from imgpipe.contracts.netguard import Guard, GuardedResolver, URLRefused, checked_socket
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.transport import AiohttpTransport
+from imgpipe.contracts.transport import AiohttpTransport, NameNotResolved
 
-__all__ = ["Guard", "URLRefused", "check_url", "outbound_client"]
+__all__ = ["Guard", "NameNotResolved", "URLRefused", "check_url", "outbound_client"]
 
 # httpx's own defaults (httpx._config.DEFAULT_LIMITS), for aiohttp's pool.
 MAX_CONNECTIONS = 100
@@ -68,13 +68,15 @@ class _GuardedTransport(AiohttpTransport):
     `Guard.check_url` first; the aiohttp session resolves names through
     `GuardedResolver` and dials every address through `checked_socket`."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, per_host: int) -> None:
         super().__init__(self._session_for_guard)
         self._guard = guard
+        self._per_host = per_host
 
     def _session_for_guard(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=MAX_CONNECTIONS,
+            limit_per_host=self._per_host,
             keepalive_timeout=KEEPALIVE_EXPIRY,
             ssl=_ssl_context(),
             resolver=GuardedResolver(self._guard),
@@ -99,15 +101,23 @@ class _NoCookies(DefaultCookiePolicy):
 
 
 def outbound_client(
-    settings: Settings, *, timeout: float | None = None, guard: Guard | None = None
+    settings: Settings,
+    *,
+    timeout: float | None = None,
+    guard: Guard | None = None,
+    per_host: int = 0,
 ) -> httpx.AsyncClient:
     """An httpx client for URLs that strangers give us.
 
-    `guard` defaults to the policy in settings (allow_private_urls); tests pass a Guard
-    with their own resolver or address policy, production code never does.
+    It sends `User-Agent: imgpipe/<version>` (IMGPIPE_USER_AGENT), as polite crawlers do.
+    `per_host` caps the connections open to one host at once (0: no cap beyond the
+    pool's). `guard` defaults to the policy in settings (allow_private_urls); tests pass
+    a Guard with their own resolver or address policy, production code never does.
     """
+    guard = guard or Guard.for_settings(settings.allow_private_urls)
     client = httpx.AsyncClient(
-        transport=_GuardedTransport(guard or Guard.for_settings(settings.allow_private_urls)),
+        transport=_GuardedTransport(guard, per_host),
+        headers={"User-Agent": settings.user_agent},
         timeout=httpx.Timeout(
             timeout or settings.download_timeout, connect=settings.connect_timeout
         ),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import secrets
 from functools import cached_property
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+VERSION = version("imgpipe-contracts")
 
 
 class Settings(BaseSettings):
@@ -53,6 +56,14 @@ class Settings(BaseSettings):
     download_timeout: float = Field(default=30.0, alias="IMGPIPE_DOWNLOAD_TIMEOUT")
     connect_timeout: float = Field(default=5.0, alias="IMGPIPE_CONNECT_TIMEOUT")
     max_redirects: int = Field(default=5, alias="IMGPIPE_MAX_REDIRECTS")
+
+    # Politeness towards image hosts (docs/architecture.md, "Downloads"). Per processor
+    # process: N processor processes may hold N times as many connections to one host.
+    per_host_connections: int = Field(default=6, ge=1, alias="IMGPIPE_PER_HOST_CONNECTIONS")
+    download_attempts: int = Field(default=4, ge=1, alias="IMGPIPE_DOWNLOAD_ATTEMPTS")
+    # The longest Retry-After honoured; a host asking for more waits this long.
+    max_retry_wait: float = Field(default=300.0, gt=0, alias="IMGPIPE_MAX_RETRY_WAIT")
+    user_agent: str = Field(default=f"imgpipe/{VERSION}", alias="IMGPIPE_USER_AGENT")
 
     # Broker behaviour.
     delivery_limit: int = Field(default=5, alias="IMGPIPE_DELIVERY_LIMIT")

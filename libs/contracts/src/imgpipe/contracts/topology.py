@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
+
+# Delay queues of the processor's parked images, in seconds: a message waits its queue's
+# time, then goes back to "processor.jobs". A queue per delay, not a per-message TTL on
+# one queue: RabbitMQ expires messages only at the head of a queue, so a short delay
+# queued behind a long one would wait for it. Doubling steps reach any wait in a few hops.
+RETRY_DELAYS = (5, 10, 20, 40, 80, 160, 320)
 
 ALL_EVENT_KEYS = (
     RequestReceived.routing_key,
@@ -16,12 +23,21 @@ ALL_EVENT_KEYS = (
 )
 
 
+def retry_queue_key(seconds: int) -> str:
+    return f"processor.retry.{seconds}s"
+
+
 @dataclass(frozen=True)
 class QueueSpec:
-    """A durable quorum queue; `bindings` are routing keys on the events exchange."""
+    """A durable quorum queue; `bindings` are routing keys on the events exchange.
+
+    A delay queue has no consumer: each message stays `delay` seconds, then is
+    dead-lettered (at least once) into the queue `returns_to`."""
 
     name: str
     bindings: tuple[str, ...] = ()
+    delay: int | None = None
+    returns_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,12 @@ class Topology:
             # processor: RequestReceived in, and its own per-image work queue (not public).
             "processor.requests": QueueSpec("processor.requests", (RequestReceived.routing_key,)),
             "processor.jobs": QueueSpec("processor.jobs"),
+            **{
+                retry_queue_key(seconds): QueueSpec(
+                    retry_queue_key(seconds), delay=seconds, returns_to="processor.jobs"
+                )
+                for seconds in RETRY_DELAYS
+            },
             "status": QueueSpec("status", ALL_EVENT_KEYS),
             "notifier": QueueSpec("notifier", ALL_EVENT_KEYS),
         }
@@ -59,6 +81,14 @@ class Topology:
     def queue_name(self, key: str) -> str:
         return self.name(self.queues[key].name)
 
+    def retry_queue_for(self, seconds: float) -> tuple[str, int]:
+        """The delay queue to park a message in for about `seconds`: the longest delay
+        not past it (the shortest if all are), and that delay. The consumer waits out
+        the rest, or parks the message again."""
+        fitting = [delay for delay in RETRY_DELAYS if delay <= seconds]
+        delay = max(fitting) if fitting else RETRY_DELAYS[0]
+        return retry_queue_key(delay), delay
+
     async def declare(self, channel: AbstractChannel) -> AbstractExchange:
         """Declare the whole topology (idempotent); returns the events exchange."""
         events = await channel.declare_exchange(
@@ -80,18 +110,30 @@ class Topology:
     ) -> AbstractQueue:
         spec = self.queues[key]
         queue = await channel.declare_queue(
-            self.name(spec.name),
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": self.delivery_limit,
-                "x-dead-letter-exchange": self.dead_letter_exchange,
-            },
+            self.name(spec.name), durable=True, arguments=self._arguments(spec)
         )
         if events is not None:
             for routing_key in spec.bindings:
                 await queue.bind(events, routing_key)
         return queue
+
+    def _arguments(self, spec: QueueSpec) -> dict[str, Any]:
+        if spec.delay is None or spec.returns_to is None:
+            return {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit,
+                "x-dead-letter-exchange": self.dead_letter_exchange,
+            }
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": spec.delay * 1000,
+            # Through the default exchange, whose routing keys are queue names.
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.queue_name(spec.returns_to),
+            # Kept until the target queue confirms it (needs reject-publish overflow).
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
 
     async def delete(self, channel: AbstractChannel) -> None:
         """Remove everything this namespace declared (tests, tenant teardown)."""

@@ -17,6 +17,7 @@ to them).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,6 +28,15 @@ from yarl import URL
 from imgpipe.contracts.netguard import URLRefused, host_address
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
+
+
+class NameNotResolved(httpx.ConnectError):
+    """The host name did not resolve; `temporary` when the resolver said to try again
+    (EAI_AGAIN) rather than that the name does not exist."""
+
+    def __init__(self, message: str, *, request: httpx.Request, temporary: bool) -> None:
+        super().__init__(message, request=request)
+        self.temporary = temporary
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -127,7 +137,10 @@ def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
     except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
         raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS, TLS
+    except aiohttp.ClientConnectorDNSError as exc:
+        temporary = exc.os_error.errno == socket.EAI_AGAIN
+        raise NameNotResolved(str(exc), request=request, temporary=temporary) from exc
+    except aiohttp.ClientConnectorError as exc:  # refused, unreachable, TLS
         raise httpx.ConnectError(str(exc), request=request) from exc
     except aiohttp.InvalidURL as exc:
         raise httpx.UnsupportedProtocol(str(exc), request=request) from exc

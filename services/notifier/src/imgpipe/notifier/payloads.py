@@ -61,17 +61,20 @@ def final(
 
 
 def products(rows: list[Doc], images: list[Doc]) -> list[Doc]:
-    """Rows in input order; output URLs and errors aligned with the input URLs."""
+    """Rows in input order; output URLs, errors and download attempts aligned with the
+    input URLs."""
     by_key = {image["key"]: image for image in images}
     result = []
     for row_index, row in enumerate(rows):
         outputs: list[str | None] = []
         errors: list[Doc | None] = []
+        attempts: list[int | None] = []
         for position in range(len(row["input_urls"])):
             image = by_key.get(f"{row_index}-{position}") or {}
             ok = image.get("outcome") == "ok"
             outputs.append(image.get("output_url") if ok else None)
             errors.append(image.get("error") if image.get("outcome") == "failed" else None)
+            attempts.append(image.get("attempts"))
         result.append(
             {
                 "serial_number": row["serial_number"],
@@ -79,6 +82,7 @@ def products(rows: list[Doc], images: list[Doc]) -> list[Doc]:
                 "input_urls": row["input_urls"],
                 "output_urls": outputs,
                 "errors": errors,
+                "attempts": attempts,
             }
         )
     return result

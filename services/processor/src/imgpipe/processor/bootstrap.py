@@ -24,7 +24,8 @@ from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, parse_cloudinary_url
-from imgpipe.processor.adapters.download import Downloader
+from imgpipe.processor.adapters.download import Downloader, RetryPolicy
+from imgpipe.processor.adapters.host_limits import HostLimits
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.adapters.storage import LocalStorage, Storage
 from imgpipe.processor.compress import Compressed, CompressError, compress, within_time
@@ -65,6 +66,17 @@ def build_storage(settings: Settings) -> Storage:
         )
         return CloudinaryStorage(config, threads=prefetch(settings))
     return LocalStorage(settings.media_dir, settings.media_base_url)
+
+
+def build_downloader(settings: Settings) -> Downloader:
+    """Downloads with the settings' limits: size, time, per-host politeness, retries."""
+    return Downloader(
+        outbound_client(settings, per_host=settings.per_host_connections),
+        settings.max_image_bytes,
+        settings.download_timeout,
+        hosts=HostLimits(settings.per_host_connections),
+        policy=RetryPolicy(attempts=settings.download_attempts, max_wait=settings.max_retry_wait),
+    )
 
 
 class PoolCompressor:
@@ -217,19 +229,16 @@ class Runtime:
         compressor = PoolCompressor(
             worker_count(settings), settings.max_image_pixels, settings.image_time_limit
         )
-        downloader = Downloader(
-            outbound_client(settings),
-            settings.max_image_bytes,
-            settings.download_timeout,
-        )
+        downloader = build_downloader(settings)
         bus: Bus | None = None
         warming = asyncio.ensure_future(compressor.warm_up())
         try:
             repository = ProcessorRepository(service_database(mongo, settings, "processor"))
             await repository.ensure_indexes()
+            topology = Topology(settings.namespace, settings.delivery_limit)
             bus = await Bus.connect(
                 settings.amqp_url,
-                Topology(settings.namespace, settings.delivery_limit),
+                topology,
                 prefetch=prefetch(settings),
                 service="processor",
             )
@@ -239,6 +248,7 @@ class Runtime:
                 storage=build_storage(settings),
                 download=downloader,
                 compressor=compressor,
+                topology=topology,
                 instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             )
             await warming

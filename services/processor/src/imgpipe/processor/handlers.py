@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,11 +32,12 @@ from imgpipe.contracts.events import (
     completed_event_id,
     processed_event_id,
 )
-from imgpipe.processor.adapters.download import Downloader, DownloadError
+from imgpipe.contracts.topology import Topology
+from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.compress import Compressed, CompressError
-from imgpipe.processor.jobs import Job, JobImage, jobs_for
+from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,22 @@ FANOUT_BATCH = 500
 MAX_ERROR_MESSAGE = 500
 
 Compressor = Callable[[bytes, int], Awaitable[Compressed]]
+# What an image doc holds of its outcome: copied to other places of the same URL.
+OUTCOME_FIELDS = frozenset(
+    {
+        "outcome",
+        "output_url",
+        "bytes_in",
+        "bytes_out",
+        "width",
+        "height",
+        "format",
+        "error",
+        "attempts",
+        "processed_by",
+        "storage",
+    }
+)
 
 
 class Publisher(Protocol):
@@ -68,6 +86,7 @@ class Processor:
     storage: Storage
     download: Downloader
     compressor: Compressor
+    topology: Topology
     instance: str = "processor"  # recorded with each outcome: which process did the work
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _outcomes: OutcomeBatcher = field(init=False)
@@ -118,61 +137,117 @@ class Processor:
         await self.process_job(job)
 
     async def process_job(self, job: Job) -> None:
+        """Process each image of the job; each is recorded as soon as it is done, so an
+        image that waits for its host holds neither the others nor a pool worker."""
         if await self.repository.get_request(job.request_id) is None:
             # Jobs are sent after their request is stored: retry, then dead-letter.
             raise LookupError(f"no request {job.request_id} for job {job.message_id}")
-        keys = [image.image_key for image in job.images]
+        keys = [place.image_key for image in job.images for place in image.places]
         done = await self.repository.get_images(job.request_id, keys)
         if done:  # a redelivery or a duplicate job: repeat what is known
             await self._replay(job.request_id, list(done.values()))
-        todo = [image for image in job.images if image.image_key not in done]
-        if not todo:
-            return
-        docs = await asyncio.gather(*(self._image_doc(job, image) for image in todo))
+        finished = await asyncio.gather(
+            *(self._process_image(job, image, done) for image in job.images)
+        )
+        if any(finished):
+            await self._complete(job.request_id)
+
+    async def _process_image(self, job: Job, image: JobImage, done: Mapping[str, Doc]) -> bool:
+        """Give every place of `image` an outcome (unless it is parked); True when its
+        request may be complete after that."""
+        missing = [place for place in image.places if place.image_key not in done]
+        if not missing:
+            return False
+        known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
+        if known is not None:  # a crash between two of its places' writes: copy the rest
+            outcome = {key: value for key, value in known.items() if key in OUTCOME_FIELDS}
+        else:
+            try:
+                outcome = await self._image_outcome(job, image)
+            except RetryLater as later:
+                await self._park(job, image, later)
+                return False
+        return await self._record(job.request_id, image, missing, outcome)
+
+    async def _record(
+        self, request_id: str, image: JobImage, places: Sequence[Place], outcome: Doc
+    ) -> bool:
+        docs = [
+            {
+                "request_id": request_id,
+                **place.model_dump(),
+                "input_url": image.input_url,
+                **outcome,
+            }
+            for place in places
+        ]
         # Stored, counted and published together with the outcomes that finish meanwhile.
         recorded = await asyncio.gather(
             *(
                 self._outcomes.record(
-                    Outcome(job.request_id, doc["image_key"], doc), processed_event(doc)
+                    Outcome(request_id, doc["image_key"], doc), processed_event(doc)
                 )
                 for doc in docs
             )
         )
         lost = [doc["image_key"] for doc, r in zip(docs, recorded, strict=True) if not r.stored]
         if lost:  # a duplicate of this job stored those outcomes first: they stand
-            stored = await self.repository.get_images(job.request_id, lost)
-            await self._replay(job.request_id, list(stored.values()))
-        if any(r.request is not None and _looks_done(r.request) for r in recorded):
-            await self._complete(job.request_id)
+            stored = await self.repository.get_images(request_id, lost)
+            await self._replay(request_id, list(stored.values()))
+        return any(r.request is not None and _looks_done(r.request) for r in recorded)
 
-    async def _image_doc(self, job: Job, image: JobImage) -> Doc:
-        """The image doc to store: who it is, then what became of it."""
+    async def _park(self, job: Job, image: JobImage, later: RetryLater) -> None:
+        """Send the image to a delay queue, to come back as a job of its own: a long wait
+        must not hold this job's delivery (RabbitMQ's consumer_timeout) or prefetch."""
+        parked = job.parked(
+            image,
+            attempts=later.attempts.count,
+            first_attempt_at=later.attempts.first_at,
+            not_before=time.time() + later.delay,
+        )
+        queue_key, delay = self.topology.retry_queue_for(later.delay)
+        await self.bus.send(queue_key, parked.to_bytes(), parked.message_id)
+        reason = later.last_error.message if later.last_error else "its host asked for a pause"
+        log.info(
+            "image %s of request %s parked for %.0f s (%s); back in %d s",
+            image.image_key,
+            job.request_id,
+            later.delay,
+            reason,
+            delay,
+        )
+
+    async def _image_outcome(self, job: Job, image: JobImage) -> Doc:
+        """The outcome fields of one image; RetryLater when it is to wait."""
         try:
-            outcome = await self._outcome(job, image)
+            return await self._outcome(job, image)
+        except RetryLater:
+            raise
         except Exception:
             # A bug met by one image must not fail its job's other images, nor, retried
             # past the delivery limit, leave the request without an outcome for ever.
             log.exception(
                 "image %s of request %s failed unexpectedly", image.image_key, job.request_id
             )
-            outcome = self._failed("internal_error", "the image could not be processed")
-        return {"request_id": job.request_id, **image.model_dump(), **outcome}
+            return self._failed("internal_error", "the image could not be processed")
 
-    async def _outcome(self, job: Job, image: JobImage) -> dict[str, Any]:
+    async def _outcome(self, job: Job, image: JobImage) -> Doc:
         """Download, compress and store one image; every expected failure is an outcome."""
+        earlier = Attempts(image.attempts, image.first_attempt_at)
         try:
-            data = await self.download(image.input_url)
-        except DownloadError as exc:
-            return self._failed(exc.code, exc.message)
+            downloaded = await self.download(image.input_url, earlier, image.not_before)
+        except FailedDownload as exc:
+            return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
+        data, attempts = downloaded.body, downloaded.attempts.count
         try:
             result = await self.compressor(data, job.quality)
             stored = await self.storage.save(
                 job.request_id, image.image_key, result.data, result.format
             )
         except CompressError as exc:
-            return self._failed(exc.code, exc.message, bytes_in=len(data))
+            return self._failed(exc.code, exc.message, bytes_in=len(data), attempts=attempts)
         except StorageError as exc:
-            return self._failed("storage_failed", str(exc), bytes_in=len(data))
+            return self._failed("storage_failed", str(exc), bytes_in=len(data), attempts=attempts)
         return {
             "outcome": "ok",
             "output_url": stored.url,
@@ -182,16 +257,20 @@ class Processor:
             "height": result.height,
             "format": result.format,
             "error": None,
+            "attempts": attempts,
             "processed_by": self.instance,
             **({"storage": stored.details} if stored.details else {}),
         }
 
-    def _failed(self, code: str, message: str, bytes_in: int | None = None) -> dict[str, Any]:
+    def _failed(
+        self, code: str, message: str, bytes_in: int | None = None, attempts: int | None = None
+    ) -> Doc:
         return {
             "outcome": "failed",
             "output_url": None,
             "bytes_in": bytes_in,
             "error": {"code": code, "message": _shortened(message)},
+            "attempts": attempts,
             "processed_by": self.instance,
         }
 
@@ -262,6 +341,7 @@ def processed_event(image: Mapping[str, Any]) -> CloudEvent[ImageProcessed]:
         height=image.get("height"),
         format=image.get("format"),
         error=ImageError(**error) if error else None,
+        attempts=image.get("attempts"),
     )
     return CloudEvent.wrap(
         data, source=SOURCE, id=processed_event_id(data.request_id, data.image_key)

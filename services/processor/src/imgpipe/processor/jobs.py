@@ -4,6 +4,14 @@ A job carries up to IMAGES_PER_JOB images rather than one: every broker message 
 a publish, a delivery, an ack and a database lookup whatever it carries, and on two
 cores that overhead competed with the codec. A handful of images still spreads a
 request over every processor instance.
+
+An image is one distinct URL of the request. The same URL in several cells (a shared
+placeholder, a size chart) is downloaded and compressed once; its other places ride
+along in `also` and get the same outcome.
+
+A parked image (its host asked for a long pause, docs/architecture.md "Downloads")
+travels alone in a job of its own, carrying the attempts made so far and the time
+before which it is not to be tried.
 """
 
 from __future__ import annotations
@@ -17,13 +25,31 @@ from imgpipe.contracts.events import RequestReceived, image_key
 IMAGES_PER_JOB = 8
 
 
-class JobImage(BaseModel):
+class Place(BaseModel):
+    """Where an input URL sits in the CSV."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     image_key: str
     row_index: int
     position: int
+
+
+class JobImage(Place):
+    """A URL to process, at its first place; `also` are its other places."""
+
     input_url: str
+    also: tuple[Place, ...] = ()
+    attempts: int = 0  # download attempts made already (a parked image)
+    first_attempt_at: float | None = None  # epoch seconds of the first of them
+    not_before: float | None = None  # epoch seconds before which not to try again
+
+    @property
+    def places(self) -> tuple[Place, ...]:
+        return (
+            Place(image_key=self.image_key, row_index=self.row_index, position=self.position),
+            *self.also,
+        )
 
 
 class Job(BaseModel):
@@ -43,24 +69,42 @@ class Job(BaseModel):
 
     @property
     def message_id(self) -> str:
-        first, last = self.images[0].image_key, self.images[-1].image_key
-        return f"{self.request_id}:{first}" + (f"..{last}" if last != first else "")
+        first, last = self.images[0], self.images[-1]
+        suffix = f"..{last.image_key}" if last is not first else ""
+        retry = f"#{first.attempts}" if len(self.images) == 1 and first.attempts else ""
+        return f"{self.request_id}:{first.image_key}{suffix}{retry}"
+
+    def parked(
+        self, image: JobImage, attempts: int, first_attempt_at: float | None, not_before: float
+    ) -> Job:
+        """A job of `image` alone, to be tried again from `not_before` on."""
+        update = {
+            "attempts": attempts,
+            "first_attempt_at": first_attempt_at,
+            "not_before": not_before,
+        }
+        return Job(
+            request_id=self.request_id,
+            quality=self.quality,
+            images=(image.model_copy(update=update),),
+        )
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_defaults=True).encode()
 
 
 def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> list[Job]:
-    """Every input URL in input order, `per_job` to a job."""
+    """Every distinct input URL in input order, `per_job` to a job."""
+    places: dict[str, list[Place]] = {}  # URL -> its places, first one first
+    for row_index, row in enumerate(request.rows):
+        for position, url in enumerate(row.input_urls):
+            place = Place(
+                image_key=image_key(row_index, position), row_index=row_index, position=position
+            )
+            places.setdefault(url, []).append(place)
     images = [
-        JobImage(
-            image_key=image_key(row_index, position),
-            row_index=row_index,
-            position=position,
-            input_url=url,
-        )
-        for row_index, row in enumerate(request.rows)
-        for position, url in enumerate(row.input_urls)
+        JobImage(**first.model_dump(), input_url=url, also=tuple(also))
+        for url, (first, *also) in places.items()
     ]
     return [
         Job(

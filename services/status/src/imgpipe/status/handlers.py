@@ -99,4 +99,5 @@ def _image_fields(data: ImageProcessed) -> dict[str, Any]:
         "width": data.width,
         "height": data.height,
         "format": data.format,
+        "attempts": data.attempts,
     }

@@ -22,13 +22,16 @@ class ImageErrorOut(BaseModel):
 
 
 class Product(BaseModel):
-    """One input row; the three lists are aligned with `input_urls`."""
+    """One input row; the lists are aligned with `input_urls`."""
 
     serial_number: str
     product_name: str
     input_urls: list[str]
     output_urls: list[str | None]
     errors: list[ImageErrorOut | None]
+    # Download attempts per image (retries of a throttling or failing host included);
+    # null while the image is pending, or when nothing was downloaded.
+    attempts: list[int | None]
 
 
 class StatusResponse(BaseModel):

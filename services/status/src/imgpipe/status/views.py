@@ -96,6 +96,7 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     for row_index, row in enumerate(doc["rows"]):
         outputs: list[str | None] = []
         errors: list[dict[str, str] | None] = []
+        attempts: list[int | None] = []
         for position in range(len(row["input_urls"])):
             slots += 1
             image = images.get(image_key(row_index, position))
@@ -104,6 +105,7 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
             error = image.get("error") if outcome == "failed" and image else None
             outputs.append(image.get("output_url") if outcome == "ok" and image else None)
             errors.append({"code": error["code"], "message": error["message"]} if error else None)
+            attempts.append(image.get("attempts") if image else None)
         products.append(
             {
                 "serial_number": row["serial_number"],
@@ -111,6 +113,7 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
                 "input_urls": row["input_urls"],
                 "output_urls": outputs,
                 "errors": errors,
+                "attempts": attempts,
             }
         )
     body = {

@@ -108,6 +108,7 @@ class Repository:
                 "outcome": data.outcome,
                 "output_url": data.output_url,
                 "error": data.error.model_dump() if data.error else None,
+                "attempts": data.attempts,
             }
             for data in batch
         ]

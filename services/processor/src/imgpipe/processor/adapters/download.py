@@ -1,4 +1,5 @@
-"""Download one image: streaming, capped in size, and sniffed for a real image format.
+"""Download one image: streaming, capped in size, sniffed for a real image format, polite
+to its host and patient with it (docs/architecture.md, "Downloads").
 
 The body is read as it comes off the wire, never decoded: images are compressed
 already, so the request asks for no Content-Encoding and a response that has one anyway
@@ -9,11 +10,16 @@ the size cap saw them.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 import httpx
 
-from imgpipe.contracts.outbound import URLRefused
+from imgpipe.contracts.outbound import NameNotResolved, URLRefused
+from imgpipe.processor.adapters.host_limits import HostLimits, HostPaused, origin
 
 # Leading bytes of the formats we accept, whatever the Content-Type header claims.
 _MAGIC: tuple[tuple[bytes, ...], ...] = (
@@ -25,17 +31,43 @@ _MAGIC: tuple[tuple[bytes, ...], ...] = (
 )
 
 
+# The longest wait held in place, inside the job; longer ones park the image.
+WAIT_IN_PLACE = 5.0
+# Exponential backoff's first step, in seconds: up to 1 s, then 2 s, 4 s, ...
+BACKOFF_BASE = 1.0
+
 # Redirect hops keep the headers, so every hop asks for the body as is.
 _AS_IS = {"Accept-Encoding": "identity"}
 
 
-class DownloadError(Exception):
-    """A download that yields no image; `code` goes into ImageProcessed.error."""
+# Answers worth asking again: the host may answer differently in a moment (RFC 9110
+# says 408 and 503 may be retried; 425 asks for it; 429 asks for a pause).
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Answers that mean "too many requests from you": the host's limit shrinks.
+THROTTLING_STATUSES = frozenset({429, 503})
 
-    def __init__(self, code: str, message: str) -> None:
+
+class DownloadError(Exception):
+    """A download that yields no image; `code` goes into ImageProcessed.error.
+
+    `transient` says another attempt may succeed; `retry_after` is the pause the host
+    asked for (seconds), `throttled` that it asked us to slow down."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        transient: bool = False,
+        retry_after: float | None = None,
+        throttled: bool = False,
+    ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.transient = transient
+        self.retry_after = retry_after
+        self.throttled = throttled
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -47,7 +79,7 @@ def looks_like_image(data: bytes) -> bool:
 async def download(
     client: httpx.AsyncClient, url: str, max_bytes: int, deadline: float | None = None
 ) -> bytes:
-    """GET `url` and return its body; raises DownloadError for every way it can fail.
+    """GET `url` once and return its body; raises DownloadError for every way it can fail.
 
     httpx's timeouts bound each connect, read and write; `deadline` bounds the whole
     download, so a server that drips a byte at a time cannot hold a worker for long."""
@@ -55,16 +87,15 @@ async def download(
         async with asyncio.timeout(deadline):
             return await _fetch(client, url, max_bytes)
     except TimeoutError:
-        raise DownloadError("timeout", f"the download took longer than {deadline} s") from None
+        message = f"the download from {_host(url)} took longer than {deadline:g} s"
+        raise DownloadError("timeout", message, transient=True) from None
 
 
 async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     try:
         async with client.stream("GET", url, headers=_AS_IS) as response:
             if not response.is_success:
-                raise DownloadError(
-                    "http_error", f"HTTP {response.status_code} {response.reason_phrase}".strip()
-                )
+                raise _http_error(response)
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise _too_large(max_bytes)
@@ -79,11 +110,18 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
                 if size > max_bytes:  # stop reading: never hold more than the cap
                     raise _too_large(max_bytes)
     except httpx.TimeoutException as exc:
-        raise DownloadError("timeout", f"timed out downloading the image ({exc})") from None
+        message = f"timed out downloading the image from {_host(url)} ({exc})"
+        raise DownloadError("timeout", message, transient=True) from None
     except URLRefused as exc:
         raise DownloadError(exc.code, exc.reason) from None
     except httpx.TooManyRedirects:
         raise DownloadError("download_failed", "too many redirects") from None
+    except NameNotResolved as exc:
+        raise DownloadError("download_failed", str(exc), transient=exc.temporary) from None
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        # Refused, reset, or cut short: a host restarting or shedding load.
+        message = str(exc) or type(exc).__name__
+        raise DownloadError("download_failed", message, transient=True) from None
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         raise DownloadError("download_failed", str(exc) or type(exc).__name__) from None
     body = b"".join(chunks)  # a single chunk is returned as is, not copied
@@ -94,19 +132,161 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     return body
 
 
+def _http_error(response: httpx.Response) -> DownloadError:
+    status = response.status_code
+    answer = f"HTTP {status} {response.reason_phrase}".strip()
+    return DownloadError(
+        "http_error",
+        f"{answer} from {_host(str(response.url))}",
+        transient=status in TRANSIENT_STATUSES,
+        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        throttled=status in THROTTLING_STATUSES,
+    )
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After (RFC 9110, 10.2.3) as seconds from now: delay-seconds or an HTTP date.
+    None when absent or unreadable; a date in the past is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT, even when it does not say so
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """Download attempts made for one image so far; `first_at` is wall-clock time (epoch
+    seconds), so it means the same in whichever process picks a parked image up."""
+
+    count: int = 0
+    first_at: float | None = None
+
+    def another(self) -> Attempts:
+        return Attempts(self.count + 1, self.first_at if self.first_at else time.time())
+
+    def summary(self) -> str:
+        """ "after 4 attempts over 41 s", or "" after one attempt."""
+        if self.count <= 1:
+            return ""
+        spent = time.time() - (self.first_at or time.time())
+        return f"after {self.count} attempts over {spent:.0f} s"
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    body: bytes
+    attempts: Attempts
+
+
+class RetryLater(Exception):
+    """The image is to be tried again in `delay` seconds: longer than is worth holding
+    its job for, so the caller parks it."""
+
+    def __init__(self, delay: float, attempts: Attempts, last_error: DownloadError | None) -> None:
+        super().__init__(f"retry in {delay:.1f} s")
+        self.delay = delay
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+class FailedDownload(DownloadError):
+    """The last word on an image's download: `attempts` says how many were made."""
+
+    def __init__(self, error: DownloadError, attempts: Attempts) -> None:
+        summary = attempts.summary()
+        message = f"{error.message} {summary}" if summary else error.message
+        super().__init__(error.code, message)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep asking (IMGPIPE_DOWNLOAD_ATTEMPTS, IMGPIPE_MAX_RETRY_WAIT)."""
+
+    attempts: int = 4
+    max_wait: float = 300.0  # the longest pause honoured, asked for or backed off
+    wait_in_place: float = WAIT_IN_PLACE
+    backoff_base: float = BACKOFF_BASE
+
+    def delay(self, error: DownloadError, attempts: Attempts) -> float:
+        """The host's Retry-After if it gave one, else exponential backoff with full
+        jitter (a random wait up to base * 2^(n-1)), so that images that failed together
+        do not come back together; never more than `max_wait`."""
+        if error.retry_after is not None:
+            return min(error.retry_after, self.max_wait)
+        ceiling = self.backoff_base * 2 ** max(0, attempts.count - 1)
+        return random.uniform(0, min(ceiling, self.max_wait))
+
+
 @dataclass(frozen=True)
 class Downloader:
-    """Downloads with the processor's limits."""
+    """Downloads with the processor's limits: per-host politeness and retries.
+
+    A transient failure (TRANSIENT_STATUSES, refused or reset connections, timeouts) is
+    tried again, up to `policy.attempts` attempts in all; any other fails at once. A wait
+    of up to `policy.wait_in_place` seconds is waited here (the job's other images go
+    on meanwhile); a longer one raises RetryLater, for the caller to park the image."""
 
     client: httpx.AsyncClient
     max_bytes: int
     deadline: float | None
+    hosts: HostLimits = field(default_factory=lambda: HostLimits(6))
+    policy: RetryPolicy = RetryPolicy()
 
-    async def __call__(self, url: str) -> bytes:
-        return await download(self.client, url, self.max_bytes, self.deadline)
+    async def __call__(
+        self, url: str, earlier: Attempts = Attempts(), not_before: float | None = None
+    ) -> Downloaded:
+        """Download `url`, counting on from `earlier` attempts, not before the wall-clock
+        time `not_before` (a parked image's). Raises FailedDownload or RetryLater."""
+        try:
+            host = origin(url)
+        except httpx.InvalidURL as exc:
+            raise FailedDownload(DownloadError("download_failed", str(exc)), earlier) from None
+        if not_before is not None and (wait := not_before - time.time()) > 0:
+            if wait > self.policy.wait_in_place:
+                raise RetryLater(wait, earlier, None)
+            await asyncio.sleep(wait)
+        attempts = earlier
+        while True:
+            try:
+                attempts = attempts.another()
+                return Downloaded(await self._attempt(host, url), attempts)
+            except HostPaused as paused:
+                raise RetryLater(paused.seconds, _undo(attempts), None) from None
+            except DownloadError as error:
+                if not error.transient or attempts.count >= self.policy.attempts:
+                    raise FailedDownload(error, attempts) from None
+                delay = self.policy.delay(error, attempts)
+                if delay > self.policy.wait_in_place:
+                    raise RetryLater(delay, attempts, error) from None
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, host: str, url: str) -> bytes:
+        async with self.hosts.slot(host, self.policy.wait_in_place) as slot:
+            try:
+                body = await download(self.client, url, self.max_bytes, self.deadline)
+            except DownloadError as error:
+                if error.throttled:
+                    self.hosts.throttled(slot, error.retry_after)
+                raise
+            self.hosts.succeeded(slot)
+            return body
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _undo(attempts: Attempts) -> Attempts:
+    """The attempt that never started (its host was paused) does not count."""
+    return Attempts(attempts.count - 1, attempts.first_at if attempts.count > 1 else None)
 
 
 def _check_not_encoded(response: httpx.Response) -> None:
@@ -120,3 +300,12 @@ def _check_not_encoded(response: httpx.Response) -> None:
 
 def _too_large(max_bytes: int) -> DownloadError:
     return DownloadError("too_large", f"the image is larger than {max_bytes} bytes")
+
+
+def _host(url: str) -> str:
+    """The host (and port, if any) as a user would name it in an error message."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "the host"
+    return f"{parsed.host}:{parsed.port}" if parsed.port else parsed.host
