@@ -5,8 +5,9 @@ late, allow a client a handful of connections and answer 429 beyond them, hiccup
 503 now and then, reset connections and stall. `RemoteHost` does all of that on
 127.0.0.1, for the tests and for the benchmark's "remote host" phase:
 
-- host-wide behaviour (`Behaviour`): latency before each answer, a connection limit per
-  client with 429 + Retry-After beyond it, a 503 on the first request for one path in N;
+- host-wide behaviour (`Behaviour`): latency before each answer, a limit on connections
+  with a request in progress, with 429 + Retry-After beyond it, and a 503 on the first
+  request for one path in N;
 - per-path scripts: the answers to give to the first requests for a path (a status with
   or without Retry-After, a reset, a stall), after which the path's file is served.
 
@@ -21,6 +22,7 @@ of connections open at once and the peak number of requests being answered at on
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from email.utils import formatdate
+from http import HTTPStatus
 from pathlib import Path
 
 IDLE_TIMEOUT = 60.0  # seconds an idle keep-alive connection stays open
@@ -68,7 +71,9 @@ def http_date_in(seconds: float) -> Callable[[], str]:
 @dataclass(frozen=True)
 class Behaviour:
     latency: float = 0.0  # seconds before each answer's first byte
-    max_connections: int | None = None  # open connections beyond this get 429s
+    # Connections with a request in progress beyond this get 429s (as nginx's
+    # limit_conn counts them: idle keep-alive connections do not count).
+    max_connections: int | None = None
     throttle_retry_after: str | None = "1"  # Retry-After sent with those 429s
     hiccup_one_in: int = 0  # the first request for one path in N answers 503 (0: never)
 
@@ -107,6 +112,8 @@ class RemoteHost:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = asyncio.Event()
         self.port = 0
 
     # Set-up ---------------------------------------------------------------------------
@@ -158,9 +165,10 @@ class RemoteHost:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            self._stopping.set()  # ends stalls and idle waits
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await asyncio.sleep(0.05)  # let every connection see its end
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -170,29 +178,28 @@ class RemoteHost:
         counts = self._counts
         counts.open += 1
         counts.peak_open = max(counts.peak_open, counts.open)
-        over_limit = (
-            self.behaviour.max_connections is not None
-            and counts.open > self.behaviour.max_connections
-        )
+        self._writers.add(writer)
         try:
-            while await self._one_request(reader, writer, over_limit):
+            while await self._one_request(reader, writer):
                 pass
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
             counts.open -= 1
+            self._writers.discard(writer)
             with suppress(Exception):
                 writer.close()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, over_limit: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Answer one request; False when the connection is to close."""
         async with asyncio.timeout(IDLE_TIMEOUT):
             head = await reader.readuntil(b"\r\n\r\n")
         method, path, headers = _parse_head(head)
-        answer = self._answer_for(path, over_limit)
         counts = self._counts
+        limit = self.behaviour.max_connections
+        answer = self._answer_for(path, over_limit=limit is not None and counts.in_flight >= limit)
         counts.in_flight += 1
         counts.peak_in_flight = max(counts.peak_in_flight, counts.in_flight)
         try:
@@ -238,7 +245,8 @@ class RemoteHost:
             _reset(writer)
             return False
         if isinstance(answer, Stall):
-            await asyncio.sleep(answer.seconds)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), answer.seconds)
             return False
         if isinstance(answer, Status):
             extra = {}
@@ -281,7 +289,11 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 def _head_bytes(status: int, length: int, content_type: str, extra: Mapping[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {length}", f"Content-Type: {content_type}"]
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Content-Length: {length}",
+        f"Content-Type: {content_type}",
+    ]
     lines += [f"{name}: {value}" for name, value in extra.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -301,11 +313,11 @@ async def _write(
 
 
 async def _send_file(writer: asyncio.StreamWriter, path: Path, method: str) -> None:
-    size = path.stat().st_size
-    writer.write(_head_bytes(200, size, "image/jpeg", {}))
-    await writer.drain()
-    if method != "HEAD":
-        with path.open("rb") as handle:
+    # A local file in the page cache: opening it costs microseconds, no thread needed.
+    with path.open("rb") as handle:  # noqa: ASYNC230
+        writer.write(_head_bytes(200, os.fstat(handle.fileno()).st_size, "image/jpeg", {}))
+        await writer.drain()
+        if method != "HEAD":
             await asyncio.get_running_loop().sendfile(writer.transport, handle)
 
 

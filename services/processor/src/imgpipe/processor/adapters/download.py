@@ -275,7 +275,8 @@ class Downloader:
                 body = await download(self.client, url, self.max_bytes, self.deadline)
             except DownloadError as error:
                 if error.throttled:
-                    self.hosts.throttled(slot, error.retry_after)
+                    pause = error.retry_after
+                    self.hosts.throttled(slot, min(pause, self.policy.max_wait) if pause else None)
                 raise
             self.hosts.succeeded(slot)
             return body

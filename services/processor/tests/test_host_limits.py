@@ -1,0 +1,116 @@
+"""Per-host download limits: halve on "too many", grow back on success, pause on
+Retry-After, and one host never holds another's downloads."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from imgpipe.processor.adapters.host_limits import HostLimits, HostPaused, origin
+
+A, B = "https://a.example:443", "https://b.example:443"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_origin_is_scheme_host_and_port() -> None:
+    assert origin("https://cdn.example.com/a.jpg?v=1") == "https://cdn.example.com:443"
+    assert origin("http://cdn.example.com/a.jpg") == "http://cdn.example.com:80"
+    assert origin("http://cdn.example.com:8080/a.jpg") == "http://cdn.example.com:8080"
+    assert origin("http://CDN.example.com/") == "http://cdn.example.com:80"
+
+
+async def test_no_more_downloads_in_flight_than_the_limit() -> None:
+    limits = HostLimits(3)
+    in_flight = peak = 0
+
+    async def fetch() -> None:
+        nonlocal in_flight, peak
+        async with limits.slot(A, max_wait=1):
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+
+    await asyncio.gather(*(fetch() for _ in range(20)))
+    assert peak == 3
+
+
+async def test_a_burst_of_throttled_answers_halves_the_limit_once() -> None:
+    clock = Clock()
+    limits = HostLimits(6, clock)
+    slots = []
+    for _ in range(6):
+        async with limits.slot(A, max_wait=1) as slot:
+            slots.append(slot)
+    clock.now += 1
+    for slot in slots:  # six 429s to downloads all started before the first cut
+        limits.throttled(slot, retry_after=None)
+    assert limits.limit(A) == 3
+    async with limits.slot(A, max_wait=1) as later:
+        pass
+    limits.throttled(later, retry_after=None)  # started after the cut: cuts again
+    assert limits.limit(A) == 1
+    limits.throttled(later, retry_after=None)
+    assert limits.limit(A) == 1  # never below one
+
+
+async def test_successes_grow_the_limit_back_to_the_ceiling() -> None:
+    limits = HostLimits(4)
+    async with limits.slot(A, max_wait=1) as slot:
+        limits.throttled(slot, retry_after=None)
+    assert limits.limit(A) == 2
+    successes = 0
+    while limits.limit(A) < 4:
+        async with limits.slot(A, max_wait=1) as slot:
+            limits.succeeded(slot)
+        successes += 1
+    # One more download in flight per round of successes: 2 + 1/2 + 1/2.5 + ...
+    assert 3 <= successes <= 6
+    for _ in range(10):
+        async with limits.slot(A, max_wait=1) as slot:
+            limits.succeeded(slot)
+    assert limits.limit(A) == 4  # never past the ceiling
+
+
+async def test_retry_after_pauses_the_host_and_not_the_others() -> None:
+    limits = HostLimits(6)
+    async with limits.slot(A, max_wait=1) as slot:
+        limits.throttled(slot, retry_after=30)
+    assert 29 < limits.paused_for(A) <= 30
+    with pytest.raises(HostPaused) as paused:
+        async with limits.slot(A, max_wait=5):
+            pass
+    assert paused.value.seconds > 29
+    async with asyncio.timeout(1):  # another host is not held
+        async with limits.slot(B, max_wait=5):
+            pass
+
+
+async def test_a_short_pause_is_waited_out() -> None:
+    limits = HostLimits(6)
+    async with limits.slot(A, max_wait=1) as slot:
+        limits.throttled(slot, retry_after=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with limits.slot(A, max_wait=1):
+        waited = loop.time() - started
+    assert 0.25 < waited < 1
+
+
+async def test_a_host_back_to_its_defaults_is_forgotten() -> None:
+    limits = HostLimits(2)
+    for n in range(100):
+        async with limits.slot(f"http://host{n}.example:80", max_wait=1) as slot:
+            limits.succeeded(slot)
+    assert limits._hosts == {}
+    async with limits.slot(A, max_wait=1) as slot:
+        limits.throttled(slot, retry_after=None)
+    assert set(limits._hosts) == {A}  # a throttled host is remembered
