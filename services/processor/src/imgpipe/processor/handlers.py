@@ -102,7 +102,7 @@ class Processor:
 
     async def request_received(self, request: RequestReceived) -> None:
         jobs = jobs_for(request)
-        total = sum(len(job.images) for job in jobs)
+        total = sum(len(image.places) for job in jobs for image in job.images)
         if total != request.image_count:
             log.warning(
                 "request %s: image_count %d but %d URLs; using the URLs",
