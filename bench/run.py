@@ -1,4 +1,4 @@
-"""imgpipe benchmark: codec limit vs end to end, memory, upload latency, status reads.
+"""imgpipe benchmark: codec limit vs end to end, remote host, memory, upload, status reads.
 
 Run from the repository root: `make bench` (or `uv run --frozen python bench/run.py`).
 """
@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,9 +31,21 @@ from memory import MemorySampler, ProcessPeak
 from status_load import LoadResult, status_load
 from system import System
 
+# The remote host lives in tests/support; `python bench/run.py` puts only bench/ on
+# sys.path, so the repository root goes right after it (bench's own modules come first).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+from tests.support.remote_host import Behaviour, remote_host  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
 WARM_UP_IMAGES = 24
 CORES = os.cpu_count() or 1
+# A CDN far away: 40 ms before each answer, 429 + Retry-After: 1 to a seventh request
+# in progress at once, a 503 on the first request for one URL in five.
+REMOTE_HOST = Behaviour(latency=0.04, max_connections=6, throttle_retry_after="1", hiccup_one_in=5)
+REMOTE_TARGET = 0.9  # of the loopback end-to-end figure
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ QUICK = Sizes(corpus=30, status_request=90, scale=600, big_upload_rows=1_000, st
 class Options:
     sizes: Sizes
     scale: bool
+    remote: bool
     concurrency: int
     keep_data: bool
 
@@ -73,11 +87,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--quick", action="store_true", help="small corpus: a smoke run")
     parser.add_argument("--scale", action="store_true", help="run the scale phase even if --quick")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the scale phase")
+    parser.add_argument(
+        "--skip-remote", action="store_true", help="leave out the remote-host phase"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="status-read clients")
     parser.add_argument("--keep-data", action="store_true", help="keep media and database files")
     args = parser.parse_args(argv)
     scale = not args.skip_scale and (args.scale or not args.quick)
-    return Options(QUICK if args.quick else Sizes(), scale, args.concurrency, args.keep_data)
+    sizes = QUICK if args.quick else Sizes()
+    return Options(sizes, scale, not args.skip_remote, args.concurrency, args.keep_data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +178,10 @@ def _phases(options: Options) -> list[tuple[str, str, Any]]:
     sizes = options.sizes
     phases: list[tuple[str, str, Any]] = [
         ("end_to_end", f"{sizes.corpus:,} images", phase_end_to_end),
-        ("status_reads", f"{sizes.status_request:,} + reads", phase_status_reads),
     ]
+    if options.remote:
+        phases.append(("remote_host", f"{sizes.corpus:,} remote", phase_remote_host))
+    phases.append(("status_reads", f"{sizes.status_request:,} + reads", phase_status_reads))
     if options.scale:
         phases.append(("scale", f"{sizes.scale:,} images", phase_scale))
     # Last: the system stops right after its 202, so its images are never processed.
@@ -207,6 +227,29 @@ def warm_up(run: Run) -> None:
 def phase_end_to_end(run: Run) -> Any:
     urls = list(image_urls(run.base_url, run.corpus.names, len(run.corpus.names), "e2e"))
     return end_to_end(run, urls, run.system.data_dir / "e2e.csv")
+
+
+def phase_remote_host(run: Run) -> Any:
+    """The end-to-end request again, from a host that answers like a real CDN far away;
+    afterwards, what the host saw: peak connections and requests, answers by status."""
+    host_running = remote_host(directory=run.corpus.directory, behaviour=REMOTE_HOST)
+    with host_running as host:
+        names = run.corpus.names
+        urls = list(image_urls(host.base_url, names, len(names), "remote"))
+        result = end_to_end(run, urls, run.system.data_dir / "remote.csv")
+        statuses = host.statuses()
+        figures = {
+            "behaviour": asdict(REMOTE_HOST),
+            "peak_connections": host.peak_connections,
+            "peak_in_flight": host.peak_in_flight,
+            "requests": sum(statuses.values()),
+            "statuses": {str(code): statuses[code] for code in sorted(statuses)},
+        }
+    print(
+        f"  host: {figures['peak_connections']} connections at most, "
+        f"{figures['peak_in_flight']} requests in flight at most, answers {figures['statuses']}"
+    )
+    return result | {"host": figures}
 
 
 def phase_scale(run: Run) -> Any:
@@ -274,6 +317,8 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
             rate = run["images_per_second"]
             label = f"end to end, {run['images']:,} images ({run['status']}, {_counts(run)})"
             throughput.append((label, f"{rate:8.1f}  = {rate / limit:.0%} of the codec limit"))
+        if name == "end_to_end" and "remote_host" in results:
+            throughput += _remote_rows(results["remote_host"], results["end_to_end"])
     big = results["big_upload"]
     upload = [(f"{big['rows']:,}-row CSV ({big['images']:,} URLs), upload to 202", _s(big))]
     upload += [
@@ -287,6 +332,38 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         "status": _status_rows(results),
         "cpu": _cpu_rows(results),
     }
+
+
+def _remote_rows(remote: dict[str, Any], loopback: dict[str, Any]) -> list[tuple[str, str]]:
+    """The remote-host run beside the loopback one, and what the host saw."""
+    rate = remote["images_per_second"]
+    ratio = rate / loopback["images_per_second"]
+    # Failed images finish early (a 429 or 503 not retried costs one round trip): a run
+    # with failures does not meet the target, however fast it was.
+    failed = remote["progress"].get("failed")
+    verdict = "meets" if ratio >= REMOTE_TARGET and failed == 0 else "misses"
+    label = f"remote host, {remote['images']:,} images ({remote['status']}, {_counts(remote)})"
+    value = (
+        f"{rate:8.1f}  = {ratio:.2f} x end to end on loopback "
+        f"({verdict} the {REMOTE_TARGET:.2f} target)"
+    )
+    host, behaviour = remote["host"], remote["host"]["behaviour"]
+    statuses = host["statuses"]
+    host_label = (
+        f"remote host's view ({behaviour['latency'] * 1000:.0f} ms latency, "
+        f"429 beyond {behaviour['max_connections']} requests at once, "
+        f"503 for 1 URL in {behaviour['hiccup_one_in']})"
+    )
+    host_value = (
+        f"peak {host['peak_connections']} connections, "
+        f"{host['peak_in_flight']} requests in flight; {host['requests']:,} answers: "
+        f"{statuses.get('200', 0):,} x 200, {statuses.get('429', 0):,} x 429, "
+        f"{statuses.get('503', 0):,} x 503"
+    )
+    others = host["requests"] - sum(statuses.get(code, 0) for code in ("200", "429", "503"))
+    if others:
+        host_value += f", {others:,} other ({', '.join(sorted(statuses))})"
+    return [(label, value), (host_label, host_value)]
 
 
 def _cpu_rows(results: dict[str, Any]) -> list[tuple[str, str]]:

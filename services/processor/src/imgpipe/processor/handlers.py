@@ -6,6 +6,10 @@ with an upsert, an image's outcome is inserted under a unique `_id` (a second on
 refused), the counter moves only for the write that stored the outcome, and events
 carry stable ids. A failed image is an outcome like any other; it never blocks its
 request.
+
+An image whose host asks for a long pause is parked in a delay queue and comes back
+as a job of its own (docs/architecture.md, "Downloads"); its request completes when
+it has an outcome like the rest.
 """
 
 from __future__ import annotations
@@ -146,11 +150,15 @@ class Processor:
         done = await self.repository.get_images(job.request_id, keys)
         if done:  # a redelivery or a duplicate job: repeat what is known
             await self._replay(job.request_id, list(done.values()))
-        finished = await asyncio.gather(
-            *(self._process_image(job, image, done) for image in job.images)
+        results = await asyncio.gather(
+            *(self._process_image(job, image, done) for image in job.images),
+            return_exceptions=True,  # the others finish before the job is requeued
         )
-        if any(finished):
+        if any(result is True for result in results):
             await self._complete(job.request_id)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _process_image(self, job: Job, image: JobImage, done: Mapping[str, Doc]) -> bool:
         """Give every place of `image` an outcome (unless it is parked); True when its
