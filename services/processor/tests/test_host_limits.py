@@ -114,3 +114,44 @@ async def test_a_host_back_to_its_defaults_is_forgotten() -> None:
     async with limits.slot(A, max_wait=1) as slot:
         limits.throttled(slot, retry_after=None)
     assert set(limits._hosts) == {A}  # a throttled host is remembered
+
+
+async def test_a_lone_uncertain_refusal_is_a_hiccup_two_in_a_row_are_not() -> None:
+    clock = Clock()
+    limits = HostLimits(6, clock)
+
+    async def answer(refused: bool, certain: bool = False) -> None:
+        clock.now += 1  # each answer in a round of its own
+        async with limits.slot(A, max_wait=1) as slot:
+            if refused:
+                limits.throttled(slot, retry_after=None, certain=certain)
+            else:
+                limits.succeeded(slot)
+
+    await answer(refused=True)  # a bare 503 among successes
+    assert limits.limit(A) == 6
+    await answer(refused=False)
+    await answer(refused=True)
+    assert limits.limit(A) == 6
+    await answer(refused=True)  # a second in a row: the host is in trouble
+    assert limits.limit(A) == 3
+    await answer(refused=True, certain=True)  # a 429 always counts
+    assert limits.limit(A) == 1
+
+
+async def test_a_retry_goes_before_first_attempts() -> None:
+    limits = HostLimits(1)
+    order: list[str] = []
+
+    async def fetch(name: str, retry: bool) -> None:
+        async with limits.slot(A, max_wait=1, retry=retry):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    first = asyncio.create_task(fetch("first", retry=False))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(fetch(f"new{n}", retry=False)) for n in range(3)]
+    await asyncio.sleep(0)
+    retry = asyncio.create_task(fetch("retry", retry=True))
+    await asyncio.gather(first, *queued, retry)
+    assert order[:2] == ["first", "retry"]

@@ -28,8 +28,9 @@ from imgpipe.processor.adapters.download import Downloader, RetryPolicy
 from imgpipe.processor.adapters.host_limits import HostLimits
 from imgpipe.processor.adapters.repository import ProcessorRepository
 from imgpipe.processor.adapters.storage import LocalStorage, Storage
+from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.compress import Compressed, CompressError, compress, within_time
-from imgpipe.processor.handlers import JOBS_QUEUE, Processor
+from imgpipe.processor.handlers import BACKLOG_PER_WORKER, JOBS_QUEUE, Processor
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,16 @@ def worker_count(settings: Settings) -> int:
 
 
 def prefetch(settings: Settings) -> int:
-    """Jobs in hand at once (each holds up to jobs.IMAGES_PER_JOB images): enough that
-    the pool never idles while other images download, wait for their outcome batch
-    (outcomes.WINDOW) or write, yet few enough to keep memory flat and to leave work in
-    the queue for other processor instances."""
-    return settings.prefetch or worker_count(settings) + 2
+    """Jobs in hand at once (each holds up to jobs.IMAGES_PER_JOB images).
+
+    A job is acknowledged when its last image is recorded, and on real hosts images
+    wait: for a host's turn (at most IMGPIPE_PER_HOST_CONNECTIONS at once), 40 ms and
+    more for the first byte, up to 5 s for a retry. Images in hand that wait hold no
+    bytes (the Backlog bounds those), so many are held: with the earlier `workers + 2`
+    jobs, a remote host with hiccups kept the pool idle half the time (measured in the
+    benchmark's remote-host phase). Still few enough to leave work in the queue for
+    other processor instances."""
+    return settings.prefetch or 4 * (worker_count(settings) + 2)
 
 
 def build_storage(settings: Settings) -> Storage:
@@ -243,6 +249,7 @@ class Runtime:
                 service="processor",
             )
             processor = Processor(
+                backlog=Backlog(BACKLOG_PER_WORKER * worker_count(settings)),
                 repository=repository,
                 bus=bus,
                 storage=build_storage(settings),

@@ -40,6 +40,7 @@ from imgpipe.contracts.topology import Topology
 from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
+from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
@@ -55,6 +56,9 @@ FANOUT_BATCH = 500
 MAX_ERROR_MESSAGE = 500
 
 Compressor = Callable[[bytes, int], Awaitable[Compressed]]
+# Downloaded images that may wait for the codec, per pool worker: enough that a worker
+# never waits for a download, few enough to keep memory flat.
+BACKLOG_PER_WORKER = 4
 # What an image doc holds of its outcome: copied to other places of the same URL.
 OUTCOME_FIELDS = frozenset(
     {
@@ -91,6 +95,7 @@ class Processor:
     download: Downloader
     compressor: Compressor
     topology: Topology
+    backlog: Backlog = field(default_factory=lambda: Backlog(BACKLOG_PER_WORKER))
     instance: str = "processor"  # recorded with each outcome: which process did the work
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _outcomes: OutcomeBatcher = field(init=False)
@@ -242,13 +247,15 @@ class Processor:
     async def _outcome(self, job: Job, image: JobImage) -> Doc:
         """Download, compress and store one image; every expected failure is an outcome."""
         earlier = Attempts(image.attempts, image.first_attempt_at)
+        await self.backlog.room()
         try:
             downloaded = await self.download(image.input_url, earlier, image.not_before)
         except FailedDownload as exc:
             return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
         data, attempts = downloaded.body, downloaded.attempts.count
         try:
-            result = await self.compressor(data, job.quality)
+            async with self.backlog.holding():
+                result = await self.compressor(data, job.quality)
             stored = await self.storage.save(
                 job.request_id, image.image_key, result.data, result.format
             )

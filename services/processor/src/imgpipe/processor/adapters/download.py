@@ -19,7 +19,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from imgpipe.contracts.outbound import NameNotResolved, URLRefused
-from imgpipe.processor.adapters.host_limits import HostLimits, HostPaused, origin
+from imgpipe.processor.adapters.host_limits import HostLimits, HostPaused, Slot, origin
 
 # Leading bytes of the formats we accept, whatever the Content-Type header claims.
 _MAGIC: tuple[tuple[bytes, ...], ...] = (
@@ -61,6 +61,7 @@ class DownloadError(Exception):
         transient: bool = False,
         retry_after: float | None = None,
         throttled: bool = False,
+        status: int | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
@@ -68,6 +69,7 @@ class DownloadError(Exception):
         self.transient = transient
         self.retry_after = retry_after
         self.throttled = throttled
+        self.status = status  # the HTTP status, when the host answered
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -141,6 +143,7 @@ def _http_error(response: httpx.Response) -> DownloadError:
         transient=status in TRANSIENT_STATUSES,
         retry_after=retry_after_seconds(response.headers.get("Retry-After")),
         throttled=status in THROTTLING_STATUSES,
+        status=status,
     )
 
 
@@ -257,8 +260,9 @@ class Downloader:
         attempts = earlier
         while True:
             try:
+                retry = attempts.count > 0
                 attempts = attempts.another()
-                return Downloaded(await self._attempt(host, url), attempts)
+                return Downloaded(await self._attempt(host, url, retry), attempts)
             except HostPaused as paused:
                 raise RetryLater(paused.seconds, _undo(attempts), None) from None
             except DownloadError as error:
@@ -269,17 +273,22 @@ class Downloader:
                     raise RetryLater(delay, attempts, error) from None
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, host: str, url: str) -> bytes:
-        async with self.hosts.slot(host, self.policy.wait_in_place) as slot:
+    async def _attempt(self, host: str, url: str, retry: bool) -> bytes:
+        async with self.hosts.slot(host, self.policy.wait_in_place, retry=retry) as slot:
             try:
                 body = await download(self.client, url, self.max_bytes, self.deadline)
             except DownloadError as error:
                 if error.throttled:
-                    pause = error.retry_after
-                    self.hosts.throttled(slot, min(pause, self.policy.max_wait) if pause else None)
+                    self._throttled(slot, error)
                 raise
             self.hosts.succeeded(slot)
             return body
+
+    def _throttled(self, slot: Slot, error: DownloadError) -> None:
+        pause = error.retry_after
+        certain = error.status == 429 or pause is not None
+        capped = min(pause, self.policy.max_wait) if pause is not None else None
+        self.hosts.throttled(slot, capped, certain=certain)
 
     async def aclose(self) -> None:
         await self.client.aclose()

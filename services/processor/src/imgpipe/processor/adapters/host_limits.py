@@ -5,9 +5,11 @@ starts with `ceiling` downloads in flight (IMGPIPE_PER_HOST_CONNECTIONS, 6 by de
 what browsers open per host over HTTP/1.1) and adapts, as TCP's congestion control
 does (additive increase, multiplicative decrease):
 
-- an answer that says "too many" (429 or 503) halves the host's limit, once per round
-  of downloads: answers to downloads started before the last cut do not cut it again,
-  or one burst of 429s would take the limit to 1;
+- an answer that says "too many" halves the host's limit, once per round of downloads:
+  answers to downloads started before the last cut do not cut it again, or one burst
+  of 429s would take the limit to 1. A 429 or a 503 with Retry-After says it for sure;
+  a bare 503, which real hosts also send for a hiccup, says it when it follows another
+  refusal;
 - every successful answer raises it by 1/limit (one download more per round of
   successes), back up to the ceiling;
 - a Retry-After on such an answer pauses the whole host until then: no new download of
@@ -52,6 +54,8 @@ class _Host:
     paused_until: float = 0.0
     cut_at: float = float("-inf")  # when the limit was last halved
     waiting: int = 0
+    retries_waiting: int = 0
+    refused_last: bool = False  # the host's last answer was a refusal (429, 503)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -78,17 +82,22 @@ class HostLimits:
         return max(0.0, self._host(origin).paused_until - self._clock())
 
     @asynccontextmanager
-    async def slot(self, origin: str, max_wait: float) -> AsyncIterator[Slot]:
+    async def slot(
+        self, origin: str, max_wait: float, *, retry: bool = False
+    ) -> AsyncIterator[Slot]:
         """Hold one of `origin`'s download slots; waits for one (however long other
         downloads take), but raises HostPaused rather than wait out a host's pause
-        longer than `max_wait` seconds."""
+        longer than `max_wait` seconds. A `retry` goes before first attempts: its
+        image has waited once already, and its job waits for it."""
         host = self._host(origin)
         async with host.changed:
             host.waiting += 1
+            host.retries_waiting += retry
             try:
-                await self._until_free(host, max_wait)
+                await self._until_free(host, max_wait, retry)
             finally:
                 host.waiting -= 1
+                host.retries_waiting -= retry
             host.in_flight += 1
         try:
             yield Slot(origin, self._clock())
@@ -98,26 +107,34 @@ class HostLimits:
                 host.changed.notify_all()
                 self._forget_if_idle(origin, host)
 
-    async def _until_free(self, host: _Host, max_wait: float) -> None:
+    async def _until_free(self, host: _Host, max_wait: float, retry: bool) -> None:
         while True:
             pause = host.paused_until - self._clock()
             if pause > max_wait:
                 raise HostPaused(pause)
             if pause > 0:
                 await _wait(host.changed, pause)
-            elif host.in_flight < int(host.limit):
+            elif host.in_flight < int(host.limit) and (retry or not host.retries_waiting):
                 return
             else:
                 await host.changed.wait()
 
     def succeeded(self, slot: Slot) -> None:
         host = self._host(slot.origin)
+        host.refused_last = False
         host.limit = min(float(self.ceiling), host.limit + 1 / host.limit)
 
-    def throttled(self, slot: Slot, retry_after: float | None) -> None:
-        """The host answered 429 or 503 to the download in `slot`."""
+    def throttled(self, slot: Slot, retry_after: float | None, *, certain: bool = True) -> None:
+        """The host refused the download in `slot` ("too many", or maybe a hiccup).
+
+        A `certain` refusal (a 429, or a 503 with Retry-After) halves the limit. An
+        uncertain one (a bare 503) halves it only when the host's previous answer was a
+        refusal too: one among successes is a hiccup, which is retried without slowing
+        the host down, while a host in trouble refuses again and again."""
         host = self._host(slot.origin)
-        if slot.started >= host.cut_at:
+        strained = certain or host.refused_last
+        host.refused_last = True
+        if strained and slot.started >= host.cut_at:
             host.limit = max(1.0, host.limit / 2)
             host.cut_at = self._clock()
         if retry_after:
@@ -127,7 +144,11 @@ class HostLimits:
         """A host back to its defaults holds nothing worth keeping: a process that met
         a million hosts must not keep a million entries."""
         idle = host.in_flight == 0 and host.waiting == 0
-        settled = host.limit >= self.ceiling and host.paused_until <= self._clock()
+        settled = (
+            host.limit >= self.ceiling
+            and host.paused_until <= self._clock()
+            and not host.refused_last
+        )
         if idle and settled and self._hosts.get(origin) is host:
             del self._hosts[origin]
 
