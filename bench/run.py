@@ -235,7 +235,7 @@ def phase_remote_host(run: Run) -> Any:
     host_running = remote_host(directory=run.corpus.directory, behaviour=REMOTE_HOST)
     with host_running as host:
         names = run.corpus.names
-        urls = list(image_urls(host.base_url, names, len(names), f"remote-{time.time()}"))
+        urls = list(image_urls(host.base_url, names, len(names), "remote"))
         result = end_to_end(run, urls, run.system.data_dir / "remote.csv")
         statuses = host.statuses()
         figures = {
