@@ -39,6 +39,11 @@ class QueueSpec:
     delay: int | None = None
     returns_to: str | None = None
 
+    @property
+    def consumed(self) -> bool:
+        """A service consumes it (every queue but the delay queues)."""
+        return self.delay is None
+
 
 @dataclass(frozen=True)
 class Topology:
