@@ -1,13 +1,20 @@
-"""docker-compose.yml is valid Compose and runs the whole system (checked offline: no engine)."""
+"""docker-compose.yml is valid Compose and runs the whole system, every imgpipe service
+built from the one root Dockerfile (checked offline: no engine)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+
+from imgpipe.contracts.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("ingest", "processor", "status", "notifier")
@@ -26,6 +33,50 @@ def find_schema() -> Path:
     return VENDORED
 
 
+DOCKERFILE = REPO / "Dockerfile"
+BUILD_ARGS = ("SERVICE", "PORT")
+
+
+def default_port(name: str) -> int:
+    """The port a service listens on unless told otherwise."""
+    return Settings.model_fields[f"{name}_port"].default
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """A Dockerfile's (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    result, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        result.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return result
+
+
+def stages(parsed: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each FROM ... stage."""
+    result: list[list[tuple[str, str]]] = []
+    for keyword, arguments in parsed:
+        if keyword == "FROM":
+            result.append([])
+        result[-1].append((keyword, arguments))
+    return result
+
+
+def expand(arguments: str, values: dict[str, str]) -> str:
+    """Substitute the build arguments as docker does ($X, ${X}); leave other variables."""
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)",
+        lambda match: values.get(match[1] or match[2], match[0]),
+        arguments,
+    )
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -36,29 +87,99 @@ def test_compose_file_matches_the_compose_specification(compose: dict) -> None:
     jsonschema.Draft7Validator(schema).validate(compose)
 
 
-def test_every_service_is_built_from_its_own_dockerfile(compose: dict) -> None:
+def test_every_service_is_built_from_the_one_dockerfile(compose: dict) -> None:
     for name in SERVICES:
-        assert (REPO / "services" / name / "Dockerfile").is_file(), name
         build = compose["services"][name]["build"]
-        context = (REPO / build["context"]).resolve()
-        assert context.is_dir(), name
-        dockerfile = context / build["dockerfile"]
-        assert dockerfile.is_file(), f"{name}: {dockerfile}"
-        assert dockerfile == REPO / "services" / name / "Dockerfile"
+        assert (REPO / build["context"]).resolve() == REPO, name
+        assert (REPO / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, name
+        assert build["args"] == {"SERVICE": name, "PORT": str(default_port(name))}, name
+    # No per-service copy left to drift from the shared one.
+    assert not list(REPO.glob("services/*/Dockerfile"))
 
 
-def test_dockerfiles_copy_only_paths_that_exist() -> None:
+def test_healthchecks_probe_the_port_each_service_listens_on(compose: dict) -> None:
     for name in SERVICES:
-        text = (REPO / "services" / name / "Dockerfile").read_text()
-        sources = [
-            line.split()[1:-1]
-            for line in text.splitlines()
-            if line.startswith("COPY") and "--from=" not in line
-        ]
-        for source in (path for paths in sources for path in paths):
-            assert (REPO / source).exists(), f"{name}: COPY {source}"
-        assert f'CMD ["imgpipe-{name}"]' in text
-        assert "\nUSER " in text, f"{name} must not run as root"
+        probe = " ".join(compose["services"][name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{default_port(name)}/readyz" in probe, name
+
+
+def test_dockerfile_declares_service_and_port_in_every_stage_that_uses_them() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG SERVICE$", text, re.MULTILINE)
+    for stage in stages(instructions(text)):
+        declared: set[str] = set()
+        for keyword, arguments in stage:
+            if keyword == "ARG":
+                declared.add(arguments.partition("=")[0])
+            # A stage sees only the ARGs it declares: unset, $SERVICE would expand to "".
+            for variable in BUILD_ARGS:
+                if re.search(rf"\$\{{?{variable}\b", arguments):
+                    assert variable in declared, f"{keyword} {arguments}"
+
+
+def test_dockerfile_accepts_each_service_with_its_port_and_nothing_else() -> None:
+    (check,) = [
+        arguments
+        for keyword, arguments in instructions(DOCKERFILE.read_text())
+        if keyword == "RUN" and arguments.startswith("case ")
+    ]
+
+    def accepts(service: str, port: str) -> bool:
+        environment = {"PATH": "/usr/bin:/bin", "SERVICE": service, "PORT": port}
+        checked = subprocess.run(["sh", "-c", check], env=environment, capture_output=True)
+        return checked.returncode == 0
+
+    for name in SERVICES:
+        assert accepts(name, str(default_port(name))), name
+        assert not accepts(name, ""), name
+    assert not accepts("", "")
+    assert not accepts("status", "8001")
+    assert not accepts("launcher", "8000")
+    assert not accepts("contracts", "8001")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_dockerfile_builds_and_runs_each_service(name: str, tmp_path: Path) -> None:
+    """Every path, package and command the Dockerfile names exists, for each SERVICE."""
+    values = {"SERVICE": name, "PORT": str(default_port(name))}
+    build, runtime = stages(instructions(DOCKERFILE.read_text()))
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    project = tomllib.loads((REPO / "services" / name / "pyproject.toml").read_text())
+
+    for keyword, arguments in build + runtime:
+        arguments = expand(arguments, values)
+        if keyword == "COPY" and "--from=" not in arguments:
+            for source in arguments.split()[:-1]:
+                assert (REPO / source).exists(), f"{name}: COPY {source}"
+    (export,) = [expand(a, values) for k, a in build if k == "RUN" and "uv export" in a]
+    package = re.search(r"--package\s+\"?([\w-]+)", export).group(1)
+    assert package == f"imgpipe-{name}"
+    assert package in {entry["name"] for entry in lock["package"]}
+    installed = [expand(a, values) for k, a in build if "--no-deps" in a]
+    assert f"./services/{name}" in installed[0]
+
+    keywords = [keyword for keyword, _ in runtime]
+    assert "USER" in keywords, f"{name} must not run as root"
+    (exposed,) = [expand(a, values) for k, a in runtime if k == "EXPOSE"]
+    assert exposed == str(default_port(name))
+
+    # Run the image's CMD, with its ENV, against a stand-in for the console scripts: it
+    # must start exactly imgpipe-<name>, the script the service's package installs.
+    environment = {}
+    for keyword, arguments in runtime:
+        if keyword == "ENV":
+            for pair in shlex.split(expand(arguments, values)):
+                key, _, value = pair.partition("=")
+                environment[key] = value
+    for script in (f"imgpipe-{other}" for other in SERVICES):
+        stand_in = tmp_path / script
+        stand_in.write_text(f"#!/bin/sh\necho {script}\n")
+        stand_in.chmod(0o755)
+    environment["PATH"] = f"{tmp_path}:/usr/bin:/bin"
+    (command,) = [json.loads(a) for k, a in runtime if k == "CMD"]
+    started = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+    assert started.stdout.strip() == f"imgpipe-{name}"
+    assert f"imgpipe-{name}" in project["project"]["scripts"]
 
 
 def test_every_service_has_a_healthcheck(compose: dict) -> None:
