@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from imgpipe.processor.adapters.host_limits import HostLimits, HostPaused, origin
+from imgpipe.processor.adapters.host_limits import HostBusy, HostLimits, HostPaused, origin
 
 A, B = "https://a.example:443", "https://b.example:443"
 
@@ -155,3 +155,14 @@ async def test_a_retry_goes_before_first_attempts() -> None:
     retry = asyncio.create_task(fetch("retry", retry=True))
     await asyncio.gather(first, *queued, retry)
     assert order[:2] == ["first", "retry"]
+
+
+async def test_no_slot_within_the_queue_limit_is_busy() -> None:
+    limits = HostLimits(1)
+    async with limits.slot(A, max_wait=1):
+        with pytest.raises(HostBusy):
+            async with limits.slot(A, max_wait=1, max_queue=0.05):
+                pass
+    async with asyncio.timeout(1):  # the give-up left nothing behind
+        async with limits.slot(A, max_wait=1, max_queue=0.05):
+            pass

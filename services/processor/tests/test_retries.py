@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from email.utils import formatdate
 
 import pytest
 
@@ -19,7 +18,6 @@ from imgpipe.processor.adapters.download import (
     FailedDownload,
     RetryLater,
     RetryPolicy,
-    retry_after_seconds,
 )
 from imgpipe.processor.bootstrap import build_downloader
 from tests.support.images import jpeg_bytes
@@ -35,7 +33,9 @@ from tests.support.remote_host import (
 
 JPEG = jpeg_bytes(64, 48)
 # Backoff kept short so that the tests take seconds; the rules are the production ones.
-FAST = RetryPolicy(attempts=4, max_wait=300, wait_in_place=5, backoff_base=0.05)
+FAST = RetryPolicy(
+    attempts=4, max_wait=300, wait_in_place=5, backoff_base=0.05, throttled_backoff_base=0.05
+)
 
 
 @pytest.fixture
@@ -59,19 +59,6 @@ async def downloader() -> AsyncIterator[Downloader]:
         yield downloader
     finally:
         await downloader.aclose()
-
-
-def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
-    now = time.time()
-    assert retry_after_seconds("120") == 120
-    assert retry_after_seconds(" 7 ") == 7
-    assert retry_after_seconds(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(
-        30, abs=1
-    )
-    assert retry_after_seconds(formatdate(now - 30, usegmt=True), now=now) == 0
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds("-5") is None
-    assert retry_after_seconds(None) is None
 
 
 @pytest.mark.parametrize(
@@ -174,8 +161,30 @@ async def test_a_long_retry_after_parks_the_image(host: RemoteHost, downloader: 
     assert host.requests_for("/b.jpg") == []
 
 
+async def test_an_image_that_waits_too_long_for_its_host_parks() -> None:
+    with remote_host(behaviour=Behaviour(latency=1.0)) as host:
+        first, second = host.add("/1.jpg", JPEG), host.add("/2.jpg", JPEG)
+        policy = RetryPolicy(
+            backoff_base=0.05, throttled_backoff_base=0.05, max_queue=0.3, busy_retry=10
+        )
+        downloader = make_downloader(policy, IMGPIPE_PER_HOST_CONNECTIONS=1)
+        try:
+            results = await asyncio.gather(
+                downloader(first), downloader(second), return_exceptions=True
+            )
+        finally:
+            await downloader.aclose()
+    assert results[0].body == JPEG
+    parked = results[1]
+    assert isinstance(parked, RetryLater)
+    assert parked.delay == 10 and parked.attempts.count == 0  # no attempt was made
+    assert host.requests_for("/2.jpg") == []
+
+
 async def test_retry_after_beyond_the_cap_waits_the_cap(host: RemoteHost) -> None:
-    downloader = make_downloader(RetryPolicy(attempts=4, max_wait=1.5, backoff_base=0.05))
+    downloader = make_downloader(
+        RetryPolicy(attempts=4, max_wait=1.5, backoff_base=0.05, throttled_backoff_base=0.05)
+    )
     try:
         url = host.add("/a.jpg", JPEG, Status(503, "86400"))
         assert (await downloader(url)).attempts.count == 2
@@ -219,7 +228,8 @@ async def test_a_host_that_throttles_sets_the_pace() -> None:
     with remote_host(behaviour=behaviour) as host:
         urls = [host.add(f"/{n}.jpg", JPEG) for n in range(40)]
         downloader = make_downloader(
-            RetryPolicy(attempts=8, backoff_base=0.05), IMGPIPE_PER_HOST_CONNECTIONS=6
+            RetryPolicy(attempts=8, backoff_base=0.05, throttled_backoff_base=0.05),
+            IMGPIPE_PER_HOST_CONNECTIONS=6,
         )
         try:
             results = await asyncio.gather(*(downloader(url) for url in urls))

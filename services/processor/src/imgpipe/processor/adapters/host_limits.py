@@ -47,6 +47,10 @@ class HostPaused(Exception):
         self.seconds = seconds
 
 
+class HostBusy(Exception):
+    """No slot of the host came free within the time the caller will wait in place."""
+
+
 @dataclass
 class _Host:
     limit: float
@@ -83,18 +87,28 @@ class HostLimits:
 
     @asynccontextmanager
     async def slot(
-        self, origin: str, max_wait: float, *, retry: bool = False
+        self,
+        origin: str,
+        max_wait: float,
+        *,
+        max_queue: float | None = None,
+        retry: bool = False,
     ) -> AsyncIterator[Slot]:
-        """Hold one of `origin`'s download slots; waits for one (however long other
-        downloads take), but raises HostPaused rather than wait out a host's pause
-        longer than `max_wait` seconds. A `retry` goes before first attempts: its
-        image has waited once already, and its job waits for it."""
+        """Hold one of `origin`'s download slots.
+
+        Raises HostPaused rather than wait out a host's pause longer than `max_wait`
+        seconds, and HostBusy when no slot came free within `max_queue` seconds (a slow
+        host with many images queued). A `retry` goes before first attempts: its image
+        has waited once already, and its job waits for it."""
         host = self._host(origin)
         async with host.changed:
             host.waiting += 1
             host.retries_waiting += retry
             try:
-                await self._until_free(host, max_wait, retry)
+                async with asyncio.timeout(max_queue):
+                    await self._until_free(host, max_wait, retry)
+            except TimeoutError:
+                raise HostBusy(f"no download slot of {origin} within {max_queue:g} s") from None
             finally:
                 host.waiting -= 1
                 host.retries_waiting -= retry
