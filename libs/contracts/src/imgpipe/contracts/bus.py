@@ -17,6 +17,7 @@ the broker's tools so an operator (or a test) can find one service's connections
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
 from imgpipe.contracts.events import CONTENT_TYPE, AnyEvent, CloudEvent, parse_event
+from imgpipe.contracts.service import keep_trying
 from imgpipe.contracts.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -222,3 +224,53 @@ async def _settle(operation: Awaitable[None]) -> None:
         await operation
     except Exception as exc:  # channel closed: message will be redelivered
         log.warning("could not settle message: %s", exc)
+
+
+class BusLink:
+    """A Bus that may not be there yet: a service starts while the broker is down.
+
+    `start` connects now if the broker answers, else keeps trying in the background
+    (service.keep_trying); `on_connect` runs once connected (declare consumers). After
+    that aio-pika's robust connection handles reconnects. `bus` is None until then."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Bus]],
+        on_connect: Callable[[Bus], Awaitable[None]] | None = None,
+        retry_interval: float = 2.0,
+    ) -> None:
+        self._connect = connect
+        self._on_connect = on_connect
+        self._retry_interval = retry_interval
+        self.bus: Bus | None = None
+        self._task: asyncio.Task[object] | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.bus is not None and self.bus.is_connected
+
+    async def start(self) -> None:
+        try:
+            await self._link()
+        except Exception as exc:
+            log.warning("broker unavailable at start-up (%s); connecting in the background", exc)
+            self._task = keep_trying(self._link, "connecting to the broker", self._retry_interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def _link(self) -> None:
+        bus = await self._connect()
+        try:
+            if self._on_connect is not None:
+                await self._on_connect(bus)
+        except BaseException:
+            await bus.close()
+            raise
+        self.bus = bus
+        log.info("connected to the broker")
