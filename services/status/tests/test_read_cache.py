@@ -114,7 +114,7 @@ async def running(
 async def stored(app: Any, request_id: str, until: Any) -> dict[str, Any]:
     """Wait until the read model (not the cache) holds what `until` wants."""
     for _ in range(300):
-        doc = await app.state.repository.get(request_id)
+        doc = await app.state.runtime.repository.get(request_id)
         if doc is not None and until(doc):
             return doc
         await asyncio.sleep(0.05)
@@ -173,7 +173,7 @@ async def test_a_settled_answer_is_kept_and_equals_a_fresh_one(settings: Setting
         assert csv.headers["x-imgpipe-status"] == "completed"
 
         # Past the short TTL the answer still comes from memory: it can no longer change.
-        await app.state.repository.requests.delete_one({"_id": request_id})
+        await app.state.runtime.repository.requests.delete_one({"_id": request_id})
         clock.now += TTL * 10
         again = await client.get(path, headers={"Accept-Encoding": "identity"})
         assert again.content == cached.content

@@ -25,6 +25,7 @@ from asgi_lifespan import LifespanManager
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
     CloudEvent,
@@ -43,7 +44,6 @@ from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.status.adapters.batching import BatchWriter
 from imgpipe.status.adapters.repository import REQUESTS, StatusRepository, merge
 from imgpipe.status.app import create_app
 from imgpipe.status.handlers import ROWS_PER_PAGE, Change, change_for, handle_event
@@ -228,7 +228,12 @@ async def test_image_outcomes_leave_the_request_document_untouched(
 async def test_pages_are_indexed_by_request_at_start_up(settings: Settings) -> None:
     app = create_app(settings)
     async with LifespanManager(app):
-        indexes = await app.state.repository.pages.index_information()
+        pages = app.state.runtime.repository.pages
+        for _ in range(100):  # created in the background, as soon as the database answers
+            indexes = await pages.index_information()
+            if len(indexes) > 1:
+                break
+            await asyncio.sleep(0.1)
     assert sorted(tuple(spec["key"]) for spec in indexes.values()) == [
         (("_id", 1),),
         (("request_id", 1),),

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 from asgi_lifespan import LifespanManager
 
+from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
     CloudEvent,
@@ -31,7 +32,6 @@ from imgpipe.contracts.events import (
 from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.status.adapters.batching import BatchWriter
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.app import create_app
 from imgpipe.status.handlers import Change

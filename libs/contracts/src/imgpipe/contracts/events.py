@@ -1,4 +1,7 @@
-"""The three public events, as CloudEvents 1.0 in JSON structured mode (DESIGN.md, "Events")."""
+"""The three public events, as CloudEvents 1.0 in JSON structured mode.
+
+See docs/architecture.md, "Events".
+"""
 
 from __future__ import annotations
 

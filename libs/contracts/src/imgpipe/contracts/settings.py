@@ -1,4 +1,4 @@
-"""Settings shared by every imgpipe process (DESIGN.md, "Settings")."""
+"""Settings shared by every imgpipe process (the README's settings table)."""
 
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="IMGPIPE_API_KEYS")
     webhook_secret: str | None = None
-    # Seconds before each webhook retry (DESIGN.md: about a day in all); "5s,5m,2h" also works.
+    # Seconds before each webhook retry (about a day in all); "5s,5m,2h" also works.
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000]
     )
 
-    # Limits (issue 5): refuse early, before anything is stored.
+    # Limits: refuse early, before anything is stored.
     max_csv_bytes: int = Field(default=20 * 1024 * 1024, alias="IMGPIPE_MAX_CSV_BYTES")
     max_rows: int = Field(default=100_000, alias="IMGPIPE_MAX_ROWS")
     max_images: int = Field(default=100_000, alias="IMGPIPE_MAX_IMAGES")

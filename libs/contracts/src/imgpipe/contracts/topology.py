@@ -1,4 +1,7 @@
-"""Every exchange and queue name, declared here and nowhere else (DESIGN.md, "Events")."""
+"""Every exchange and queue name, declared here and nowhere else.
+
+See docs/architecture.md, "Events".
+"""
 
 from __future__ import annotations
 

@@ -8,11 +8,13 @@ nothing changed.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.web import require_api_key
+from imgpipe.status.bootstrap import Runtime
 from imgpipe.status.read_cache import ReadCache
 from imgpipe.status.schemas import ErrorBody, StatusResponse
 from imgpipe.status.views import Rendered
@@ -22,6 +24,14 @@ _UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or invalid AP
 _NOT_MODIFIED = {304: {"description": "unchanged since the ETag given in If-None-Match"}}
 # Clients may keep an answer but must ask again (cheaply, with If-None-Match) before using it.
 _CACHE_CONTROL = "no-cache"
+
+
+def read_cache(request: Request) -> ReadCache:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.read_cache
+
+
+Cache = Annotated[ReadCache, Depends(read_cache)]
 
 
 def status_router(settings: Settings) -> APIRouter:
@@ -38,8 +48,8 @@ def status_router(settings: Settings) -> APIRouter:
         response_model=StatusResponse,
         responses={**_NOT_FOUND, **_NOT_MODIFIED},
     )
-    async def get_status(request_id: str, request: Request) -> Response:
-        rendered = await _find(request, request_id)
+    async def get_status(request_id: str, request: Request, cache: Cache) -> Response:
+        rendered = await _find(cache, request_id)
         if rendered.gzipped is not None and accepts_gzip(request.headers.get("accept-encoding")):
             return _answer(
                 request,
@@ -68,8 +78,8 @@ def status_router(settings: Settings) -> APIRouter:
             200: {"content": {"text/csv": {}}, "description": "the output CSV"},
         },
     )
-    async def get_output_csv(request_id: str, request: Request) -> Response:
-        rendered = await _find(request, request_id)
+    async def get_output_csv(request_id: str, request: Request, cache: Cache) -> Response:
+        rendered = await _find(cache, request_id)
         return _answer(
             request,
             rendered.csv,
@@ -138,8 +148,7 @@ def _safe_filename(request_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
 
 
-async def _find(request: Request, request_id: str) -> Rendered:
-    cache: ReadCache = request.app.state.read_cache
+async def _find(cache: ReadCache, request_id: str) -> Rendered:
     rendered = await cache.get(request_id)
     if rendered is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown request {request_id}")

@@ -1,4 +1,4 @@
-"""Response bodies of the status API (DESIGN.md, "HTTP": contract)."""
+"""Response bodies of the status API (docs/architecture.md, "HTTP")."""
 
 from __future__ import annotations
 
