@@ -99,9 +99,13 @@ class Settings(BaseSettings):
         return self.data_dir / "media"
 
     @property
+    def status_base_url(self) -> str:
+        """Where clients reach the status service: PUBLIC_BASE_URL, else this machine."""
+        return (self.public_base_url or f"http://127.0.0.1:{self.status_port}").rstrip("/")
+
+    @property
     def media_base_url(self) -> str:
-        base = self.public_base_url or f"http://127.0.0.1:{self.status_port}"
-        return base.rstrip("/") + "/media"
+        return self.status_base_url + "/media"
 
     @property
     def mongo_url(self) -> str:
