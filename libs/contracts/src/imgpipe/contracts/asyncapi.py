@@ -7,7 +7,7 @@ copy; a test fails when the shipped copy differs from what the models say.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from imgpipe.contracts.events import (
     CONTENT_TYPE,
@@ -22,7 +22,7 @@ from imgpipe.contracts.topology import Topology
 VERSION = "1.0.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
 
-DESCRIPTIONS = {
+DESCRIPTIONS: dict[type[EventData], str] = {
     RequestReceived: "A CSV was accepted: its rows, image count, options and webhook URL.",
     ImageProcessed: "One image has an outcome: its output URL and sizes, or why it failed.",
     RequestCompleted: "Every image of a request has an outcome. Published once per request.",
@@ -88,7 +88,8 @@ def _channel(model: type[EventData], exchange: str) -> dict[str, Any]:
 
 
 def _message(model: type[EventData], schemas: dict[str, Any]) -> dict[str, Any]:
-    schema = CloudEvent[model].model_json_schema(ref_template=REF_TEMPLATE)  # type: ignore[valid-type]
+    envelope = cast("type[CloudEvent[EventData]]", CloudEvent.__class_getitem__(model))
+    schema = envelope.model_json_schema(ref_template=REF_TEMPLATE)
     schemas.update(schema.pop("$defs", {}))
     schema["properties"]["type"]["const"] = model.event_type
     return {

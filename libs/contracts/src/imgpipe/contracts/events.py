@@ -6,7 +6,7 @@ See docs/architecture.md, "Events".
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, ClassVar, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,7 +116,10 @@ class CloudEvent(BaseModel, Generic[D]):
 
     @classmethod
     def wrap(cls, data: D, *, source: str, id: str) -> CloudEvent[D]:
-        return CloudEvent[type(data)](  # type: ignore[misc]
+        # Parametrized by the payload's own class, so that it is validated and
+        # serialized as that class (with its fields), not as the EventData base.
+        envelope = cast("type[CloudEvent[D]]", CloudEvent.__class_getitem__(type(data)))
+        return envelope(
             id=id, source=source, type=data.event_type, subject=data.request_id, data=data
         )
 
@@ -141,7 +144,8 @@ def parse_event(body: bytes | str) -> AnyEvent:
     model = EVENT_TYPES.get(envelope.type)
     if model is None:
         raise UnknownEventType(envelope.type)
-    return CloudEvent[model].model_validate_json(body)  # type: ignore[valid-type,return-value]
+    typed = cast("type[AnyEvent]", CloudEvent.__class_getitem__(model))
+    return typed.model_validate_json(body)
 
 
 def received_event_id(request_id: str) -> str:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.settings import Settings
 
+Document = dict[str, Any]
+Client = AsyncMongoClient[Document]
+Database = AsyncDatabase[Document]
 
-def connect(settings: Settings) -> AsyncMongoClient:
+
+def connect(settings: Settings) -> Client:
     return AsyncMongoClient(
         settings.mongo_url,
         tz_aware=True,
@@ -22,11 +28,11 @@ def connect(settings: Settings) -> AsyncMongoClient:
     )
 
 
-def service_database(client: AsyncMongoClient, settings: Settings, service: str) -> AsyncDatabase:
+def service_database(client: Client, settings: Settings, service: str) -> Database:
     return client[settings.database_name(service)]
 
 
-async def ping(client: AsyncMongoClient) -> bool:
+async def ping(client: Client) -> bool:
     try:
         await client.admin.command("ping")
     except Exception:

@@ -257,8 +257,8 @@ class Guard:
                 addresses = await self.resolver(host, port)
             except OSError as exc:
                 # errno and strerror both set: aiohttp's error shows strerror alone.
-                reason = exc.strerror or str(exc)
-                raise OSError(exc.errno, f"cannot resolve {host}: {reason}") from None
+                why = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"cannot resolve {host}: {why}") from None
         if not addresses:
             raise OSError(0, f"{host} has no addresses")
         for resolved in addresses:

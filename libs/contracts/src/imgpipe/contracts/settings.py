@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     # Seconds before each webhook retry (about a day in all); "5s,5m,2h" also works.
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000]
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     )
 
     # Limits: refuse early, before anything is stored.

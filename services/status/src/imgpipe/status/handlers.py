@@ -56,15 +56,15 @@ def change_for(event: AnyEvent) -> Change:
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.
         key = image_key(data.row_index, data.position)
-        fields = {f"images.{key}": _image_fields(data)}
+        fields: dict[str, Any] = {f"images.{key}": _image_fields(data)}
         return Change(data.request_id, fields, event.time, page=data.row_index // ROWS_PER_PAGE)
     if isinstance(data, RequestCompleted):
-        fields = {
+        completed: dict[str, Any] = {
             "final_status": data.status,
             "final_counts": data.counts.model_dump(),
             "completed_at": data.completed_at,
         }
-        return Change(data.request_id, fields, data.completed_at, urgent=True)
+        return Change(data.request_id, completed, data.completed_at, urgent=True)
     raise TypeError(f"no read-model update for {type(data).__name__}")
 
 

@@ -121,6 +121,6 @@ def reader(repository: StatusRepository) -> Load:
 
     async def load(request_id: str) -> Rendered | None:
         doc = await repository.get(request_id)
-        return render(doc) if is_visible(doc) else None
+        return render(doc) if doc is not None and is_visible(doc) else None
 
     return load

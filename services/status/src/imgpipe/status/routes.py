@@ -8,7 +8,7 @@ nothing changed.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
@@ -19,9 +19,10 @@ from imgpipe.status.read_cache import ReadCache
 from imgpipe.status.schemas import ErrorBody, StatusResponse
 from imgpipe.status.views import Rendered
 
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown request id"}}
-_UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or invalid API key"}}
-_NOT_MODIFIED = {304: {"description": "unchanged since the ETag given in If-None-Match"}}
+Responses = dict[int | str, dict[str, Any]]
+_NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "unknown request id"}}
+_UNAUTHORIZED: Responses = {401: {"model": ErrorBody, "description": "missing or invalid API key"}}
+_NOT_MODIFIED: Responses = {304: {"description": "unchanged since the ETag given in If-None-Match"}}
 # Clients may keep an answer but must ask again (cheaply, with If-None-Match) before using it.
 _CACHE_CONTROL = "no-cache"
 

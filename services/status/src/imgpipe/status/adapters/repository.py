@@ -110,7 +110,7 @@ def assemble(
     """
     if doc is None and not pages:
         return None
-    merged = doc if doc is not None else {"_id": request_id}
+    merged: dict[str, Any] = doc if doc is not None else {"_id": request_id}
     images: dict[str, Any] = dict(merged.get("images") or {})  # the previous layout's
     times = [merged["updated_at"]] if merged.get("updated_at") else []
     for page in pages:
