@@ -7,38 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from asgi_lifespan import LifespanManager
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
     CloudEvent,
-    Counts,
-    ImageProcessed,
-    RequestCompleted,
-    RequestReceived,
     Row,
-    completed_event_id,
     image_key,
-    processed_event_id,
-    received_event_id,
 )
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.status.app import create_app
 from imgpipe.status.config import ReadCacheConfig
 from imgpipe.status.read_cache import ReadCache
 from imgpipe.status.routes import accepts_gzip, etag_matches
 from imgpipe.status.schemas import StatusResponse
 from imgpipe.status.views import Rendered, render, status_body
+from tests.support import events
+from tests.support.apps import serving_with_bus
+from tests.support.events import new_request_id
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TTL, FINAL_TTL = 5.0, 600.0
 # Enough rows that the answer is gzipped (over 1 KB), as a real request's would be.
 ROWS = [
@@ -61,54 +52,24 @@ class Clock:
 
 
 def received(request_id: str) -> CloudEvent:
-    data = RequestReceived(request_id=request_id, rows=ROWS, image_count=len(KEYS), received_at=T0)
-    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+    return events.received(request_id, ROWS)
 
 
 def processed(request_id: str, row: int, position: int) -> CloudEvent:
-    key = image_key(row, position)
-    data = ImageProcessed(
-        request_id=request_id,
-        image_key=key,
-        row_index=row,
-        position=position,
-        input_url=ROWS[row].input_urls[position],
-        outcome="ok",
-        output_url=f"http://media/{request_id}/{key}.jpg",
-    )
-    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
-    event.time = T0 + timedelta(seconds=1 + row * 10 + position)
-    return event
+    return events.processed(request_id, row, position, input_url=ROWS[row].input_urls[position])
 
 
 def completed(request_id: str) -> CloudEvent:
-    data = RequestCompleted(
-        request_id=request_id,
-        status="completed",
-        counts=Counts(total=len(KEYS), ok=len(KEYS), failed=0),
-        completed_at=T0 + timedelta(minutes=1),
-    )
-    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
-
-
-def new_id() -> str:
-    return "req-" + uuid.uuid4().hex[:12]
+    return events.completed(request_id, len(KEYS))
 
 
 @asynccontextmanager
 async def running(
     settings: Settings, clock: Clock
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Bus, Any]]:
-    config = ReadCacheConfig(ttl=TTL, final_ttl=FINAL_TTL)
-    app = create_app(settings, config, clock)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        bus = await Bus.connect(settings.amqp_url, Topology(settings.namespace))
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as client:
-                yield client, bus, app
-        finally:
-            await bus.close()
+    app = create_app(settings, ReadCacheConfig(ttl=TTL, final_ttl=FINAL_TTL), clock)
+    async with serving_with_bus(app, settings, "http://status") as (client, bus):
+        yield client, bus, app
 
 
 async def stored(app: Any, request_id: str, until: Any) -> dict[str, Any]:
@@ -128,7 +89,7 @@ async def test_what_this_instance_writes_shows_at_once(settings: Settings) -> No
     """The clock never moves: each new answer comes from the write dropping the old one,
     not from the TTL running out."""
     clock = Clock()
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings, clock) as (client, bus, app):
         assert (await client.get(path)).status_code == 404  # an unknown id is not kept
@@ -150,7 +111,7 @@ async def test_what_this_instance_writes_shows_at_once(settings: Settings) -> No
 
 async def test_a_settled_answer_is_kept_and_equals_a_fresh_one(settings: Settings) -> None:
     clock = Clock()
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings, clock) as (client, bus, app):
         await bus.publish(received(request_id))
@@ -184,7 +145,7 @@ async def test_a_settled_answer_is_kept_and_equals_a_fresh_one(settings: Setting
 
 async def test_etag_lets_a_poller_skip_unchanged_answers(settings: Settings) -> None:
     clock = Clock()
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings, clock) as (client, bus, app):
         await bus.publish(received(request_id))
@@ -349,7 +310,7 @@ def test_a_final_status_with_an_outcome_missing_is_not_settled() -> None:
         "received": True,
         "rows": [row.model_dump() for row in ROWS],
         "total": len(KEYS),
-        "created_at": T0,
+        "created_at": events.T0,
         "final_status": "completed",
         "final_counts": {"total": len(KEYS), "ok": len(KEYS), "failed": 0},
         "images": {image_key(r, p): {"outcome": "ok", "output_url": "u"} for r, p in KEYS[1:]},

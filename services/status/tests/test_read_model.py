@@ -12,10 +12,9 @@ import io
 import json
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta
 from typing import Any
 
 import bson
@@ -27,29 +26,19 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
-from imgpipe.contracts.events import (
-    CloudEvent,
-    Counts,
-    ImageError,
-    ImageProcessed,
-    RequestCompleted,
-    RequestReceived,
-    Row,
-    completed_event_id,
-    image_key,
-    processed_event_id,
-    received_event_id,
-)
+from imgpipe.contracts.events import CloudEvent, Row, image_key
 from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.status.adapters.repository import REQUESTS, StatusRepository, merge
 from imgpipe.status.app import create_app
 from imgpipe.status.handlers import ROWS_PER_PAGE, Change, change_for, handle_event
 from imgpipe.status.views import is_visible, render
+from tests.support import events
+from tests.support.apps import serving_with_bus
+from tests.support.events import new_request_id
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+T0 = events.T0
 # Three pages, the last one partial; rows of one to three images.
 ROWS = [
     Row(
@@ -63,47 +52,27 @@ KEYS = [(r, p) for r, row in enumerate(ROWS) for p in range(len(row.input_urls))
 FAILED = {KEYS[5], KEYS[-1]}
 
 
-def new_id() -> str:
-    return "req-" + uuid.uuid4().hex[:12]
-
-
 def received(request_id: str) -> CloudEvent:
-    data = RequestReceived(request_id=request_id, rows=ROWS, image_count=len(KEYS), received_at=T0)
-    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+    return events.received(request_id, ROWS)
 
 
 def processed(request_id: str, row: int, position: int) -> CloudEvent:
-    key, ok = image_key(row, position), (row, position) not in FAILED
-    data = ImageProcessed(
-        request_id=request_id,
-        image_key=key,
-        row_index=row,
-        position=position,
+    ok = (row, position) not in FAILED
+    return events.processed(
+        request_id,
+        row,
+        position,
         input_url=ROWS[row].input_urls[position],
-        outcome="ok" if ok else "failed",
-        output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
-        bytes_in=1000 if ok else None,
-        bytes_out=300 if ok else None,
-        width=10 if ok else None,
-        height=10 if ok else None,
-        format="JPEG" if ok else None,
-        error=None if ok else ImageError(code="download_failed", message=f"HTTP 404 {key}"),
+        ok=ok,
+        message=f"HTTP 404 {image_key(row, position)}",
         attempts=1 if ok else 4,
+        at=T0 + timedelta(seconds=1 + row, milliseconds=position),
     )
-    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
-    event.time = T0 + timedelta(seconds=1 + row, milliseconds=position)
-    return event
 
 
 def completed(request_id: str) -> CloudEvent:
     failed = len(FAILED)
-    data = RequestCompleted(
-        request_id=request_id,
-        status="completed",
-        counts=Counts(total=len(KEYS), ok=len(KEYS) - failed, failed=failed),
-        completed_at=T0 + timedelta(hours=1),
-    )
-    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+    return events.completed(request_id, len(KEYS) - failed, failed, at=T0 + timedelta(hours=1))
 
 
 def outcomes(request_id: str) -> list[CloudEvent]:
@@ -192,7 +161,7 @@ async def test_image_outcomes_leave_the_request_document_untouched(
     mongo: AsyncMongoClient, settings: Settings
 ) -> None:
     repository = StatusRepository(service_database(mongo, settings, "status"))
-    request_id = new_id()
+    request_id = new_request_id()
     await apply(repository, [received(request_id)])
     before = await repository.requests.find_one({"_id": request_id})
 
@@ -261,7 +230,7 @@ def test_a_batch_updates_each_page_once() -> None:
 async def test_images_over_several_pages_read_back_complete_and_in_order(
     mongo: AsyncMongoClient, scratch: Iterator[str]
 ) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     repository = repository_in(mongo, next(scratch))
     await apply(repository, every_event(request_id))
     doc = await repository.get(request_id)
@@ -281,7 +250,7 @@ async def test_the_answer_is_byte_for_byte_the_previous_layouts(
     mongo: AsyncMongoClient, scratch: Iterator[str]
 ) -> None:
     """The same events give the same JSON and CSV bytes in either layout."""
-    request_id = new_id()
+    request_id = new_request_id()
     images = outcomes(request_id)
     stages = [
         [received(request_id)],
@@ -304,7 +273,7 @@ async def test_a_document_of_the_previous_layout_still_reads(
     mongo: AsyncMongoClient, scratch: Iterator[str]
 ) -> None:
     """Outcomes stored in the request document before an upgrade, the rest in pages."""
-    request_id = new_id()
+    request_id = new_request_id()
     images = outcomes(request_id)
     early, late = images[: len(images) // 3], images[len(images) // 3 :]
     mixed, reference = repository_in(mongo, next(scratch)), repository_in(mongo, next(scratch))
@@ -327,7 +296,7 @@ async def test_a_document_of_the_previous_layout_still_reads(
 async def test_outcomes_before_received_stay_hidden_then_converge(
     mongo: AsyncMongoClient, scratch: Iterator[str]
 ) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     early = repository_in(mongo, next(scratch))
     await apply(early, [*reversed(outcomes(request_id)), completed(request_id)])
     doc = await early.get(request_id)
@@ -344,7 +313,7 @@ async def test_outcomes_before_received_stay_hidden_then_converge(
 async def test_any_order_and_duplicates_converge(
     mongo: AsyncMongoClient, scratch: Iterator[str]
 ) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     events = every_event(request_id)
     answers = set()
     for seed in range(3):
@@ -359,21 +328,12 @@ async def test_any_order_and_duplicates_converge(
 # The service as a whole ------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Bus]]:
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        bus = await Bus.connect(settings.amqp_url, Topology(settings.namespace))
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as client:
-                yield client, bus
-        finally:
-            await bus.close()
+def running(settings: Settings) -> AbstractAsyncContextManager[tuple[httpx.AsyncClient, Bus]]:
+    return serving_with_bus(create_app(settings), settings, "http://status")
 
 
 async def test_a_request_over_several_pages_through_the_service(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         await bus.publish_many([*reversed(outcomes(request_id)), completed(request_id)])
@@ -445,7 +405,7 @@ async def test_the_first_outcome_of_a_request_is_urgent_the_rest_are_not() -> No
         submitted.append(change)
 
     started = RecentIds(10)
-    first, second = new_id(), new_id()
+    first, second = new_request_id(), new_request_id()
     for event in [
         processed(first, *KEYS[0]),
         processed(first, *KEYS[1]),

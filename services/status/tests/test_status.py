@@ -5,38 +5,29 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from asgi_lifespan import LifespanManager
 
 from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
     CloudEvent,
-    Counts,
-    ImageError,
-    ImageProcessed,
-    RequestCompleted,
-    RequestReceived,
     Row,
-    completed_event_id,
-    image_key,
-    processed_event_id,
-    received_event_id,
 )
 from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.app import create_app
 from imgpipe.status.handlers import Change
+from tests.support import events
+from tests.support.apps import serving_with_bus
+from tests.support.events import new_request_id
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+T0 = events.T0
 
 ROWS = [
     Row(serial_number="1", product_name="Shoe", input_urls=["http://in/a.jpg", "http://in/b.jpg"]),
@@ -52,71 +43,27 @@ ROWS = [
 
 
 def received(request_id: str, rows: list[Row] = ROWS) -> CloudEvent:
-    data = RequestReceived(
-        request_id=request_id,
-        rows=rows,
-        image_count=sum(len(row.input_urls) for row in rows),
-        received_at=T0,
-    )
-    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+    return events.received(request_id, rows)
 
 
 def processed(request_id: str, row: int, position: int, *, ok: bool = True) -> CloudEvent:
-    key = image_key(row, position)
-    data = ImageProcessed(
-        request_id=request_id,
-        image_key=key,
-        row_index=row,
-        position=position,
-        input_url=ROWS[row].input_urls[position] if row < len(ROWS) else "http://in/x.jpg",
-        outcome="ok" if ok else "failed",
-        output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
-        bytes_in=1000 if ok else None,
-        bytes_out=300 if ok else None,
-        width=10 if ok else None,
-        height=10 if ok else None,
-        format="JPEG" if ok else None,
-        error=None if ok else ImageError(code="download_failed", message="HTTP 404"),
-        attempts=1 if ok else 3,
-    )
-    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
-    event.time = T0 + timedelta(seconds=1 + row * 10 + position)
-    return event
+    url = ROWS[row].input_urls[position] if row < len(ROWS) else "http://in/x.jpg"
+    return events.processed(request_id, row, position, input_url=url, ok=ok)
 
 
 def completed(request_id: str, ok: int, failed: int) -> CloudEvent:
-    status = "completed" if ok else "error"
-    data = RequestCompleted(
-        request_id=request_id,
-        status=status,
-        counts=Counts(total=ok + failed, ok=ok, failed=failed),
-        completed_at=T0 + timedelta(minutes=1),
-    )
-    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+    return events.completed(request_id, ok, failed)
 
 
 def all_images(request_id: str, failed: set[tuple[int, int]] = frozenset()) -> list[CloudEvent]:
-    return [
-        processed(request_id, r, p, ok=(r, p) not in failed)
-        for r, row in enumerate(ROWS)
-        for p in range(len(row.input_urls))
-    ]
+    return events.processed_for(request_id, ROWS, failed)
 
 
 # Harness ---------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Bus]]:
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        bus = await Bus.connect(settings.amqp_url, Topology(settings.namespace))
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as client:
-                yield client, bus
-        finally:
-            await bus.close()
+def running(settings: Settings) -> AbstractAsyncContextManager[tuple[httpx.AsyncClient, Bus]]:
+    return serving_with_bus(create_app(settings), settings, "http://status")
 
 
 async def poll(
@@ -136,10 +83,6 @@ async def poll(
     raise AssertionError(f"condition never held; last answer: {last}")
 
 
-def new_id() -> str:
-    return "req-" + uuid.uuid4().hex[:12]
-
-
 def finished(body: dict[str, Any]) -> bool:
     """Final status, and every image outcome visible in the products."""
     outcomes = sum(
@@ -156,7 +99,7 @@ async def drain(client: httpx.AsyncClient, bus: Bus) -> None:
     The queue delivers in order and the service writes in delivery order, so once a
     sentinel published last is visible, every event before it has been applied.
     """
-    sentinel = new_id()
+    sentinel = new_request_id()
     await bus.publish(received(sentinel))
     await poll(client, f"/status/{sentinel}", lambda b: True)
 
@@ -203,7 +146,7 @@ def assert_final_completed(body: dict[str, Any], request_id: str) -> None:
 
 
 async def test_lifecycle_in_order(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         assert (await client.get(path)).status_code == 404
@@ -239,7 +182,7 @@ async def test_lifecycle_in_order(settings: Settings) -> None:
 
 
 async def test_out_of_order_delivery_gives_the_same_result(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         images = all_images(request_id, failed={(1, 1)})
@@ -255,7 +198,7 @@ async def test_out_of_order_delivery_gives_the_same_result(settings: Settings) -
 
 
 async def test_duplicates_are_not_counted_twice(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         images = all_images(request_id, failed={(1, 1)})
@@ -274,7 +217,7 @@ async def test_duplicates_are_not_counted_twice(settings: Settings) -> None:
 
 
 async def test_all_images_failed_is_an_error(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     failed = {(r, p) for r, row in enumerate(ROWS) for p in range(len(row.input_urls))}
     async with running(settings) as (client, bus):
@@ -291,7 +234,7 @@ async def test_all_images_failed_is_an_error(settings: Settings) -> None:
 
 
 async def test_output_csv_is_aligned_and_formula_safe(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         assert (await client.get(f"{path}/output.csv")).status_code == 404
@@ -325,7 +268,7 @@ async def test_output_csv_is_aligned_and_formula_safe(settings: Settings) -> Non
 
 
 async def test_output_csv_of_unfinished_request_is_partial(settings: Settings) -> None:
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         await bus.publish(received(request_id))
@@ -357,7 +300,7 @@ async def test_media_files_are_served_publicly(settings: Settings) -> None:
 
 async def test_api_key_guards_status_routes(settings: Settings) -> None:
     settings.api_keys = ["k"]
-    request_id = new_id()
+    request_id = new_request_id()
     path = f"/status/{request_id}"
     async with running(settings) as (client, bus):
         await bus.publish(received(request_id))

@@ -1,0 +1,113 @@
+"""Event builders for tests: the three public events, filled in the way the services
+fill them, with stable ids and times a test can reason about."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from imgpipe.contracts.events import (
+    CloudEvent,
+    Counts,
+    ImageError,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    Row,
+    completed_event_id,
+    image_key,
+    processed_event_id,
+    received_event_id,
+)
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+FAILED_ATTEMPTS = 3  # a failed image's attempts, unless a test says otherwise
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex[:12]
+
+
+def rows_of(urls_per_row: Sequence[Sequence[str]]) -> list[Row]:
+    """Rows numbered from 1, named "Product N"."""
+    return [
+        Row(serial_number=str(n), product_name=f"Product {n}", input_urls=list(urls))
+        for n, urls in enumerate(urls_per_row, start=1)
+    ]
+
+
+def received(
+    request_id: str,
+    rows: Sequence[Row],
+    *,
+    webhook_url: str | None = None,
+    at: datetime = T0,
+) -> CloudEvent[RequestReceived]:
+    data = RequestReceived(
+        request_id=request_id,
+        rows=list(rows),
+        image_count=sum(len(row.input_urls) for row in rows),
+        webhook_url=webhook_url,
+        received_at=at,
+    )
+    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+
+
+def processed(
+    request_id: str,
+    row: int,
+    position: int,
+    *,
+    input_url: str = "http://in/x.jpg",
+    ok: bool = True,
+    message: str = "HTTP 404",
+    attempts: int | None = None,
+    at: datetime | None = None,
+) -> CloudEvent[ImageProcessed]:
+    """An ok image (1000 bytes in, 300 out, 10x10 JPEG under http://media/<id>/<key>.jpg)
+    or a failed one (`download_failed` with `message`); the event time defaults to
+    T0 + 1 s + 10 s a row + 1 s a position."""
+    key = image_key(row, position)
+    data = ImageProcessed(
+        request_id=request_id,
+        image_key=key,
+        row_index=row,
+        position=position,
+        input_url=input_url,
+        outcome="ok" if ok else "failed",
+        output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
+        bytes_in=1000 if ok else None,
+        bytes_out=300 if ok else None,
+        width=10 if ok else None,
+        height=10 if ok else None,
+        format="JPEG" if ok else None,
+        error=None if ok else ImageError(code="download_failed", message=message),
+        attempts=attempts if attempts is not None else (1 if ok else FAILED_ATTEMPTS),
+    )
+    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
+    event.time = at or T0 + timedelta(seconds=1 + row * 10 + position)
+    return event
+
+
+def processed_for(
+    request_id: str, rows: Sequence[Row], failed: set[tuple[int, int]] = frozenset()
+) -> list[CloudEvent[ImageProcessed]]:
+    """An outcome for every image of `rows`; the places in `failed` fail."""
+    return [
+        processed(request_id, r, p, input_url=url, ok=(r, p) not in failed)
+        for r, row in enumerate(rows)
+        for p, url in enumerate(row.input_urls)
+    ]
+
+
+def completed(
+    request_id: str, ok: int, failed: int = 0, *, at: datetime = T0 + timedelta(minutes=1)
+) -> CloudEvent[RequestCompleted]:
+    data = RequestCompleted(
+        request_id=request_id,
+        status="completed" if ok else "error",
+        counts=Counts(total=ok + failed, ok=ok, failed=failed),
+        completed_at=at,
+    )
+    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
