@@ -8,7 +8,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.events import Options, Row
 from imgpipe.ingest.adapters.repository import RequestRepository
-from imgpipe.ingest.model import IngestRequest, new_request_id
+from imgpipe.ingest.domain import IngestRequest, new_request_id
 
 
 def request_with(rows: int) -> IngestRequest:

@@ -28,7 +28,7 @@ from imgpipe.ingest.adapters.publisher import EventPublisher
 from imgpipe.ingest.adapters.repository import RequestRepository
 from imgpipe.ingest.config import OutboxConfig
 from imgpipe.ingest.csv_input import CsvLimits
-from imgpipe.ingest.model import StoreUnavailable, UploadRejected
+from imgpipe.ingest.domain import StoreUnavailable, UploadRejected
 from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport, UploadAccepted
 
 log = logging.getLogger(__name__)

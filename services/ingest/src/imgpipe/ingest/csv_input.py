@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from imgpipe.contracts.events import Row
 from imgpipe.contracts.outbound import URLRefused, check_url
+from imgpipe.ingest.domain import Problem
 
 SERIAL = "S. No."
 PRODUCT = "Product Name"
@@ -55,16 +56,6 @@ _CSV_ERRORS = {
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _ZIP_MAGIC = b"PK\x03\x04"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with an upload; `line` is the CSV line, `field` a form field."""
-
-    message: str
-    line: int | None = None
-    column: str | None = None
-    field: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
-from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, Problem, parse_csv, url_problem
-from imgpipe.ingest.model import (
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv, url_problem
+from imgpipe.ingest.domain import (
     IngestRequest,
+    Problem,
     PublishFailed,
     StoreUnavailable,
     UploadRejected,

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import CloudEvent
-from imgpipe.ingest.model import PublishFailed
+from imgpipe.ingest.domain import PublishFailed
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from imgpipe.contracts.events import Options, Row
-from imgpipe.ingest.model import IngestRequest, StoreUnavailable
+from imgpipe.ingest.domain import IngestRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
