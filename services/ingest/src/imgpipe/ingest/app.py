@@ -25,7 +25,7 @@ from imgpipe.contracts.topology import Topology
 from imgpipe.contracts.web import health_router, require_api_key
 from imgpipe.ingest import handlers
 from imgpipe.ingest.adapters.publisher import EventPublisher
-from imgpipe.ingest.adapters.repository import RequestRepository
+from imgpipe.ingest.adapters.repository import IngestRepository
 from imgpipe.ingest.config import OutboxConfig
 from imgpipe.ingest.csv_input import CsvLimits
 from imgpipe.ingest.domain import StoreUnavailable, UploadRejected
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mongo = connect(settings)
-        repository = RequestRepository(service_database(mongo, settings, "ingest"))
+        repository = IngestRepository(service_database(mongo, settings, "ingest"))
         topology = Topology(settings.namespace, settings.delivery_limit)
         publisher = EventPublisher(
             lambda: Bus.connect(
