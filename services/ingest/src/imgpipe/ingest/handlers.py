@@ -150,7 +150,7 @@ async def run_relay(
     lease: timedelta,
     batch: int,
 ) -> None:
-    """The relay loop of the app's lifespan: one pass every `interval` seconds."""
+    """The relay loop the Runtime runs: one pass every `interval` seconds."""
     while True:
         try:
             await relay_outbox(repository, publisher, lease=lease, batch=batch)

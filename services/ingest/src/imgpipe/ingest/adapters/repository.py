@@ -41,9 +41,9 @@ class IngestRepository:
     async def ensure_indexes(self) -> None:
         """Create the collections and indexes once, before this process writes to them.
 
-        Lazily, so the app starts while the database is down, and never alongside a
-        write: the embedded SecantusDB can wedge when an insert races `createIndexes`
-        on a collection that does not exist yet.
+        The Runtime tries it in the background from start (the database may be down),
+        and every write awaits it first: the embedded SecantusDB can wedge when an insert
+        races `createIndexes` on a collection that does not exist yet.
         """
         async with self._index_lock:
             if not self._indexed:
