@@ -7,15 +7,9 @@ import io
 
 import pytest
 
-from imgpipe.ingest import csv_input
-from imgpipe.ingest.csv_input import (
-    CHUNK_SIZE,
-    MAX_LISTED_PROBLEMS,
-    CsvLimits,
-    CsvRejected,
-    parse_csv,
-    url_problem,
-)
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, decoding, parse_csv, url_problem
+from imgpipe.ingest.csv_input.decoding import CHUNK_SIZE
+from imgpipe.ingest.csv_input.report import MAX_LISTED_PROBLEMS
 
 LIMITS = CsvLimits(max_bytes=10_000_000, max_rows=100_000, max_images=100_000)
 HEADER = b"S. No.,Product Name,Input Image Urls\r\n"
@@ -333,7 +327,7 @@ def test_product_name_of_invisible_characters_is_empty(name: str) -> None:
 def test_a_line_across_many_chunks_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # The splitter keeps an unfinished line in pieces (scanning only new text, so a long
     # line costs linear time): they must join up, whatever the chunk boundaries.
-    monkeypatch.setattr(csv_input, "CHUNK_SIZE", 256)
+    monkeypatch.setattr(decoding, "CHUNK_SIZE", 256)
     # Blank cells keep every cell under csv's field limit.
     long_row = b"1,Shirt," + URL_1 + (b"," + b" " * 100_000) * 20 + b"\r\n"
     parsed = parse_csv(io.BytesIO(HEADER + long_row + b"2,Hat," + URL_2 + b"\r\n"), LIMITS)

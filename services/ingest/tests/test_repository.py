@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.events import Options, Row
-from imgpipe.ingest.adapters.repository import RequestRepository
-from imgpipe.ingest.model import IngestRequest, new_request_id
+from imgpipe.ingest.adapters.repository import IngestRepository
+from imgpipe.ingest.domain import IngestRequest, new_request_id
+
+LEASE = timedelta(seconds=30)
 
 
 def request_with(rows: int) -> IngestRequest:
@@ -29,7 +31,7 @@ def request_with(rows: int) -> IngestRequest:
 
 
 async def test_big_request_rows_are_chunked_and_read_back(ingest_db: AsyncDatabase) -> None:
-    repository = RequestRepository(ingest_db, chunk_bytes=2_000)
+    repository = IngestRepository(ingest_db, chunk_bytes=2_000)
     await repository.ensure_indexes()
     request = request_with(100)
     await repository.add(request, relay_after=request.received_at)
@@ -37,11 +39,11 @@ async def test_big_request_rows_are_chunked_and_read_back(ingest_db: AsyncDataba
     stored = await ingest_db.requests.find_one({"_id": request.request_id})
     assert stored["row_chunks"] > 1 and stored["rows"] == []
     assert await ingest_db.request_rows.count_documents({"request_id": request.request_id}) > 1
-    assert await repository.get(request.request_id) == request
+    assert await repository.claim_unpublished(request.received_at, LEASE) == request
 
 
 async def test_relay_claims_each_due_request_once(ingest_db: AsyncDatabase) -> None:
-    repository = RequestRepository(ingest_db, chunk_bytes=2_000)
+    repository = IngestRepository(ingest_db, chunk_bytes=2_000)
     request = request_with(50)
     now = request.received_at
     await repository.add(request, relay_after=now + timedelta(seconds=5))
@@ -55,7 +57,7 @@ async def test_relay_claims_each_due_request_once(ingest_db: AsyncDatabase) -> N
 
 
 async def test_ten_thousand_rows_round_trip(ingest_db: AsyncDatabase) -> None:
-    repository = RequestRepository(ingest_db)
+    repository = IngestRepository(ingest_db)
     request = request_with(10_000)
     await repository.add(request, relay_after=request.received_at)
-    assert await repository.get(request.request_id) == request
+    assert await repository.claim_unpublished(request.received_at, LEASE) == request

@@ -1,35 +1,25 @@
-"""The ingest service: `POST /upload` and the outbox relay."""
+"""The ingest service's app: `POST /upload` over the Runtime, with its error handlers and
+the upload-size limit."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import asdict
-from datetime import timedelta
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, status
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgpipe.contracts.bus import Bus
-from imgpipe.contracts.mongo import connect, ping, service_database
+from imgpipe.contracts.service import service_app
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
-from imgpipe.contracts.web import health_router, require_api_key
-from imgpipe.ingest import handlers
-from imgpipe.ingest.adapters.publisher import EventPublisher
-from imgpipe.ingest.adapters.repository import RequestRepository
+from imgpipe.ingest.bootstrap import Runtime
 from imgpipe.ingest.config import OutboxConfig
-from imgpipe.ingest.csv_input import CsvLimits
-from imgpipe.ingest.model import StoreUnavailable, UploadRejected
-from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport, UploadAccepted
+from imgpipe.ingest.domain import StoreUnavailable, UploadRejected
+from imgpipe.ingest.routes import upload_router
+from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport
 
 log = logging.getLogger(__name__)
 
@@ -40,108 +30,22 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None = None) -> FastAPI:
     settings = settings or Settings()
     outbox = outbox or OutboxConfig()
-    limits = CsvLimits(
-        settings.max_csv_bytes,
-        settings.max_rows,
-        settings.max_images,
-        settings.allow_private_urls,
-        settings.max_event_bytes,
-    )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        mongo = connect(settings)
-        repository = RequestRepository(service_database(mongo, settings, "ingest"))
-        topology = Topology(settings.namespace, settings.delivery_limit)
-        publisher = EventPublisher(
-            lambda: Bus.connect(
-                settings.amqp_url, topology, prefetch=settings.prefetch or 1, service="ingest"
-            ),
-            publish_timeout=outbox.publish_timeout,
-            retry_interval=outbox.connect_retry,
-        )
-        await publisher.start()
-        relay = asyncio.create_task(
-            handlers.run_relay(
-                repository,
-                publisher,
-                interval=outbox.interval,
-                lease=timedelta(seconds=outbox.lease),
-                batch=outbox.batch,
-            ),
-            name="ingest-outbox-relay",
-        )
-        app.state.mongo, app.state.repository, app.state.publisher = mongo, repository, publisher
-        try:
-            yield
-        finally:
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
-            await publisher.close()
-            await mongo.close()
-
-    async def checks() -> dict[str, bool]:
-        publisher: EventPublisher | None = getattr(app.state, "publisher", None)
-        mongo = getattr(app.state, "mongo", None)
-        return {
-            "broker": publisher is not None and publisher.is_connected,
-            "database": mongo is not None and await ping(mongo),
-        }
-
-    app = FastAPI(
+    app = service_app(
         title="imgpipe ingest",
         summary="Takes a CSV of product image URLs and starts processing it.",
-        lifespan=lifespan,
+        start=lambda: Runtime.start(settings, outbox),
+        routers=[upload_router(settings, outbox)],
     )
-    app.include_router(health_router(checks))
     _add_error_handlers(app, settings)
     app.add_middleware(
         UploadSizeLimit, path="/upload", max_bytes=settings.max_csv_bytes + FORM_OVERHEAD_BYTES
     )
-    status_base = (settings.public_base_url or f"http://127.0.0.1:{settings.status_port}").rstrip(
-        "/"
-    )
-
-    @app.post(
-        "/upload",
-        status_code=status.HTTP_202_ACCEPTED,
-        response_model=UploadAccepted,
-        responses={
-            413: {"model": ProblemReport, "description": "file, rows or images over the limit"},
-            422: {"model": ProblemReport, "description": "every problem, with its CSV line"},
-            503: {"model": ErrorOut, "description": "database unavailable; nothing stored"},
-        },
-        dependencies=[Depends(require_api_key(settings))],
-    )
-    async def upload(
-        request: Request,
-        file: Annotated[
-            UploadFile, File(description="CSV: S. No., Product Name, Input Image Urls")
-        ],
-        webhook_url: Annotated[
-            str | None, Form(description="http(s) URL told of every status change")
-        ] = None,
-        quality: Annotated[int, Form(ge=1, le=95, description="output quality")] = 50,
-    ) -> UploadAccepted:
-        """Accept a CSV; images are processed in the background. Poll `status_url`."""
-        accepted = await handlers.accept_upload(
-            handlers.Upload(file=file.file, quality=quality, webhook_url=webhook_url),
-            limits=limits,
-            repository=request.app.state.repository,
-            publisher=request.app.state.publisher,
-            relay_grace=timedelta(seconds=outbox.grace),
-        )
-        return UploadAccepted(
-            request_id=accepted.request_id,
-            status_url=f"{status_base}/status/{accepted.request_id}",
-        )
-
     return app
 
 
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
-    """Every refusal answers `{"detail", "errors": [...]}` (DESIGN.md, "HTTP")."""
+    """Every refusal answers `{"detail", "errors": [...]}`, each error naming its line,
+    column or form field."""
 
     @app.exception_handler(UploadRejected)
     async def rejected(_: Request, exc: UploadRejected) -> JSONResponse:

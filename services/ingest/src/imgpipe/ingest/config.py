@@ -1,4 +1,5 @@
-"""Ingest-only settings: the outbox relay's pace (env `IMGPIPE_OUTBOX_*`)."""
+"""Ingest's own settings: the outbox, its relay and its publishes (env `IMGPIPE_OUTBOX_*`);
+the settings every service shares are `imgpipe.contracts.settings.Settings`."""
 
 from __future__ import annotations
 

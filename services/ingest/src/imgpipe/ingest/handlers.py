@@ -10,9 +10,10 @@ from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
-from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, Problem, parse_csv, url_problem
-from imgpipe.ingest.model import (
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv, url_problem
+from imgpipe.ingest.domain import (
     IngestRequest,
+    Problem,
     PublishFailed,
     StoreUnavailable,
     UploadRejected,
@@ -149,7 +150,7 @@ async def run_relay(
     lease: timedelta,
     batch: int,
 ) -> None:
-    """The relay loop of the app's lifespan: one pass every `interval` seconds."""
+    """The relay loop the Runtime runs: one pass every `interval` seconds."""
     while True:
         try:
             await relay_outbox(repository, publisher, lease=lease, batch=batch)

@@ -19,7 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from imgpipe.contracts.events import Options, Row
-from imgpipe.ingest.model import IngestRequest, StoreUnavailable
+from imgpipe.ingest.domain import IngestRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 T = TypeVar("T")
 
 
-class RequestRepository:
+class IngestRepository:
     def __init__(self, db: AsyncDatabase, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.requests = db[REQUESTS]
         self.rows = db[REQUEST_ROWS]
@@ -41,9 +41,9 @@ class RequestRepository:
     async def ensure_indexes(self) -> None:
         """Create the collections and indexes once, before this process writes to them.
 
-        Lazily, so the app starts while the database is down, and never alongside a
-        write: the embedded SecantusDB can wedge when an insert races `createIndexes`
-        on a collection that does not exist yet.
+        The Runtime tries it in the background from start (the database may be down),
+        and every write awaits it first: the embedded SecantusDB can wedge when an insert
+        races `createIndexes` on a collection that does not exist yet.
         """
         async with self._index_lock:
             if not self._indexed:
@@ -80,10 +80,6 @@ class RequestRepository:
             await self._drop_rows(request.request_id)
             raise
 
-    async def get(self, request_id: str) -> IngestRequest | None:
-        doc = await _guarded(lambda: self.requests.find_one({"_id": request_id}))
-        return None if doc is None else await self._load(doc)
-
     async def mark_published(self, request_id: str, at: datetime) -> None:
         await _guarded(
             lambda: self.requests.update_one({"_id": request_id}, {"$set": {"published_at": at}})
@@ -104,7 +100,7 @@ class RequestRepository:
 
     async def _load(self, doc: dict[str, Any]) -> IngestRequest:
         rows = doc["rows"]
-        if doc.get("row_chunks"):
+        if doc["row_chunks"]:
             cursor = self.rows.find({"request_id": doc["_id"]}).sort("index", ASCENDING)
             chunks = await _guarded(lambda: cursor.to_list(None))
             rows = [row for chunk in chunks for row in chunk["rows"]]
@@ -112,7 +108,7 @@ class RequestRepository:
             request_id=doc["_id"],
             rows=[Row.model_validate(row) for row in rows],
             options=Options.model_validate(doc["options"]),
-            webhook_url=doc.get("webhook_url"),
+            webhook_url=doc["webhook_url"],
             received_at=doc["received_at"],
         )
 

@@ -1,4 +1,5 @@
-"""The ingest domain: an accepted request and the ways an upload can fail."""
+"""The ingest domain: an accepted request, a problem with an upload, and the ways an
+upload can fail."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from imgpipe.contracts.events import CloudEvent, Options, RequestReceived, Row, received_event_id
-from imgpipe.ingest.csv_input import Problem
 
 SOURCE = "imgpipe.ingest"
 
@@ -15,6 +15,16 @@ SOURCE = "imgpipe.ingest"
 def new_request_id() -> str:
     """122 random bits: request ids are unguessable, so a status URL is a capability."""
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an upload; `line` is the CSV line, `field` a form field."""
+
+    message: str
+    line: int | None = None
+    column: str | None = None
+    field: str | None = None
 
 
 @dataclass(frozen=True)

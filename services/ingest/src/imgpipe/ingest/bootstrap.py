@@ -1,0 +1,75 @@
+"""The ingest Runtime: the one place its adapters are built, wired, started and stopped.
+
+It starts whether or not the database and broker answer: the Mongo client connects on
+first use, the bus connects in the background, and uploads taken while the broker is
+down wait in the outbox for the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pymongo import AsyncMongoClient
+
+from imgpipe.contracts.bus import Bus, BusLink
+from imgpipe.contracts.mongo import connect, ping, service_database
+from imgpipe.contracts.service import Resources, keep_trying
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.topology import Topology
+from imgpipe.ingest import handlers
+from imgpipe.ingest.adapters.publisher import EventPublisher
+from imgpipe.ingest.adapters.repository import IngestRepository
+from imgpipe.ingest.config import OutboxConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    mongo: AsyncMongoClient
+    repository: IngestRepository
+    publisher: EventPublisher
+    resources: Resources
+
+    @classmethod
+    async def start(cls, settings: Settings, config: OutboxConfig) -> Runtime:
+        resources = Resources()
+        try:
+            mongo = connect(settings)
+            resources.push("closing the database client", mongo.close)
+            repository = IngestRepository(service_database(mongo, settings, "ingest"))
+            topology = Topology(settings.namespace, settings.delivery_limit)
+            link = BusLink(
+                lambda: Bus.connect(
+                    settings.amqp_url, topology, prefetch=settings.prefetch or 1, service="ingest"
+                ),
+                retry_interval=config.connect_retry,
+            )
+            resources.push("closing the broker connection", link.close)
+            await link.start()
+            if not link.is_connected:
+                log.warning("broker unavailable: uploads are kept in the outbox until it answers")
+            publisher = EventPublisher(link, publish_timeout=config.publish_timeout)
+            # Uploads create the indexes too before they write; this gets it done early.
+            resources.task(keep_trying(repository.ensure_indexes, "creating ingest indexes"))
+            relay = handlers.run_relay(
+                repository,
+                publisher,
+                interval=config.interval,
+                lease=timedelta(seconds=config.lease),
+                batch=config.batch,
+            )
+            resources.task(asyncio.create_task(relay, name="ingest-outbox-relay"))
+        except BaseException:
+            await resources.close()
+            raise
+        return cls(mongo, repository, publisher, resources)
+
+    async def readiness(self) -> dict[str, bool]:
+        return {"broker": self.publisher.is_connected, "database": await ping(self.mongo)}
+
+    async def stop(self) -> None:
+        await self.resources.close()
