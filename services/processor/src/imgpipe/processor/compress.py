@@ -62,7 +62,7 @@ def within_time(
 ) -> Compressed:
     """Run `function` in a pool worker that dies if it takes longer than `seconds`:
     SIGALRM's default action ends the process, which no decoder stuck in C can put off.
-    The pool sees a dead worker, as after a crash (bootstrap.PoolCompressor)."""
+    The pool sees a dead worker, as after a crash (adapters.pool.PoolCompressor)."""
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         return function(*args)
