@@ -1,4 +1,4 @@
-"""Decode and re-encode one image: a pure function, run in a process pool (DESIGN.md, "Images").
+"""Decode and re-encode one image: a pure function, run in a process pool.
 
 Opaque images become JPEG, images with real transparency become WebP, both at the
 request's quality. EXIF orientation is applied, the ICC profile kept, all other

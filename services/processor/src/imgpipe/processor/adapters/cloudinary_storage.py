@@ -1,4 +1,4 @@
-"""Cloudinary storage (issue 4): the official SDK, one folder per request, overwrite on retry.
+"""Cloudinary storage: the official SDK, one folder per request, overwrite on retry.
 
 Chosen when CLOUDINARY_URL is set. The SDK is configured per call from that URL (never from
 its global, import-time configuration), and its calls block, so each upload attempt runs in a
