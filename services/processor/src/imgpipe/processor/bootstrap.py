@@ -94,6 +94,7 @@ class Runtime:
         storage = build_storage(settings)  # a bad CLOUDINARY_URL stops start-up here
         resources = Resources()
         try:
+            resources.push("closing the storage", storage.aclose)
             mongo = connect(settings)
             resources.push("closing the database client", mongo.close)
             repository = ProcessorRepository(service_database(mongo, settings, "processor"))

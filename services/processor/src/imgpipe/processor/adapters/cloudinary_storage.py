@@ -172,6 +172,10 @@ class CloudinaryStorage:
     def __repr__(self) -> str:
         return f"CloudinaryStorage(cloud={self.config.cloud_name!r}, folder={self.config.folder!r})"
 
+    async def aclose(self) -> None:
+        """Let the uploads in flight end, and their threads with them."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
     def names(self, request_id: str, image_key: str, fmt: str) -> tuple[str, str]:
         """(asset folder, public_id) for an image; StorageError for unsafe names."""
         request_folder, _ = object_name(request_id, image_key, fmt)
