@@ -174,7 +174,7 @@ def test_errors_survive_the_trip_back_from_a_worker_process() -> None:
 
 
 async def test_the_worker_pool_runs_the_same_function() -> None:
-    from imgpipe.processor.bootstrap import PoolCompressor
+    from imgpipe.processor.adapters.pool import PoolCompressor
 
     pool = PoolCompressor(1, LIMIT)
     try:
@@ -413,7 +413,7 @@ def test_formats_the_downloader_refuses_are_never_decoded(fmt: str) -> None:
 async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
     """A dead worker breaks the whole pool; every image then in it is run again, alone,
     so only the one that kills its worker twice fails."""
-    from imgpipe.processor.bootstrap import PoolCompressor
+    from imgpipe.processor.adapters.pool import PoolCompressor
     from tests.support.crashing import CRASH, compress_or_die
 
     pool = PoolCompressor(2, LIMIT, function=compress_or_die)
@@ -430,7 +430,7 @@ async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
 
 
 async def test_an_image_over_the_time_limit_fails_and_frees_its_worker() -> None:
-    from imgpipe.processor.bootstrap import PoolCompressor
+    from imgpipe.processor.adapters.pool import PoolCompressor
     from tests.support.crashing import STUCK, compress_or_die
 
     pool = PoolCompressor(2, LIMIT, time_limit=0.5, function=compress_or_die)

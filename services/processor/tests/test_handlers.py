@@ -52,9 +52,10 @@ async def test_crash_between_outcome_and_counter_is_repaired_by_the_redelivery(
     # The first job's worker stored its outcome and died before counting it.
     [image] = first.images
     failed = {"outcome": "failed", "error": {"code": "x", "message": "y"}}
-    assert await processor.repository.record_outcome(
-        request_id, image.image_key, {**image.model_dump(), **failed}
-    )
+    fields = {"request_id": request_id, **image.model_dump(), **failed}
+    assert await processor.repository.record_outcomes(
+        [Outcome(request_id, image.image_key, fields)]
+    ) == [True]
     assert (await processor.repository.get_request(request_id))["ok"] == 1
 
     await processor.process_job(first)  # the broker redelivers it
@@ -152,21 +153,16 @@ async def test_concurrent_duplicate_jobs_publish_one_completion(
     assert {e.data.image_key for e in tap.of(request_id, ImageProcessed)} == {"0-0", "0-1", "0-2"}
 
 
-async def test_a_job_queued_by_the_one_image_version_is_processed(
+async def test_a_one_image_job_written_flat_is_processed(
     tap, processor: Processor, make_request, image_server
 ) -> None:
     url = image_server.add("/0", Response(jpeg_bytes(seed=0), content_type="image/jpeg"))
     request_id = uuid.uuid4().hex
     received = make_request(request_id, [[url]])
     await processor.request_received(received.data)
-    # What the earlier version queued: one image at the top level, and its image doc
-    # inserted with no outcome before the work.
-    legacy = {"request_id": request_id, "image_key": "0-0", "row_index": 0, "position": 0}
-    legacy |= {"input_url": url, "quality": 50}
-    await processor.repository.images.insert_one(
-        {"_id": f"{request_id}:0-0", **legacy, "outcome": None}
-    )
-    await processor.process_job(Job.model_validate_json(json.dumps(legacy)))
+    flat = {"request_id": request_id, "image_key": "0-0", "row_index": 0, "position": 0}
+    flat |= {"input_url": url, "quality": 50}
+    await processor.process_job(Job.model_validate_json(json.dumps(flat)))
     await tap.flush()
 
     [processed] = tap.of(request_id, ImageProcessed)

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
-from imgpipe.contracts.mongo import ping
+from imgpipe.contracts.service import service_app
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.web import health_router
 from imgpipe.processor.bootstrap import Runtime
+from imgpipe.processor.config import ProcessorConfig
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, config: ProcessorConfig | None = None
+) -> FastAPI:
     settings = settings or Settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings)
-        app.state.runtime = runtime
-        try:
-            yield
-        finally:
-            app.state.runtime = None
-            await runtime.stop()
-
-    async def checks() -> dict[str, bool]:
-        runtime: Runtime | None = getattr(app.state, "runtime", None)
-        return {
-            "broker": runtime is not None and runtime.bus.is_connected,
-            "database": runtime is not None and await ping(runtime.mongo),
-        }
-
-    app = FastAPI(
+    config = config or ProcessorConfig()
+    return service_app(
         title="imgpipe processor",
         summary="Downloads, compresses and stores images; health routes only.",
-        lifespan=lifespan,
+        start=lambda: Runtime.start(settings, config),
     )
-    app.include_router(health_router(checks))
-    return app

@@ -1,4 +1,4 @@
-"""Decode and re-encode one image: a pure function, run in a process pool (DESIGN.md, "Images").
+"""Decode and re-encode one image: a pure function, run in a process pool.
 
 Opaque images become JPEG, images with real transparency become WebP, both at the
 request's quality. EXIF orientation is applied, the ICC profile kept, all other
@@ -62,7 +62,7 @@ def within_time(
 ) -> Compressed:
     """Run `function` in a pool worker that dies if it takes longer than `seconds`:
     SIGALRM's default action ends the process, which no decoder stuck in C can put off.
-    The pool sees a dead worker, as after a crash (bootstrap.PoolCompressor)."""
+    The pool sees a dead worker, as after a crash (adapters.pool.PoolCompressor)."""
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         return function(*args)

@@ -18,9 +18,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -59,22 +59,45 @@ Compressor = Callable[[bytes, int], Awaitable[Compressed]]
 # Downloaded images that may wait for the codec, per pool worker: enough that a worker
 # never waits for a download, few enough to keep memory flat.
 BACKLOG_PER_WORKER = 4
-# What an image doc holds of its outcome: copied to other places of the same URL.
-OUTCOME_FIELDS = frozenset(
-    {
-        "outcome",
-        "output_url",
-        "bytes_in",
-        "bytes_out",
-        "width",
-        "height",
-        "format",
-        "error",
-        "attempts",
-        "processed_by",
-        "storage",
-    }
-)
+# Only an image that was stored has these.
+_STORED_ONLY = ("bytes_out", "width", "height", "format")
+
+
+class OutcomeError(TypedDict):
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """What an image doc holds of its outcome; copied to every place of the same URL."""
+
+    outcome: Literal["ok", "failed"]
+    processed_by: str  # which process did the work
+    attempts: int | None = None  # download attempts; None when none was tried
+    output_url: str | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: OutcomeError | None = None
+    storage: dict[str, Any] | None = None  # what the storage backend told of the object
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> ImageOutcome:
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
+
+    def to_doc(self) -> Doc:
+        """The fields as stored: a failed image has no output sizes or format, and
+        `storage` is there only when the backend told something."""
+        doc = asdict(self)
+        if self.outcome != "ok":
+            for key in _STORED_ONLY:
+                del doc[key]
+        if self.storage is None:
+            del doc["storage"]
+        return doc
 
 
 class Publisher(Protocol):
@@ -173,7 +196,7 @@ class Processor:
             return False
         known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
         if known is not None:  # a crash between two of its places' writes: copy the rest
-            outcome = {key: value for key, value in known.items() if key in OUTCOME_FIELDS}
+            outcome = ImageOutcome.from_doc(known)
         else:
             try:
                 outcome = await self._image_outcome(job, image)
@@ -183,14 +206,14 @@ class Processor:
         return await self._record(job.request_id, image, missing, outcome)
 
     async def _record(
-        self, request_id: str, image: JobImage, places: Sequence[Place], outcome: Doc
+        self, request_id: str, image: JobImage, places: Sequence[Place], outcome: ImageOutcome
     ) -> bool:
         docs = [
             {
                 "request_id": request_id,
                 **place.model_dump(),
                 "input_url": image.input_url,
-                **outcome,
+                **outcome.to_doc(),
             }
             for place in places
         ]
@@ -230,8 +253,8 @@ class Processor:
             delay,
         )
 
-    async def _image_outcome(self, job: Job, image: JobImage) -> Doc:
-        """The outcome fields of one image; RetryLater when it is to wait."""
+    async def _image_outcome(self, job: Job, image: JobImage) -> ImageOutcome:
+        """The outcome of one image; RetryLater when it is to wait."""
         try:
             return await self._outcome(job, image)
         except RetryLater:
@@ -244,7 +267,7 @@ class Processor:
             )
             return self._failed("internal_error", "the image could not be processed")
 
-    async def _outcome(self, job: Job, image: JobImage) -> Doc:
+    async def _outcome(self, job: Job, image: JobImage) -> ImageOutcome:
         """Download, compress and store one image; every expected failure is an outcome."""
         earlier = Attempts(image.attempts, image.first_attempt_at)
         await self.backlog.room()
@@ -263,31 +286,29 @@ class Processor:
             return self._failed(exc.code, exc.message, bytes_in=len(data), attempts=attempts)
         except StorageError as exc:
             return self._failed("storage_failed", str(exc), bytes_in=len(data), attempts=attempts)
-        return {
-            "outcome": "ok",
-            "output_url": stored.url,
-            "bytes_in": len(data),
-            "bytes_out": stored.size,
-            "width": result.width,
-            "height": result.height,
-            "format": result.format,
-            "error": None,
-            "attempts": attempts,
-            "processed_by": self.instance,
-            **({"storage": stored.details} if stored.details else {}),
-        }
+        return ImageOutcome(
+            outcome="ok",
+            processed_by=self.instance,
+            attempts=attempts,
+            output_url=stored.url,
+            bytes_in=len(data),
+            bytes_out=stored.size,
+            width=result.width,
+            height=result.height,
+            format=result.format,
+            storage=stored.details or None,
+        )
 
     def _failed(
         self, code: str, message: str, bytes_in: int | None = None, attempts: int | None = None
-    ) -> Doc:
-        return {
-            "outcome": "failed",
-            "output_url": None,
-            "bytes_in": bytes_in,
-            "error": {"code": code, "message": _shortened(message)},
-            "attempts": attempts,
-            "processed_by": self.instance,
-        }
+    ) -> ImageOutcome:
+        return ImageOutcome(
+            outcome="failed",
+            processed_by=self.instance,
+            attempts=attempts,
+            bytes_in=bytes_in,
+            error=OutcomeError(code=code, message=_shortened(message)),
+        )
 
     async def _replay(self, request_id: str, images: Sequence[Doc]) -> None:
         """Re-publish recorded outcomes and re-check completion. A crash between the

@@ -62,7 +62,7 @@ class Job(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_image_jobs(cls, data: Any) -> Any:
-        """Jobs queued by an earlier version held one image at the top level."""
+        """A job of one image may be written flat: the image's fields at the top level."""
         if isinstance(data, dict) and "images" not in data and "image_key" in data:
             return {**data, "images": [data]}
         return data

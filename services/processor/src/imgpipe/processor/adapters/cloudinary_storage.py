@@ -1,4 +1,4 @@
-"""Cloudinary storage (issue 4): the official SDK, one folder per request, overwrite on retry.
+"""Cloudinary storage: the official SDK, one folder per request, overwrite on retry.
 
 Chosen when CLOUDINARY_URL is set. The SDK is configured per call from that URL (never from
 its global, import-time configuration), and its calls block, so each upload attempt runs in a
@@ -171,6 +171,10 @@ class CloudinaryStorage:
 
     def __repr__(self) -> str:
         return f"CloudinaryStorage(cloud={self.config.cloud_name!r}, folder={self.config.folder!r})"
+
+    async def aclose(self) -> None:
+        """Let the uploads in flight end, and their threads with them."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     def names(self, request_id: str, image_key: str, fmt: str) -> tuple[str, str]:
         """(asset folder, public_id) for an image; StorageError for unsafe names."""

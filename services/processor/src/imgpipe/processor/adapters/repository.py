@@ -120,17 +120,7 @@ class ProcessorRepository:
         """The images among `image_keys` whose outcome is recorded, by image key."""
         ids = [image_id(request_id, key) for key in image_keys]
         docs = await self.images.find({"_id": {"$in": ids}}).to_list()
-        # An earlier version stored a doc with no outcome before the work: not recorded.
-        return {doc["image_key"]: doc for doc in docs if doc.get("outcome") is not None}
-
-    async def record_outcome(
-        self, request_id: str, image_key: str, fields: Mapping[str, Any]
-    ) -> bool:
-        """Store the outcome unless one is already there; True if this call stored it."""
-        doc = {"request_id": request_id, "image_key": image_key, **fields}
-        outcome = Outcome(request_id, image_key, doc)
-        [was_set] = await self.record_outcomes([outcome])
-        return was_set
+        return {doc["image_key"]: doc for doc in docs}
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """Store each outcome unless the image has one already, in one round trip; for
@@ -143,21 +133,8 @@ class ProcessorRepository:
             await self.images.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             taken = _duplicate_indexes(exc)
-            return [
-                index not in taken or await self._fill_placeholder(docs[index])
-                for index in range(len(docs))
-            ]
+            return [index not in taken for index in range(len(docs))]
         return [True] * len(outcomes)
-
-    async def _fill_placeholder(self, doc: Doc) -> bool:
-        """An earlier version inserted each image with no outcome before the work: set
-        the outcome there, unless one is set already. One at a time: this is rare, and
-        each write must tell whether it took effect."""
-        result = await self.images.update_one(
-            {"_id": doc["_id"], "outcome": None},
-            {"$set": {key: value for key, value in doc.items() if key != "_id"}},
-        )
-        return result.modified_count == 1
 
     async def count_batch(self, outcomes: Sequence[Outcome]) -> dict[str, Doc]:
         """One counter bump per request for outcomes just recorded; request id -> request."""

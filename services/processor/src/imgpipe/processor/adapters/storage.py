@@ -34,6 +34,10 @@ class Storage(Protocol):
         """Store (or overwrite: a retry must not duplicate) one output image."""
         ...
 
+    async def aclose(self) -> None:
+        """Release what the backend holds (threads, connections)."""
+        ...
+
 
 def object_name(request_id: str, image_key: str, fmt: str) -> tuple[str, str]:
     """(folder, file name) for an image; raises StorageError for unsafe names or formats."""
@@ -61,6 +65,9 @@ class LocalStorage:
         return StoredImage(
             url=f"{self.base_url}/{folder}/{name}", location=str(path), size=len(data)
         )
+
+    async def aclose(self) -> None:
+        """Nothing to release: each write is a thread of asyncio's own pool."""
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
