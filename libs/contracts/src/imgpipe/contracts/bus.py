@@ -227,12 +227,20 @@ async def _settle(operation: Awaitable[None]) -> None:
         log.warning("could not settle message: %s", exc)
 
 
+class NotConnected(ConnectionError):
+    """The broker has not answered yet."""
+
+
 class BusLink:
     """A Bus that may not be there yet: a service starts while the broker is down.
 
     `start` connects now if the broker answers, else keeps trying in the background
     (service.keep_trying); `on_connect` runs once connected (declare consumers). After
-    that aio-pika's robust connection handles reconnects. `bus` is None until then."""
+    that aio-pika's robust connection handles reconnects. `bus` is None until then.
+
+    It publishes and sends like a Bus, so handlers can be built before the broker
+    answers; before then a publish raises NotConnected. Consumers are declared only
+    once connected, so a handler that runs always finds the bus there."""
 
     def __init__(
         self,
@@ -257,6 +265,20 @@ class BusLink:
             log.warning("broker unavailable at start-up (%s); connecting in the background", exc)
             self._task = keep_trying(self._link, "connecting to the broker", self._retry_interval)
 
+    async def publish(self, event: CloudEvent[Any]) -> None:
+        await self._connected().publish(event)
+
+    async def publish_many(self, events: Iterable[CloudEvent[Any]]) -> None:
+        await self._connected().publish_many(events)
+
+    async def send(self, queue_key: str, body: bytes, message_id: str) -> None:
+        await self._connected().send(queue_key, body, message_id)
+
+    def _connected(self) -> Bus:
+        if self.bus is None:
+            raise NotConnected("not connected to the broker yet")
+        return self.bus
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -267,11 +289,12 @@ class BusLink:
 
     async def _link(self) -> None:
         bus = await self._connect()
+        self.bus = bus  # before the consumers: their handlers publish through the link
         try:
             if self._on_connect is not None:
                 await self._on_connect(bus)
         except BaseException:
+            self.bus = None
             await bus.close()
             raise
-        self.bus = bus
         log.info("connected to the broker")

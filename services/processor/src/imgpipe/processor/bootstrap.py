@@ -17,7 +17,6 @@ from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.processor.adapters.bus import LinkedBus
 from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, parse_cloudinary_url
 from imgpipe.processor.adapters.download import Downloader, RetryPolicy
 from imgpipe.processor.adapters.host_limits import HostLimits
@@ -112,24 +111,12 @@ class Runtime:
             resources.push("closing the download client", downloader.aclose)
 
             topology = Topology(settings.namespace, settings.delivery_limit)
-            bus = LinkedBus()
-            processor = Processor(
-                backlog=Backlog(BACKLOG_PER_WORKER * worker_count(settings)),
-                repository=repository,
-                bus=bus,
-                storage=storage,
-                download=downloader,
-                compressor=compressor,
-                topology=topology,
-                instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-            )
             drain = Drain()
             resources.push("cancelling the jobs left", drain.cancel_rest)
 
-            async def consume(connected: Bus) -> None:
-                bus.bus = connected  # before the first delivery: handlers publish on it
-                await connected.consume(JOBS_QUEUE, drain.wrap(processor.on_job_message))
-                await connected.consume_events(REQUESTS_QUEUE, drain.wrap(processor.on_event))
+            async def consume(bus: Bus) -> None:  # once the broker answers
+                await bus.consume(JOBS_QUEUE, drain.wrap(processor.on_job_message))
+                await bus.consume_events(REQUESTS_QUEUE, drain.wrap(processor.on_event))
 
             link = BusLink(
                 lambda: Bus.connect(
@@ -137,6 +124,16 @@ class Runtime:
                 ),
                 on_connect=consume,
                 retry_interval=config.connect_retry,
+            )
+            processor = Processor(
+                backlog=Backlog(BACKLOG_PER_WORKER * worker_count(settings)),
+                repository=repository,
+                bus=link,
+                storage=storage,
+                download=downloader,
+                compressor=compressor,
+                topology=topology,
+                instance=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             )
             # Closing the connection hands the unsettled messages back to the broker.
             resources.push("closing the broker connection", link.close)
