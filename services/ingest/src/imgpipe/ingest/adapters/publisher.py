@@ -25,10 +25,7 @@ class EventPublisher:
 
     async def publish(self, event: CloudEvent) -> None:
         """Publish with the broker's confirm, or raise PublishFailed within the timeout."""
-        bus = self._link.bus
-        if bus is None:
-            raise PublishFailed("not connected to the broker yet")
         try:
-            await asyncio.wait_for(bus.publish(event), self._publish_timeout)
-        except Exception as exc:  # timeout, closed channel, nack: all mean "not confirmed"
+            await asyncio.wait_for(self._link.publish(event), self._publish_timeout)
+        except Exception as exc:  # not connected, timeout, closed channel, nack: unconfirmed
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
