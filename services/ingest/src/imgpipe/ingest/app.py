@@ -3,8 +3,10 @@ the upload-size limit."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,7 +72,8 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code != 413:
-            return await default_http_handler(request, exc)  # type: ignore[no-any-return]
+            answer = default_http_handler(request, exc)
+            return cast(JSONResponse, await answer if inspect.isawaitable(answer) else answer)
         message = f"upload is larger than the {settings.max_csv_bytes}-byte limit"
         return _report(413, message, [ProblemOut(field="file", message=message)])
 

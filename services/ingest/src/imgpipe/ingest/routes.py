@@ -18,7 +18,8 @@ from imgpipe.ingest.schemas import ErrorOut, ProblemReport, UploadAccepted
 
 def runtime(request: Request) -> Runtime:
     """The running service, for `Depends`."""
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    running: Runtime = request.app.state.runtime
+    return running
 
 
 def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:

@@ -13,7 +13,7 @@ import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from PIL import Image, ImageFile, ImageMath, ImageOps
 
@@ -210,7 +210,7 @@ def _is_grey_palette(image: Image.Image) -> bool:
     if image.mode != "P" or "icc_profile" in image.info:
         return False
     palette = image.getpalette("RGB") or []
-    used = image.getcolors(256) or []
+    used = cast(list[tuple[int, int]], image.getcolors(256) or [])  # (count, index)
     return all(len(set(palette[3 * index : 3 * index + 3])) == 1 for _, index in used)
 
 
@@ -231,7 +231,7 @@ def _deep_grey_to_8_bits(image: Image.Image) -> Image.Image:
 def _float_grey_to_8_bits(image: Image.Image) -> Image.Image:
     """Float grey is usually 0..1; any other range has no scale but its own, so it is
     stretched from its darkest to its brightest pixel (a flat image becomes black)."""
-    low, high = image.getextrema()
+    low, high = cast(tuple[float, float], image.getextrema())  # one band
     if not (math.isfinite(low) and math.isfinite(high)):
         raise CompressError(
             "decode_error", "the image has floating-point pixels that are not numbers"

@@ -255,7 +255,7 @@ class CloudinaryStorage:
 
     def _stored(self, result: dict[str, Any], size: int) -> StoredImage | _Failure:
         try:
-            details = {
+            details: dict[str, Any] = {
                 "backend": "cloudinary",
                 "secure_url": str(result["secure_url"]),
                 "public_id": str(result["public_id"]),

@@ -61,7 +61,7 @@ class ProcessorRepository:
 
     async def create_request(self, request_id: str, total: int, quality: int) -> Doc:
         """Create the request once; a redelivered RequestReceived gets the existing doc."""
-        return await self.requests.find_one_and_update(
+        doc = await self.requests.find_one_and_update(
             {"_id": request_id},
             {
                 "$setOnInsert": {
@@ -77,6 +77,8 @@ class ProcessorRepository:
             upsert=True,
             return_document=ReturnDocument.AFTER,
         )
+        assert doc is not None  # an upsert returning the document after it has one
+        return doc
 
     async def get_request(self, request_id: str) -> Doc | None:
         return await self.requests.find_one({"_id": request_id})
@@ -86,11 +88,14 @@ class ProcessorRepository:
 
     async def add_counts(self, request_id: str, ok: int, failed: int) -> Doc:
         """Bump the counters by a batch's outcomes; returns the request after the bump."""
-        return await self.requests.find_one_and_update(
+        doc = await self.requests.find_one_and_update(
             {"_id": request_id},
             {"$inc": {"ok": ok, "failed": failed}},
             return_document=ReturnDocument.AFTER,
         )
+        if doc is None:  # outcomes are recorded only for requests that exist
+            raise LookupError(f"no request {request_id}")
+        return doc
 
     async def raise_counters(self, request_id: str, ok: int, failed: int) -> Doc | None:
         """Catch counters up with counted outcomes. $max, not $set: a concurrent $inc
