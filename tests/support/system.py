@@ -22,7 +22,7 @@ def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
     """The environment that makes a child process read the same Settings."""
     env = {
         "AMQP_URL": settings.amqp_url,
-        "MONGODB_URL": settings.mongo_url,
+        "MONGODB_URL": settings.mongodb_url or "",
         "IMGPIPE_DATA_DIR": str(settings.data_dir),
         "IMGPIPE_NAMESPACE": settings.namespace,
         "IMGPIPE_ALLOW_PRIVATE_URLS": str(settings.allow_private_urls).lower(),

@@ -45,7 +45,7 @@ def serve(server: LoopbackServer, count: int) -> list[str]:
 
 
 def image_records(settings: Settings, request_id: str) -> dict[str, dict]:
-    with MongoClient(settings.mongo_url) as client:
+    with MongoClient(settings.mongodb_url) as client:
         images = client[settings.database_name("processor")].images
         return {doc["image_key"]: doc for doc in images.find({"request_id": request_id})}
 

@@ -47,7 +47,7 @@ def file_for(settings: Settings, url: str) -> Path:
 
 
 def stored_images(settings: Settings, request_id: str) -> tuple[dict, list[dict]]:
-    with MongoClient(settings.mongo_url) as client:
+    with MongoClient(settings.mongodb_url) as client:
         db = client[settings.database_name("processor")]
         request = db.requests.find_one({"_id": request_id})
         images = list(db.images.find({"request_id": request_id}))

@@ -9,6 +9,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.settings import Settings
 
+LOCAL_MONGODB_URL = "mongodb://127.0.0.1:27017"
 Document = dict[str, Any]
 Client = AsyncMongoClient[Document]
 Database = AsyncDatabase[Document]
@@ -16,7 +17,7 @@ Database = AsyncDatabase[Document]
 
 def connect(settings: Settings) -> Client:
     return AsyncMongoClient(
-        settings.mongo_url,
+        settings.mongodb_url or LOCAL_MONGODB_URL,
         tz_aware=True,
         serverSelectionTimeoutMS=5_000,
         appname="imgpipe",

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Unset: `imgpipe up` starts an embedded database; a bare service tries localhost.
     mongodb_url: str | None = None
     data_dir: Path = Field(default=Path(".imgpipe"), alias="IMGPIPE_DATA_DIR")
     namespace: str = Field(default="", alias="IMGPIPE_NAMESPACE")
@@ -106,10 +107,6 @@ class Settings(BaseSettings):
     @property
     def media_base_url(self) -> str:
         return self.status_base_url + "/media"
-
-    @property
-    def mongo_url(self) -> str:
-        return self.mongodb_url or "mongodb://127.0.0.1:27017"
 
     def database_name(self, service: str) -> str:
         """`imgpipe_<service>`, prefixed by the namespace so tenants never share data."""
