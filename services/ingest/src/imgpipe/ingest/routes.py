@@ -31,9 +31,6 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         settings.max_event_bytes,
     )
     relay_grace = timedelta(seconds=outbox.grace)
-    status_base = (settings.public_base_url or f"http://127.0.0.1:{settings.status_port}").rstrip(
-        "/"
-    )
     router = APIRouter()
 
     @router.post(
@@ -67,7 +64,7 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         )
         return UploadAccepted(
             request_id=accepted.request_id,
-            status_url=f"{status_base}/status/{accepted.request_id}",
+            status_url=f"{settings.status_base_url}/status/{accepted.request_id}",
         )
 
     return router
