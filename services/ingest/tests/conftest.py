@@ -10,19 +10,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import aio_pika
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pymongo.asynchronous.database import AsyncDatabase
 
-from imgpipe.contracts.events import AnyEvent, RequestReceived, parse_event
+from imgpipe.contracts.events import RequestReceived
 from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.ingest.app import create_app
 from imgpipe.ingest.config import OutboxConfig
+from tests.support.tap import EventTap, event_tap
 
 # A brisk relay so outbox tests finish quickly; they never assert on durations.
 FAST_OUTBOX = OutboxConfig(
@@ -48,31 +47,10 @@ def run_ingest() -> Callable[..., Any]:
     return _running
 
 
-class EventTap:
-    """A private queue bound to `request.received` on the events exchange."""
-
-    def __init__(self) -> None:
-        self.events: asyncio.Queue[AnyEvent] = asyncio.Queue()
-
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await self.events.put(parse_event(message.body))
-
-    async def next(self) -> AnyEvent:
-        return await asyncio.wait_for(self.events.get(), WAIT)
-
-
 @pytest.fixture
 async def received_events(settings: Settings) -> AsyncIterator[EventTap]:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            Topology(settings.namespace).events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, RequestReceived.routing_key)
-        tap = EventTap()
-        await queue.consume(tap.on_message, no_ack=True)
+    """Hears the RequestReceived events ingest publishes."""
+    async with event_tap(settings, (RequestReceived.routing_key,)) as tap:
         yield tap
 
 
