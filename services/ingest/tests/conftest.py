@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -21,6 +20,7 @@ from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.settings import Settings
 from imgpipe.ingest.app import create_app
 from imgpipe.ingest.config import OutboxConfig
+from tests.support.apps import serving
 from tests.support.tap import EventTap, event_tap
 
 # A brisk relay so outbox tests finish quickly; they never assert on durations.
@@ -35,10 +35,8 @@ async def _running(
     settings: Settings, outbox: OutboxConfig = FAST_OUTBOX
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     app = create_app(settings, outbox=outbox)
-    async with LifespanManager(app, startup_timeout=WAIT, shutdown_timeout=WAIT) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-            yield app, client
+    async with serving(app, "http://ingest") as client:
+        yield app, client
 
 
 @pytest.fixture
