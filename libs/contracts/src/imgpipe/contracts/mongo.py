@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -39,3 +41,23 @@ async def ping(client: Client) -> bool:
     except Exception:
         return False
     return True
+
+
+class Once:
+    """A step that must succeed once before the writes that depend on it: index
+    creation, since SecantusDB can wedge when a write races `createIndexes` on a
+    collection that does not exist yet. Concurrent callers wait for the same attempt; a
+    failed attempt (the database down) is tried again by the next caller."""
+
+    def __init__(self, step: Callable[[], Awaitable[object]]) -> None:
+        self._step = step
+        self._done = False
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> None:
+        if self._done:
+            return
+        async with self._lock:
+            if not self._done:
+                await self._step()
+                self._done = True

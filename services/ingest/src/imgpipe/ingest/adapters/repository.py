@@ -8,7 +8,6 @@ so the outbox relay never sees a request whose rows are incomplete.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from imgpipe.contracts.events import Options, Row
+from imgpipe.contracts.mongo import Once
 from imgpipe.ingest.domain import IngestRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,9 @@ class IngestRepository:
         self.requests = db[REQUESTS]
         self.rows = db[REQUEST_ROWS]
         self.chunk_bytes = chunk_bytes
-        self._indexed = False
-        self._index_lock = asyncio.Lock()
-
-    async def ensure_indexes(self) -> None:
-        """Create the collections and indexes once, before this process writes to them.
-
-        The Runtime tries it in the background from start (the database may be down),
-        and every write awaits it first: the embedded SecantusDB can wedge when an insert
-        races `createIndexes` on a collection that does not exist yet.
-        """
-        async with self._index_lock:
-            if not self._indexed:
-                await _guarded(self._create_indexes)
-                self._indexed = True
+        # Once, before this process writes: the Runtime tries it in the background from
+        # start (the database may be down), and every write awaits it first.
+        self.ensure_indexes = Once(lambda: _guarded(self._create_indexes))
 
     async def _create_indexes(self) -> None:
         await self.requests.create_index([("published_at", ASCENDING), ("relay_after", ASCENDING)])

@@ -21,6 +21,7 @@ from typing import Any
 from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from imgpipe.contracts.mongo import Once
 from imgpipe.status.handlers import Change
 
 REQUESTS = "requests"
@@ -31,21 +32,11 @@ class StatusRepository:
     def __init__(self, database: AsyncDatabase) -> None:
         self.requests = database[REQUESTS]
         self.pages = database[IMAGE_PAGES]
-        self._indexed = False
-        self._index_lock = asyncio.Lock()
-
-    async def ensure_indexes(self) -> None:
-        """Index pages by request, once, before this process writes a page.
-
-        The app calls it at start-up and `write` before its first page write: the embedded
-        SecantusDB can wedge when an upsert races `createIndexes` on a collection that
-        does not exist yet. The read filters on `request_id` alone, as the index does
-        (SecantusDB uses an index only when the filter's fields are exactly its fields).
-        """
-        async with self._index_lock:
-            if not self._indexed:
-                await self.pages.create_index("request_id")
-                self._indexed = True
+        # Pages by request, once, before this process writes a page: the Runtime tries
+        # it from start, `write` before its first page write. The read filters on
+        # `request_id` alone, as the index does (SecantusDB uses an index only when the
+        # filter's fields are exactly its fields).
+        self.ensure_indexes = Once(lambda: self.pages.create_index("request_id"))
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         """The request's document with every known outcome under `images`, or None.
