@@ -8,10 +8,12 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from imgpipe.contracts.settings import Settings
 
 LOCAL_MONGODB_URL = "mongodb://127.0.0.1:27017"
+DUPLICATE_KEY = 11000  # MongoDB's error code for a unique index (or _id) already taken
 Document = dict[str, Any]
 Client = AsyncMongoClient[Document]
 Database = AsyncDatabase[Document]
@@ -61,3 +63,12 @@ class Once:
             if not self._done:
                 await self._step()
                 self._done = True
+
+
+def duplicate_indexes(exc: BulkWriteError) -> set[int] | None:
+    """Which documents of an unordered bulk insert existed already (their `_id` was
+    taken: another delivery stored them first); None when any error is of another kind."""
+    errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
+    if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
+        return None
+    return {int(error["index"]) for error in errors}

@@ -17,14 +17,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-DUPLICATE_KEY = 11000
+from imgpipe.contracts.events import utcnow
+from imgpipe.contracts.mongo import duplicate_indexes
+
 Doc = dict[str, Any]
 
 
@@ -71,7 +72,7 @@ class ProcessorRepository:
                     "failed": 0,
                     "fanned_out": False,
                     "completed_published": False,
-                    "created_at": _now(),
+                    "created_at": utcnow(),
                 }
             },
             upsert=True,
@@ -114,7 +115,7 @@ class ProcessorRepository:
                     "completed_published": True,
                     "ok": ok,
                     "failed": failed,
-                    "completed_at": _now(),
+                    "completed_at": utcnow(),
                 }
             },
         )
@@ -132,12 +133,14 @@ class ProcessorRepository:
         each, True if this call stored it."""
         if not outcomes:
             return []
-        now = _now()
+        now = utcnow()
         docs = [{"_id": o.image_id, **o.fields, "processed_at": now} for o in outcomes]
         try:
             await self.images.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            taken = _duplicate_indexes(exc)
+            taken = duplicate_indexes(exc)
+            if taken is None:
+                raise
             return [index not in taken for index in range(len(docs))]
         return [True] * len(outcomes)
 
@@ -156,15 +159,3 @@ class ProcessorRepository:
         ok = await self.images.count_documents({"request_id": request_id, "outcome": "ok"})
         failed = await self.images.count_documents({"request_id": request_id, "outcome": "failed"})
         return ok, failed
-
-
-def _duplicate_indexes(exc: BulkWriteError) -> set[int]:
-    """Which documents of an insert_many already existed; re-raises any other error."""
-    errors = exc.details.get("writeErrors", [])
-    if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
-        raise exc
-    return {error["index"] for error in errors}
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
