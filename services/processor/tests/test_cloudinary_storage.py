@@ -235,3 +235,13 @@ def test_cloudinary_url_in_the_environment_switches_the_backend(tmp_path, monkey
 
     monkeypatch.setenv("CLOUDINARY_URL", "")  # set but empty, as compose files do: local
     assert isinstance(build_storage(Settings(IMGPIPE_DATA_DIR=tmp_path)), LocalStorage)
+
+
+def test_an_sdk_without_the_wrapped_pool_is_refused_at_start(monkeypatch) -> None:
+    import cloudinary.uploader
+
+    from imgpipe.processor.adapters import cloudinary_storage
+
+    monkeypatch.setattr(cloudinary.uploader, "_http", None)
+    with pytest.raises(cloudinary_storage.CloudinaryConfigError, match="_http"):
+        cloudinary_storage._install_response_tap()

@@ -296,8 +296,11 @@ def _classify(status: int | None, message: str) -> _Failure:
 
 
 # The SDK raises on an error answer without its status or headers, and Retry-After lives in
-# the headers. A thin wrapper around the SDK's connection pool notes both for the thread
-# that made the request (each attempt runs start to end in one pool thread).
+# the headers. A thin wrapper around the SDK's connection pool (`cloudinary.uploader._http`,
+# the one it posts uploads through) notes both for the thread that made the request (each
+# attempt runs start to end in one pool thread). It leans on a private name of the SDK: the
+# pin in pyproject.toml keeps the major version, and `_install_response_tap` refuses to
+# start, saying why, if that name is gone or no longer a connection pool.
 
 
 class _ResponseTap(threading.local):
@@ -329,8 +332,15 @@ def _install_response_tap() -> None:
     import cloudinary.utils
 
     with _install_lock:
-        if isinstance(cloudinary.uploader._http, _TappedHttp):
+        current = getattr(cloudinary.uploader, "_http", None)
+        if isinstance(current, _TappedHttp):
             return
+        if not callable(getattr(current, "request", None)):
+            raise CloudinaryConfigError(
+                f"this cloudinary SDK ({cloudinary.VERSION}) no longer posts uploads through "
+                "cloudinary.uploader._http, which imgpipe wraps to read error statuses and "
+                "Retry-After: use the version pinned in imgpipe-processor's pyproject.toml"
+            )
         pool = cloudinary.utils.get_http_connector(
             cloudinary.config(), {**cloudinary.CERT_KWARGS, "maxsize": MAX_THREADS}
         )
