@@ -25,7 +25,7 @@ from pymongo import MongoClient
 from imgpipe.contracts.events import RequestCompleted, RequestReceived, parse_event
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.processor.jobs import Job
+from imgpipe.processor.jobs import Job, JobImage
 from tests.support.faults import (
     EventTap,
     RestartableMongo,
@@ -354,11 +354,15 @@ def test_poison_messages_are_dead_lettered_and_do_not_block_the_queue(
         # an event that is not even JSON cannot be handled at all.
         poison_job = Job(
             request_id="poison" + uuid.uuid4().hex[:8],
-            image_key="0-0",
-            row_index=0,
-            position=0,
-            input_url=server.url("/img/none.jpg"),
             quality=50,
+            images=(
+                JobImage(
+                    image_key="0-0",
+                    row_index=0,
+                    position=0,
+                    input_url=server.url("/img/none.jpg"),
+                ),
+            ),
         )
         asyncio.run(publish_poison(settings.amqp_url, topology, poison_job))
         submitted = submit(client, system, serve_images(server, 6, delay=0.1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from dataclasses import replace
 
@@ -12,7 +11,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.repository import Outcome
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.handlers import MAX_ERROR_MESSAGE, Processor
-from imgpipe.processor.jobs import Job, jobs_for
+from imgpipe.processor.jobs import jobs_for
 from tests.support.http_server import Response
 from tests.support.images import jpeg_bytes
 
@@ -151,25 +150,6 @@ async def test_concurrent_duplicate_jobs_publish_one_completion(
     request = await processor.repository.get_request(request_id)
     assert (request["ok"], request["failed"]) == (3, 0)
     assert {e.data.image_key for e in tap.of(request_id, ImageProcessed)} == {"0-0", "0-1", "0-2"}
-
-
-async def test_a_one_image_job_written_flat_is_processed(
-    tap, processor: Processor, make_request, image_server
-) -> None:
-    url = image_server.add("/0", Response(jpeg_bytes(seed=0), content_type="image/jpeg"))
-    request_id = uuid.uuid4().hex
-    received = make_request(request_id, [[url]])
-    await processor.request_received(received.data)
-    flat = {"request_id": request_id, "image_key": "0-0", "row_index": 0, "position": 0}
-    flat |= {"input_url": url, "quality": 50}
-    await processor.process_job(Job.model_validate_json(json.dumps(flat)))
-    await tap.flush()
-
-    [processed] = tap.of(request_id, ImageProcessed)
-    assert processed.data.outcome == "ok" and processed.data.input_url == url
-    [completed] = tap.of(request_id, RequestCompleted)
-    assert completed.data.counts.model_dump() == {"total": 1, "ok": 1, "failed": 0}
-    assert (await processor.repository.get_images(request_id, ["0-0"]))["0-0"]["outcome"] == "ok"
 
 
 def test_jobs_hold_a_few_images_each_in_input_order(make_request) -> None:

@@ -12,7 +12,7 @@ from pymongo import MongoClient
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted, processed_event_id
 from imgpipe.contracts.settings import Settings
-from imgpipe.processor.jobs import Job
+from imgpipe.processor.jobs import Job, JobImage
 from tests.support.http_server import LoopbackServer, Response
 from tests.support.images import exif_rotated_jpeg_bytes, jpeg_bytes, png_with_alpha_bytes
 
@@ -124,11 +124,8 @@ async def test_redelivered_request_and_duplicate_jobs_change_nothing(
     await tap.bus.publish(received)
     first_job = Job(
         request_id=request_id,
-        image_key="0-0",
-        row_index=0,
-        position=0,
-        input_url=urls[0],
         quality=50,
+        images=(JobImage(image_key="0-0", row_index=0, position=0, input_url=urls[0]),),
     )
 
     async with run_processor(settings):

@@ -16,9 +16,7 @@ before which it is not to be tried.
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from imgpipe.contracts.events import RequestReceived, image_key
 
@@ -58,14 +56,6 @@ class Job(BaseModel):
     request_id: str
     quality: int
     images: tuple[JobImage, ...]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_image_jobs(cls, data: Any) -> Any:
-        """A job of one image may be written flat: the image's fields at the top level."""
-        if isinstance(data, dict) and "images" not in data and "image_key" in data:
-            return {**data, "images": [data]}
-        return data
 
     @property
     def message_id(self) -> str:
