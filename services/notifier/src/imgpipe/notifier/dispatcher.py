@@ -27,8 +27,8 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.repository import Repository
 from imgpipe.notifier.adapters.signing import Signer
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.model import DELIVERED, DONE_STATES, PENDING
 from imgpipe.notifier.retry import decide
+from imgpipe.notifier.webhooks import DELIVERED, DONE_STATES, PENDING
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]

@@ -31,7 +31,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
 from imgpipe.notifier.adapters.repository import Repository
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.model import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
+from imgpipe.notifier.webhooks import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]

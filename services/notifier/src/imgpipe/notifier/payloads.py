@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.model import PROCESSING, RECEIVED
+from imgpipe.notifier.webhooks import PROCESSING, RECEIVED
 
 Doc = dict[str, Any]
 

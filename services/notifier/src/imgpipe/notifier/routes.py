@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 
 from imgpipe.contracts.outbound import URLRefused, check_url
 from imgpipe.notifier.handlers import Deps
-from imgpipe.notifier.model import DeliveryStatus
 from imgpipe.notifier.schemas import Delivery, Subscription, SubscriptionIn
 from imgpipe.notifier.subscriptions import (
     find_equal,
@@ -18,6 +17,7 @@ from imgpipe.notifier.subscriptions import (
     owner_for_retry,
     settle_orphans,
 )
+from imgpipe.notifier.webhooks import DeliveryStatus
 
 Doc = dict[str, Any]
 

@@ -9,7 +9,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imgpipe.notifier.model import WEBHOOK_TYPES, DeliveryStatus, WebhookType
+from imgpipe.notifier.webhooks import WEBHOOK_TYPES, DeliveryStatus, WebhookType
 
 MAX_PORT = 65535
 

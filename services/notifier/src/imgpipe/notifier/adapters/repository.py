@@ -22,7 +22,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
-from imgpipe.notifier.model import CANCELLED, FINAL_TYPES, PENDING
+from imgpipe.notifier.webhooks import CANCELLED, FINAL_TYPES, PENDING
 
 Doc = dict[str, Any]
 ROWS_PER_CHUNK = 1000
