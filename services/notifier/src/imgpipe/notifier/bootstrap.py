@@ -21,7 +21,7 @@ from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.notifier.adapters.repository import NotifierRepository
-from imgpipe.notifier.adapters.signing import Signer
+from imgpipe.notifier.adapters.webhook_client import Signer, WebhookClient
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.dispatcher import Dispatcher
 from imgpipe.notifier.handlers import Deps, handle_event, sweep_overdue_forever
@@ -54,8 +54,9 @@ class Runtime:
             repo = NotifierRepository(mongo.service_database(client, settings, "notifier"))
             indexes = resources.task(keep_trying(repo.ensure_indexes, "creating indexes"))
             http = outbound_client(settings, timeout=config.timeout)
-            resources.push("closing the HTTP client", http.aclose)
-            dispatcher = Dispatcher(repo.deliveries, settings, config, http, signer)
+            webhooks = WebhookClient(http, signer, config.timeout)
+            resources.push("closing the HTTP client", webhooks.aclose)
+            dispatcher = Dispatcher(repo.deliveries, settings, config, webhooks)
             dispatcher.start()
             resources.push("stopping the dispatcher", dispatcher.stop)
             deps = Deps(repo, settings, config, wake=dispatcher.wake)

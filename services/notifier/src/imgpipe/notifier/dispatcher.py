@@ -12,26 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import httpx
-
 from imgpipe.contracts.bus import is_unavailable
-from imgpipe.contracts.outbound import URLRefused
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.deliveries import AttemptDoc, Deliveries, DeliveryDoc
-from imgpipe.notifier.adapters.signing import Signer
+from imgpipe.notifier.adapters.webhook_client import WebhookClient
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.retry import decide
 from imgpipe.notifier.webhooks import DELIVERED, DONE_STATES, PENDING
 
 log = logging.getLogger(__name__)
-USER_AGENT = "imgpipe-notifier/0.1 (Standard Webhooks)"
 
 
 def utcnow() -> datetime:
@@ -44,14 +38,12 @@ class Dispatcher:
         deliveries: Deliveries,
         settings: Settings,
         config: NotifierConfig,
-        client: httpx.AsyncClient,
-        signer: Signer,
+        webhooks: WebhookClient,
     ) -> None:
         self.deliveries = deliveries
         self.settings = settings
         self.config = config
-        self.client = client
-        self.signer = signer
+        self.webhooks = webhooks
         self.owner = f"notifier-{uuid.uuid4().hex[:12]}"  # this instance, for leases
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -167,7 +159,9 @@ class Dispatcher:
 
     async def attempt(self, doc: DeliveryDoc) -> None:
         started_at = utcnow()
-        result = await self._post(doc, started_at)
+        result = await self.webhooks.post(
+            doc["endpoint"], doc["webhook_id"], doc["body"], started_at
+        )
         status_code, error = result.status_code, result.error
         finished_at = utcnow()
         latency_ms = round((finished_at - started_at).total_seconds() * 1000, 1)
@@ -212,43 +206,6 @@ class Dispatcher:
         )
         if decision.status in DONE_STATES:
             await self.deliveries.release_successors(doc, finished_at)
-
-    async def _post(self, doc: DeliveryDoc, at: datetime) -> PostResult:
-        """POST the stored body. The response body is never read."""
-        body: str = doc["body"]
-        headers = {
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-            **self.signer.headers(doc["webhook_id"], at, body),
-        }
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                request = self.client.build_request(
-                    "POST", doc["endpoint"], content=body.encode(), headers=headers
-                )
-                # Redirects are not followed: a receiver's new address is a config change.
-                response = await self.client.send(request, stream=True, follow_redirects=False)
-                await response.aclose()
-        except TimeoutError:
-            return PostResult(error=f"timed out after {self.config.timeout:g}s")
-        except URLRefused as exc:
-            return PostResult(error=f"{URLRefused.code}: {exc}", refused=True)
-        except httpx.TimeoutException as exc:
-            elapsed = time.monotonic() - started
-            return PostResult(error=f"{type(exc).__name__} after {elapsed:.1f}s")
-        except httpx.HTTPError as exc:
-            name = type(exc).__name__
-            return PostResult(error=f"{name}: {exc}" if str(exc) else name)
-        return PostResult(response.status_code, retry_after=response.headers.get("retry-after"))
-
-
-@dataclass(frozen=True)
-class PostResult:
-    status_code: int | None = None
-    error: str | None = None
-    retry_after: str | None = None
-    refused: bool = False  # the SSRF guard said no
 
 
 def _log_round_failure(what: str, exc: Exception) -> None:
