@@ -77,6 +77,8 @@ MAX_IMAGE_BATCH = 200
 
 @dataclass
 class Deps:
+    """What the handlers use, and what they remember in this process."""
+
     repo: NotifierRepository
     settings: Settings
     config: NotifierConfig

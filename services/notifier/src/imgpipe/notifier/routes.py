@@ -25,13 +25,8 @@ from imgpipe.notifier.webhooks import DeliveryStatus
 
 
 def runtime(request: Request) -> Runtime:
+    """The running notifier (service_app keeps it in the app's state)."""
     return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def _now_ms() -> datetime:
-    """Now at MongoDB's precision, so what POST answers is what GET answers later."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
@@ -73,6 +68,12 @@ async def create_subscription(
     }
     await runtime.repo.subscriptions.add(doc)
     return Subscription.from_doc(doc)
+
+
+def _now_ms() -> datetime:
+    """Now at MongoDB's precision, so what POST answers is what GET answers later."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _refuse_unsafe_url(url: str, settings: Settings) -> None:
