@@ -23,7 +23,8 @@ from imgpipe.contracts.events import (
     image_key,
 )
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.adapters.repository import NotifierRepository
+from imgpipe.notifier.adapters.requests import Requests
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.handlers import Deps, handle_event
 
@@ -32,8 +33,8 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 HOOK = "http://hook.invalid/x"
 
 
-class CountingRepository(Repository):
-    """The real repository, counting the calls an image batch makes."""
+class CountingRequests(Requests):
+    """The real request facts, counting the calls an image batch makes."""
 
     calls: dict[str, int]
 
@@ -49,11 +50,17 @@ class CountingRepository(Repository):
         return await super().note_processing(request_id, at)
 
 
+class CountingRepository(NotifierRepository):
+    requests: CountingRequests
+
+
 @pytest.fixture
 async def repo(settings: Settings) -> AsyncIterator[CountingRepository]:
     client = mongo.connect(settings)
-    repository = CountingRepository(mongo.service_database(client, settings, "notifier"))
-    repository.calls = {}
+    db = mongo.service_database(client, settings, "notifier")
+    repository = CountingRepository(db)
+    repository.requests = CountingRequests(db)
+    repository.requests.calls = {}
     await repository.ensure_indexes()
     try:
         yield repository
@@ -61,7 +68,7 @@ async def repo(settings: Settings) -> AsyncIterator[CountingRepository]:
         await client.close()
 
 
-def new_deps(repo: Repository, settings: Settings) -> Deps:
+def new_deps(repo: NotifierRepository, settings: Settings) -> Deps:
     return Deps(repo, settings, NotifierConfig(completion_grace=30.0))
 
 
@@ -109,17 +116,19 @@ async def trickle(deps: Deps, request_id: str, rows: range) -> None:
     await asyncio.gather(*handlers)
 
 
-async def webhook_types(repo: Repository, request_id: str) -> list[str]:
-    docs = await repo.deliveries.find({"request_id": request_id}).sort("seq", 1).to_list()
+async def webhook_types(repo: NotifierRepository, request_id: str) -> list[str]:
+    docs = (
+        await repo.deliveries.collection.find({"request_id": request_id}).sort("seq", 1).to_list()
+    )
     return [doc["event_type"] for doc in docs]
 
 
 async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> None:
     request_id = uuid.uuid4().hex
     first, second = image(request_id, 0), image(request_id, 1)
-    await repo.store_images([first, first])
-    await repo.store_images([first, second])  # a redelivery next to a new image
-    docs = await repo.images.find({"request_id": request_id}).sort("_id", 1).to_list()
+    await repo.requests.store_images([first, first])
+    await repo.requests.store_images([first, second])  # a redelivery next to a new image
+    docs = await repo.requests.images.find({"request_id": request_id}).sort("_id", 1).to_list()
     assert docs[0] == {
         "_id": f"{request_id}:0-0",
         "request_id": request_id,
@@ -130,7 +139,7 @@ async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> Non
         "attempts": None,
     }
     assert [doc["key"] for doc in docs] == ["0-0", "1-0"]
-    assert await repo.image_counts(request_id) == (2, 0)
+    assert await repo.requests.image_counts(request_id) == (2, 0)
 
 
 async def test_a_burst_of_images_is_one_write_and_one_request_update(
@@ -140,13 +149,13 @@ async def test_a_burst_of_images_is_one_write_and_one_request_update(
     request_id = uuid.uuid4().hex
     await handle_event(received(request_id), deps)
     await trickle(deps, request_id, range(0, 6))
-    assert repo.calls == {"store_images": 1, "note_processing": 1}
+    assert repo.requests.calls == {"store_images": 1, "note_processing": 1}
     assert await webhook_types(repo, request_id) == ["request.received", "request.processing"]
 
     # The processing webhook is known to be planned: later images are only stored.
     await trickle(deps, request_id, range(6, 11))
-    assert repo.calls == {"store_images": 2, "note_processing": 1}
-    assert await repo.image_total(request_id) == 11
+    assert repo.requests.calls == {"store_images": 2, "note_processing": 1}
+    assert await repo.requests.image_total(request_id) == 11
     assert len(await webhook_types(repo, request_id)) == 2
 
 
@@ -168,7 +177,7 @@ async def test_the_last_image_releases_a_final_webhook_planned_elsewhere(
         "request.processing",
         "request.completed",
     ]
-    [final] = await repo.deliveries.find(
+    [final] = await repo.deliveries.collection.find(
         {"request_id": request_id, "event_type": "request.completed"}
     ).to_list()
     assert f"http://out/{IMAGES - 1}.jpg" in final["body"]
@@ -201,4 +210,4 @@ async def test_with_a_prefetch_of_one_an_image_does_not_wait_for_company(
     deps = Deps(repo, one_at_a_time, NotifierConfig(image_batch_window=30.0))
     request_id = uuid.uuid4().hex
     await asyncio.wait_for(handle_event(event(image(request_id, 0)), deps), 5.0)
-    assert await repo.image_counts(request_id) == (1, 0)
+    assert await repo.requests.image_counts(request_id) == (1, 0)

@@ -12,27 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import httpx
-
-from imgpipe.contracts.outbound import URLRefused
+from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.adapters.repository import Repository
-from imgpipe.notifier.adapters.signing import Signer
+from imgpipe.notifier.adapters.deliveries import AttemptDoc, Deliveries, DeliveryDoc
+from imgpipe.notifier.adapters.webhook_client import WebhookClient
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.model import DELIVERED, DONE_STATES, PENDING
 from imgpipe.notifier.retry import decide
+from imgpipe.notifier.webhooks import DELIVERED, DONE_STATES, PENDING
 
 log = logging.getLogger(__name__)
-Doc = dict[str, Any]
-USER_AGENT = "imgpipe-notifier/0.1 (Standard Webhooks)"
 
 
 def utcnow() -> datetime:
@@ -42,17 +35,15 @@ def utcnow() -> datetime:
 class Dispatcher:
     def __init__(
         self,
-        repo: Repository,
+        deliveries: Deliveries,
         settings: Settings,
         config: NotifierConfig,
-        client: httpx.AsyncClient,
-        signer: Signer,
+        webhooks: WebhookClient,
     ) -> None:
-        self.repo = repo
+        self.deliveries = deliveries
         self.settings = settings
         self.config = config
-        self.client = client
-        self.signer = signer
+        self.webhooks = webhooks
         self.owner = f"notifier-{uuid.uuid4().hex[:12]}"  # this instance, for leases
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -81,8 +72,8 @@ class Dispatcher:
                 more = await self.dispatch_due()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # MongoDB away for a moment: try again next round
-                log.exception("dispatcher round failed")
+            except Exception as exc:  # MongoDB away for a moment: try again next round
+                _log_round_failure("dispatcher round", exc)
                 more = False
             if more:
                 await asyncio.sleep(0)
@@ -103,19 +94,19 @@ class Dispatcher:
             for endpoint, count in self._per_endpoint.items()
             if count >= self.config.per_endpoint_concurrency
         ]
-        candidates = await self.repo.due(now, free, busy)
+        candidates = await self.deliveries.due(now, free, busy)
         for doc in candidates:
             if self._per_endpoint[doc["endpoint"]] >= self.config.per_endpoint_concurrency:
                 continue
             if await self._waits_for_earlier(doc, now):
                 continue
             until = now + timedelta(seconds=self.config.lease)
-            claimed = await self.repo.claim(doc["_id"], self.owner, now, until)
+            claimed = await self.deliveries.claim(doc["_id"], self.owner, now, until)
             if claimed is not None:
                 self._start(claimed)
         return len(candidates) == free
 
-    async def _waits_for_earlier(self, doc: Doc, now: datetime) -> bool:
+    async def _waits_for_earlier(self, doc: DeliveryDoc, now: datetime) -> bool:
         """Per (request, endpoint), a webhook waits until the earlier ones are done or failed.
 
         A waiting delivery is put off until its predecessor's next chance, so it does
@@ -123,7 +114,7 @@ class Dispatcher:
         """
         if doc["seq"] == 0:
             return False
-        earlier = await self.repo.pending_predecessor(doc)
+        earlier = await self.deliveries.pending_predecessor(doc)
         if earlier is None:
             return False
         until = max(
@@ -131,13 +122,13 @@ class Dispatcher:
             earlier["lease_until"],
             now + timedelta(seconds=self.config.poll_interval),
         )
-        await self.repo.defer(doc["_id"], until)
+        await self.deliveries.defer(doc["_id"], until)
         # The predecessor may have finished between the check and the deferral.
-        if await self.repo.pending_predecessor(doc) is None:
-            await self.repo.make_due({"_id": doc["_id"]}, now)
+        if await self.deliveries.pending_predecessor(doc) is None:
+            await self.deliveries.make_due({"_id": doc["_id"]}, now)
         return True
 
-    def _start(self, doc: Doc) -> None:
+    def _start(self, doc: DeliveryDoc) -> None:
         task = asyncio.create_task(self._run_attempt(doc), name=f"webhook-{doc['_id']}")
         self._inflight[doc["_id"]] = task
         self._per_endpoint[doc["endpoint"]] += 1
@@ -153,22 +144,24 @@ class Dispatcher:
 
         task.add_done_callback(done)
 
-    async def _run_attempt(self, doc: Doc) -> None:
+    async def _run_attempt(self, doc: DeliveryDoc) -> None:
         try:
             await self.attempt(doc)
         except asyncio.CancelledError:
             # Shutting down: hand the lease back so a restart retries at once.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.repo.release(doc["_id"], self.owner, utcnow()), 2)
+                await asyncio.wait_for(self.deliveries.release(doc["_id"], self.owner, utcnow()), 2)
             raise
         except Exception:  # the lease expires and the delivery is tried again
             log.exception("webhook attempt for %s failed unexpectedly", doc["_id"])
 
     # One attempt ------------------------------------------------------------------
 
-    async def attempt(self, doc: Doc) -> None:
+    async def attempt(self, doc: DeliveryDoc) -> None:
         started_at = utcnow()
-        result = await self._post(doc, started_at)
+        result = await self.webhooks.post(
+            doc["endpoint"], doc["webhook_id"], doc["body"], started_at
+        )
         status_code, error = result.status_code, result.error
         finished_at = utcnow()
         latency_ms = round((finished_at - started_at).total_seconds() * 1000, 1)
@@ -185,7 +178,7 @@ class Dispatcher:
         )
         if error is None and decision.status != DELIVERED:
             error = f"HTTP {status_code}"
-        attempt = {
+        attempt: AttemptDoc = {
             "at": started_at,
             "endpoint": doc["endpoint"],
             "status_code": status_code,
@@ -194,10 +187,10 @@ class Dispatcher:
             "outcome": "retry" if decision.status == PENDING else decision.status,
             "next_retry_at": next_at,
         }
-        fields: Doc = {"status": decision.status, "next_attempt_at": next_at}
+        fields: dict[str, object] = {"status": decision.status, "next_attempt_at": next_at}
         if decision.status == DELIVERED:
             fields["delivered_at"] = finished_at
-        recorded = await self.repo.finish_attempt(
+        recorded = await self.deliveries.finish_attempt(
             doc["_id"], self.owner, attempt, fields, finished_at
         )
         if not recorded:
@@ -212,41 +205,12 @@ class Dispatcher:
             f"retry at {next_at.isoformat()}" if next_at else "",
         )
         if decision.status in DONE_STATES:
-            await self.repo.release_successors(doc, finished_at)
-
-    async def _post(self, doc: Doc, at: datetime) -> PostResult:
-        """POST the stored body. The response body is never read."""
-        body: str = doc["body"]
-        headers = {
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-            **self.signer.headers(doc["webhook_id"], at, body),
-        }
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                request = self.client.build_request(
-                    "POST", doc["endpoint"], content=body.encode(), headers=headers
-                )
-                # Redirects are not followed: a receiver's new address is a config change.
-                response = await self.client.send(request, stream=True, follow_redirects=False)
-                await response.aclose()
-        except TimeoutError:
-            return PostResult(error=f"timed out after {self.config.timeout:g}s")
-        except URLRefused as exc:
-            return PostResult(error=f"{URLRefused.code}: {exc}", refused=True)
-        except httpx.TimeoutException as exc:
-            elapsed = time.monotonic() - started
-            return PostResult(error=f"{type(exc).__name__} after {elapsed:.1f}s")
-        except httpx.HTTPError as exc:
-            name = type(exc).__name__
-            return PostResult(error=f"{name}: {exc}" if str(exc) else name)
-        return PostResult(response.status_code, retry_after=response.headers.get("retry-after"))
+            await self.deliveries.release_successors(doc, finished_at)
 
 
-@dataclass(frozen=True)
-class PostResult:
-    status_code: int | None = None
-    error: str | None = None
-    retry_after: str | None = None
-    refused: bool = False  # the SSRF guard said no
+def _log_round_failure(what: str, exc: Exception) -> None:
+    """A database outage is one line a round (it may last); anything else, a traceback."""
+    if is_unavailable(exc):
+        log.warning("%s failed: database unavailable (%s)", what, type(exc).__name__)
+    else:
+        log.error("%s failed", what, exc_info=exc)

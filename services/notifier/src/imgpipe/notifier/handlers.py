@@ -22,19 +22,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from imgpipe.contracts.batching import Batcher
+from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.events import AnyEvent, ImageProcessed, RequestCompleted, RequestReceived
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
-from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.adapters.deliveries import DeliveryDoc
+from imgpipe.notifier.adapters.repository import NotifierRepository
+from imgpipe.notifier.adapters.requests import RequestDoc
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.model import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
+from imgpipe.notifier.webhooks import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
 
 log = logging.getLogger(__name__)
-Doc = dict[str, Any]
 # Requests whose processing webhook this process knows is planned; a forgotten one
 # costs one idempotent request update and planning pass at its next image batch.
 KNOWN_REQUESTS = 4096
@@ -76,7 +77,9 @@ MAX_IMAGE_BATCH = 200
 
 @dataclass
 class Deps:
-    repo: Repository
+    """What the handlers use, and what they remember in this process."""
+
+    repo: NotifierRepository
     settings: Settings
     config: NotifierConfig
     wake: Callable[[], None] = lambda: None  # tells the local dispatcher there is work
@@ -105,19 +108,19 @@ async def handle_event(event: AnyEvent, deps: Deps) -> None:
     data = event.data
     now = utcnow()
     if isinstance(data, RequestReceived):
-        request = await deps.repo.mark_received(data)
+        request = await deps.repo.requests.mark_received(data)
     elif isinstance(data, ImageProcessed):
         await deps.image_batcher().submit(ImageArrival(data, event.time))
         return
     elif isinstance(data, RequestCompleted):
         deps.image_batcher().hurry()  # its last images may be waiting in the batch window
-        request = await deps.repo.mark_completed(data, now)
+        request = await deps.repo.requests.mark_completed(data, now)
     else:  # pragma: no cover - parse_event only yields the three types
         return
     await plan_in_turn(request, deps)
 
 
-async def plan_in_turn(request: Doc, deps: Deps) -> set[str]:
+async def plan_in_turn(request: RequestDoc, deps: Deps) -> set[str]:
     """Plan one request at a time in this process, stamped when its turn comes.
 
     Deliveries are listed and sent in creation-time order. Two plans of one request
@@ -136,14 +139,14 @@ async def images_processed(batch: list[ImageArrival], deps: Deps) -> None:
     images. Reading after storing closes the race with a RequestCompleted handled at the
     same time, here or in another instance: it sets `final_pending` before counting
     images, so either its count sees these images or this read sees the flag."""
-    await deps.repo.store_images([arrival.data for arrival in batch])
+    await deps.repo.requests.store_images([arrival.data for arrival in batch])
     first_at = _first_arrivals(batch)
     known = [request_id for request_id in first_at if request_id in deps._processing_planned]
-    for request in await deps.repo.pending_finals(known):
+    for request in await deps.repo.requests.pending_finals(known):
         await plan_in_turn(request, deps)
     for request_id, at in first_at.items():
         if request_id not in known:
-            request = await deps.repo.note_processing(request_id, at)
+            request = await deps.repo.requests.note_processing(request_id, at)
             if PROCESSING in await plan_in_turn(request, deps):
                 deps._processing_planned.add(request_id)
 
@@ -157,7 +160,7 @@ def _first_arrivals(batch: list[ImageArrival]) -> dict[str, datetime]:
     return first_at
 
 
-async def plan(request: Doc, deps: Deps, now: datetime) -> set[str]:
+async def plan(request: RequestDoc, deps: Deps, now: datetime) -> set[str]:
     """Create the deliveries for every status change that is due and not yet planned;
     returns the webhook types planned by now.
 
@@ -174,7 +177,7 @@ async def plan(request: Doc, deps: Deps, now: datetime) -> set[str]:
         planned.add(RECEIVED)
     started = request.get("first_processed_at") or request.get("completed")
     if PROCESSING not in planned and started:
-        ok, failed = await deps.repo.image_counts(request["_id"])
+        ok, failed = await deps.repo.requests.image_counts(request["_id"])
         created |= await _emit(
             PROCESSING, payloads.processing(request, ok, failed), request, deps, now
         )
@@ -186,12 +189,12 @@ async def plan(request: Doc, deps: Deps, now: datetime) -> set[str]:
     return planned
 
 
-async def _plan_final(request: Doc, planned: set[str], deps: Deps, now: datetime) -> bool:
+async def _plan_final(request: RequestDoc, planned: set[str], deps: Deps, now: datetime) -> bool:
     """The completed or error webhook, once every image is stored (or the grace is over)."""
     final_type = f"request.{request['completed']['status']}"
     if planned & FINAL_TYPES:
         if request.get("final_pending"):  # a duplicate RequestCompleted
-            await deps.repo.mark_planned(request["_id"], final_type)
+            await deps.repo.requests.mark_planned(request["_id"], final_type)
         return False
     if not await _final_ready(request, deps, now):
         return False
@@ -205,40 +208,56 @@ async def plan_overdue(deps: Deps) -> None:
     """Send final webhooks whose missing ImageProcessed events never came in the grace time."""
     now = utcnow()
     cutoff = now - timedelta(seconds=deps.config.completion_grace)
-    for request in await deps.repo.overdue_finals(cutoff):
+    for request in await deps.repo.requests.overdue_finals(cutoff):
         await plan_in_turn(request, deps)
 
 
-async def _final_ready(request: Doc, deps: Deps, now: datetime) -> bool:
+async def sweep_overdue_forever(deps: Deps) -> None:
+    """Final webhooks held back for missing image outcomes go out after the grace time."""
+    interval = max(deps.config.poll_interval, min(deps.config.completion_grace / 4, 5.0))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await plan_overdue(deps)
+        except Exception as exc:  # the database may be away for a while: next round
+            if is_unavailable(exc):
+                log.warning("sweep of held-back final webhooks failed: database unavailable")
+            else:
+                log.exception("sweep of held-back final webhooks failed")
+
+
+async def _final_ready(request: RequestDoc, deps: Deps, now: datetime) -> bool:
     """Wait for every image outcome (events may overtake each other), at most the grace."""
     seen_at = request["completed_seen_at"]
     if seen_at <= now - timedelta(seconds=deps.config.completion_grace):
         return True
     total = request["completed"]["counts"]["total"]
-    return await deps.repo.image_total(request["_id"]) >= total
+    return await deps.repo.requests.image_total(request["_id"]) >= total
 
 
-async def _products(request: Doc, deps: Deps) -> list[Doc] | None:
+async def _products(request: RequestDoc, deps: Deps) -> list[payloads.Product] | None:
     if request["image_count"] > deps.config.max_products_images:
         return None
-    rows = await deps.repo.load_rows(request["_id"])
-    images = await deps.repo.load_images(request["_id"])
+    rows = await deps.repo.requests.load_rows(request["_id"])
+    images = await deps.repo.requests.load_images(request["_id"])
     return payloads.products(rows, images)
 
 
-async def _emit(event_type: str, payload: Doc, request: Doc, deps: Deps, now: datetime) -> bool:
+async def _emit(
+    event_type: str, payload: payloads.Payload, request: RequestDoc, deps: Deps, now: datetime
+) -> bool:
     """One delivery per endpoint (the request's webhook URL, then matching subscriptions)."""
     targets: dict[str, str | None] = {}
     if request.get("webhook_url"):
         targets[request["webhook_url"]] = None
-    for subscription in await deps.repo.subscriptions_for(event_type):
+    for subscription in await deps.repo.subscriptions.wanting(event_type):
         targets.setdefault(subscription["url"], subscription["_id"])
     body = payloads.dumps(payload)
     created = False
     for endpoint, subscription_id in targets.items():
         doc = new_delivery(request["_id"], event_type, endpoint, subscription_id, body, now)
-        created |= await deps.repo.add_delivery(doc)
-    await deps.repo.mark_planned(request["_id"], event_type)
+        created |= await deps.repo.deliveries.add(doc)
+    await deps.repo.requests.mark_planned(request["_id"], event_type)
     return created
 
 
@@ -255,7 +274,7 @@ def new_delivery(
     subscription_id: str | None,
     body: str,
     now: datetime,
-) -> Doc:
+) -> DeliveryDoc:
     return {
         "_id": f"dlv_{uuid.uuid4().hex}",
         "webhook_id": webhook_id(request_id, event_type),

@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.model import PROCESSING, RECEIVED
+from imgpipe.notifier.adapters.requests import ImageDoc, RequestDoc, Row
+from imgpipe.notifier.webhooks import PROCESSING, RECEIVED
 
-Doc = dict[str, Any]
+
+class Product(TypedDict):
+    """One input row, with each input URL's outcome at the same position."""
+
+    serial_number: str
+    product_name: str
+    input_urls: list[str]
+    output_urls: list[str | None]
+    errors: list[dict[str, str] | None]
+    attempts: list[int | None]
+
+
+class Payload(TypedDict):
+    type: str
+    request_id: str
+    status: str
+    counts: dict[str, int]  # total, ok, failed
+    timestamp: str
+    # The final webhook's only:
+    products: NotRequired[list[Product] | None]  # None: too many images, see the CSV
+    output_csv_url: NotRequired[str]
 
 
 def iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def dumps(payload: Doc) -> str:
+def dumps(payload: Payload) -> str:
     """Compact JSON; the exact text is stored so every retry sends the same bytes."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
@@ -26,7 +47,7 @@ def output_csv_url(settings: Settings, request_id: str) -> str:
     return f"{base.rstrip('/')}/status/{request_id}/output.csv"
 
 
-def _payload(event_type: str, request: Doc, counts: Doc, at: datetime) -> Doc:
+def _payload(event_type: str, request: RequestDoc, counts: dict[str, int], at: datetime) -> Payload:
     return {
         "type": event_type,
         "request_id": request["_id"],
@@ -36,12 +57,12 @@ def _payload(event_type: str, request: Doc, counts: Doc, at: datetime) -> Doc:
     }
 
 
-def received(request: Doc) -> Doc:
+def received(request: RequestDoc) -> Payload:
     counts = {"total": request["image_count"], "ok": 0, "failed": 0}
     return _payload(RECEIVED, request, counts, request["received_at"])
 
 
-def processing(request: Doc, ok: int, failed: int) -> Doc:
+def processing(request: RequestDoc, ok: int, failed: int) -> Payload:
     counts = {"total": request["image_count"], "ok": ok, "failed": failed}
     at = request.get("first_processed_at") or request["completed"]["completed_at"]
     return _payload(PROCESSING, request, counts, at)
@@ -49,10 +70,10 @@ def processing(request: Doc, ok: int, failed: int) -> Doc:
 
 def final(
     event_type: str,
-    request: Doc,
-    products: list[Doc] | None,
+    request: RequestDoc,
+    products: list[Product] | None,
     settings: Settings,
-) -> Doc:
+) -> Payload:
     completed = request["completed"]
     payload = _payload(event_type, request, completed["counts"], completed["completed_at"])
     payload["products"] = products
@@ -60,20 +81,20 @@ def final(
     return payload
 
 
-def products(rows: list[Doc], images: list[Doc]) -> list[Doc]:
+def products(rows: list[Row], images: list[ImageDoc]) -> list[Product]:
     """Rows in input order; output URLs, errors and download attempts aligned with the
     input URLs."""
     by_key = {image["key"]: image for image in images}
-    result = []
+    result: list[Product] = []
     for row_index, row in enumerate(rows):
         outputs: list[str | None] = []
-        errors: list[Doc | None] = []
+        errors: list[dict[str, str] | None] = []
         attempts: list[int | None] = []
         for position in range(len(row["input_urls"])):
             image = by_key.get(f"{row_index}-{position}") or {}
-            ok = image.get("outcome") == "ok"
-            outputs.append(image.get("output_url") if ok else None)
-            errors.append(image.get("error") if image.get("outcome") == "failed" else None)
+            outcome = image.get("outcome")
+            outputs.append(image.get("output_url") if outcome == "ok" else None)
+            errors.append(image.get("error") if outcome == "failed" else None)
             attempts.append(image.get("attempts"))
         result.append(
             {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from imgpipe.notifier.model import DELIVERED, FAILED, PENDING
+from imgpipe.notifier.webhooks import DELIVERED, FAILED, PENDING
 
 MAX_RETRY_AFTER = 24 * 3600.0
 RETRYABLE_4XX = frozenset({408, 429})

@@ -1,16 +1,19 @@
-"""HTTP API: subscriptions and the delivery log (health routes come from contracts)."""
+"""HTTP API: subscriptions and the delivery log (the health routes come with service_app)."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 
 from imgpipe.contracts.outbound import URLRefused, check_url
-from imgpipe.notifier.handlers import Deps
-from imgpipe.notifier.model import DeliveryStatus
+from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.web import require_api_key
+from imgpipe.notifier.adapters.deliveries import DeliveryDoc
+from imgpipe.notifier.adapters.subscriptions import SubscriptionDoc
+from imgpipe.notifier.bootstrap import Runtime
 from imgpipe.notifier.schemas import Delivery, Subscription, SubscriptionIn
 from imgpipe.notifier.subscriptions import (
     find_equal,
@@ -18,22 +21,23 @@ from imgpipe.notifier.subscriptions import (
     owner_for_retry,
     settle_orphans,
 )
-
-Doc = dict[str, Any]
-
-
-def deps(request: Request) -> Deps:
-    return request.app.state.deps
+from imgpipe.notifier.webhooks import DeliveryStatus
 
 
-def _now_ms() -> datetime:
-    """Now at MongoDB's precision, so what POST answers is what GET answers later."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+def runtime(request: Request) -> Runtime:
+    """The running notifier (service_app keeps it in the app's state)."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-DepsDep = Annotated[Deps, Depends(deps)]
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
 router = APIRouter()
+
+
+def notifier_router(settings: Settings) -> APIRouter:
+    """The API, behind `Authorization: Bearer KEY` when IMGPIPE_API_KEYS is set."""
+    secured = APIRouter(dependencies=[Depends(require_api_key(settings))])
+    secured.include_router(router)
+    return secured
 
 
 @router.post(
@@ -44,32 +48,38 @@ router = APIRouter()
     tags=["subscriptions"],
 )
 async def create_subscription(
-    body: SubscriptionIn, deps: DepsDep, response: Response
+    body: SubscriptionIn, runtime: RuntimeDep, response: Response
 ) -> Subscription:
     """Register an endpoint for some or all webhook types (of every request from now on).
 
     Idempotent: the same URL (scheme and host in any case, default port or not) with the
     same webhook types answers 200 with the subscription that exists."""
-    _refuse_unsafe_url(body.url, deps)
+    _refuse_unsafe_url(body.url, runtime.settings)
     url = normalise_url(body.url)
-    existing = await find_equal(deps.repo, url, body.event_types)
+    existing = await find_equal(runtime.repo, url, body.event_types)
     if existing is not None:
         response.status_code = status.HTTP_200_OK
         return Subscription.from_doc(existing)
-    doc = {
+    doc: SubscriptionDoc = {
         "_id": f"sub_{uuid.uuid4().hex}",
         "url": url,
         "event_types": body.event_types,
         "created_at": _now_ms(),
     }
-    await deps.repo.add_subscription(doc)
+    await runtime.repo.subscriptions.add(doc)
     return Subscription.from_doc(doc)
 
 
-def _refuse_unsafe_url(url: str, deps: Deps) -> None:
+def _now_ms() -> datetime:
+    """Now at MongoDB's precision, so what POST answers is what GET answers later."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _refuse_unsafe_url(url: str, settings: Settings) -> None:
     """The same rules every delivery will meet, so a bad URL fails here, not later."""
     try:
-        check_url(url, deps.settings.allow_private_urls)
+        check_url(url, settings.allow_private_urls)
     except URLRefused as exc:
         raise HTTPException(
             422,
@@ -78,13 +88,13 @@ def _refuse_unsafe_url(url: str, deps: Deps) -> None:
 
 
 @router.get("/subscriptions", response_model=list[Subscription], tags=["subscriptions"])
-async def list_subscriptions(deps: DepsDep) -> list[Subscription]:
-    return [Subscription.from_doc(doc) for doc in await deps.repo.list_subscriptions()]
+async def list_subscriptions(runtime: RuntimeDep) -> list[Subscription]:
+    return [Subscription.from_doc(doc) for doc in await runtime.repo.subscriptions.list_all()]
 
 
 @router.get("/subscriptions/{subscription_id}", response_model=Subscription, tags=["subscriptions"])
-async def get_subscription(subscription_id: str, deps: DepsDep) -> Subscription:
-    doc = await deps.repo.get_subscription(subscription_id)
+async def get_subscription(subscription_id: str, runtime: RuntimeDep) -> Subscription:
+    doc = await runtime.repo.subscriptions.get(subscription_id)
     if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such subscription")
     return Subscription.from_doc(doc)
@@ -96,21 +106,21 @@ async def get_subscription(subscription_id: str, deps: DepsDep) -> Subscription:
     response_class=Response,
     tags=["subscriptions"],
 )
-async def delete_subscription(subscription_id: str, deps: DepsDep) -> Response:
+async def delete_subscription(subscription_id: str, runtime: RuntimeDep) -> Response:
     """Its pending deliveries go on under another subscription of the same endpoint and
     type if there is one, and are cancelled otherwise."""
-    doc = await deps.repo.delete_subscription(subscription_id)
+    doc = await runtime.repo.subscriptions.delete(subscription_id)
     if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such subscription")
     orphans = [(subscription_id, list(doc["event_types"]))]
-    await settle_orphans(deps.repo, doc["url"], orphans, datetime.now(UTC))
-    deps.wake()
+    await settle_orphans(runtime.repo, doc["url"], orphans, datetime.now(UTC))
+    runtime.dispatcher.wake()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/deliveries", response_model=list[Delivery], tags=["deliveries"])
 async def list_deliveries(
-    deps: DepsDep,
+    runtime: RuntimeDep,
     request_id: str | None = None,
     status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     endpoint: str | None = None,
@@ -125,16 +135,16 @@ async def list_deliveries(
 ) -> list[Delivery]:
     """Deliveries, newest first, each with its full attempt log (time, status code,
     latency, error, next retry)."""
-    cursor = await _cursor(before, deps)
-    docs = await deps.repo.list_deliveries(request_id, status_, endpoint, limit, cursor)
+    cursor = await _cursor(before, runtime)
+    docs = await runtime.repo.deliveries.list_page(request_id, status_, endpoint, limit, cursor)
     return [Delivery.from_doc(doc) for doc in docs]
 
 
-async def _cursor(before: str | None, deps: Deps) -> Doc | None:
+async def _cursor(before: str | None, runtime: Runtime) -> DeliveryDoc | None:
     """Where the page starts: after a delivery (exact), or before a time."""
     if before is None:
         return None
-    if (delivery := await deps.repo.get_delivery(before)) is not None:
+    if (delivery := await runtime.repo.deliveries.get(before)) is not None:
         return delivery
     try:
         at = datetime.fromisoformat(before)
@@ -153,8 +163,8 @@ async def _cursor(before: str | None, deps: Deps) -> Doc | None:
 
 
 @router.get("/deliveries/{delivery_id}", response_model=Delivery, tags=["deliveries"])
-async def get_delivery(delivery_id: str, deps: DepsDep) -> Delivery:
-    doc = await deps.repo.get_delivery(delivery_id)
+async def get_delivery(delivery_id: str, runtime: RuntimeDep) -> Delivery:
+    doc = await runtime.repo.deliveries.get(delivery_id)
     if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
     return Delivery.from_doc(doc)
@@ -166,29 +176,29 @@ async def get_delivery(delivery_id: str, deps: DepsDep) -> Delivery:
     response_model=Delivery,
     tags=["deliveries"],
 )
-async def retry_delivery(delivery_id: str, deps: DepsDep) -> Delivery:
+async def retry_delivery(delivery_id: str, runtime: RuntimeDep) -> Delivery:
     """Send this delivery again now, with a fresh retry schedule; earlier attempts stay logged.
 
     A delivery made for a subscription is sent only while a subscription (its own, or
     another of the same endpoint and type) still wants it: 409 otherwise."""
-    doc = await deps.repo.get_delivery(delivery_id)
+    doc = await runtime.repo.deliveries.get(delivery_id)
     if doc is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
-    owner = await _owner_or_conflict(doc, deps)
+    owner = await _owner_or_conflict(doc, runtime)
     now = datetime.now(UTC)
-    replayed = await deps.repo.replay(delivery_id, now, owner)
+    replayed = await runtime.repo.deliveries.replay(delivery_id, now, owner)
     assert replayed is not None  # deliveries are never deleted
     if owner is not None:  # the owner may have been deleted since we looked
-        await settle_orphans(deps.repo, doc["endpoint"], [(owner, [doc["event_type"]])], now)
-    deps.wake()
+        await settle_orphans(runtime.repo, doc["endpoint"], [(owner, [doc["event_type"]])], now)
+    runtime.dispatcher.wake()
     return Delivery.from_doc(replayed)
 
 
-async def _owner_or_conflict(doc: Doc, deps: Deps) -> str | None:
+async def _owner_or_conflict(doc: DeliveryDoc, runtime: Runtime) -> str | None:
     """The subscription a retry belongs to (None for a request's own webhook URL)."""
     if doc["subscription_id"] is None:
         return None
-    owner = await owner_for_retry(deps.repo, doc)
+    owner = await owner_for_retry(runtime.repo, doc)
     if owner is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,

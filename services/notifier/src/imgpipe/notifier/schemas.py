@@ -9,7 +9,9 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imgpipe.notifier.model import WEBHOOK_TYPES, DeliveryStatus, WebhookType
+from imgpipe.notifier.adapters.deliveries import DeliveryDoc
+from imgpipe.notifier.adapters.subscriptions import SubscriptionDoc
+from imgpipe.notifier.webhooks import WEBHOOK_TYPES, DeliveryStatus, WebhookType
 
 MAX_PORT = 65535
 
@@ -58,7 +60,7 @@ class Subscription(BaseModel):
     created_at: datetime
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> Subscription:
+    def from_doc(cls, doc: SubscriptionDoc) -> Subscription:
         return cls(id=doc["_id"], **{k: doc[k] for k in ("url", "event_types", "created_at")})
 
 
@@ -88,6 +90,6 @@ class Delivery(BaseModel):
     payload: dict[str, Any]
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> Delivery:
+    def from_doc(cls, doc: DeliveryDoc) -> Delivery:
         fields = {k: v for k, v in doc.items() if k in cls.model_fields}
         return cls(id=doc["_id"], payload=json.loads(doc["body"]), **fields)

@@ -9,12 +9,12 @@ as long as some subscription covers its endpoint and webhook type, whichever one
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from imgpipe.notifier.adapters.repository import Repository
+from imgpipe.notifier.adapters.deliveries import DeliveryDoc
+from imgpipe.notifier.adapters.repository import NotifierRepository
+from imgpipe.notifier.adapters.subscriptions import SubscriptionDoc
 
-Doc = dict[str, Any]
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -32,31 +32,35 @@ def normalise_url(url: str) -> str:
     return urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def same_subscription(doc: Doc, url: str, event_types: list[str]) -> bool:
+def same_subscription(doc: SubscriptionDoc, url: str, event_types: list[str]) -> bool:
     return normalise_url(doc["url"]) == url and set(doc["event_types"]) == set(event_types)
 
 
-async def find_equal(repo: Repository, url: str, event_types: list[str]) -> Doc | None:
+async def find_equal(
+    repo: NotifierRepository, url: str, event_types: list[str]
+) -> SubscriptionDoc | None:
     """An existing subscription of this normalised URL for exactly these types."""
-    for doc in await repo.subscriptions_for(event_types[0]):
+    for doc in await repo.subscriptions.wanting(event_types[0]):
         if same_subscription(doc, url, event_types):
             return doc
     return None
 
 
-async def covering(repo: Repository, endpoint: str, event_type: str) -> Doc | None:
+async def covering(
+    repo: NotifierRepository, endpoint: str, event_type: str
+) -> SubscriptionDoc | None:
     """The oldest subscription that wants `event_type` sent to `endpoint`."""
     wanted = normalise_url(endpoint)
-    for doc in await repo.subscriptions_for(event_type):
+    for doc in await repo.subscriptions.wanting(event_type):
         if normalise_url(doc["url"]) == wanted:
             return doc
     return None
 
 
-async def owner_for_retry(repo: Repository, delivery: Doc) -> str | None:
+async def owner_for_retry(repo: NotifierRepository, delivery: DeliveryDoc) -> str | None:
     """The subscription a retried subscription delivery belongs to now, None if nobody
     wants it any more (its own subscription may be gone while another covers it)."""
-    own = await repo.get_subscription(delivery["subscription_id"])
+    own = await repo.subscriptions.get(delivery["subscription_id"])
     if own is not None:
         return own["_id"]
     heir = await covering(repo, delivery["endpoint"], delivery["event_type"])
@@ -64,7 +68,7 @@ async def owner_for_retry(repo: Repository, delivery: Doc) -> str | None:
 
 
 async def settle_orphans(
-    repo: Repository, endpoint: str, orphans: list[tuple[str, list[str]]], now: datetime
+    repo: NotifierRepository, endpoint: str, orphans: list[tuple[str, list[str]]], now: datetime
 ) -> None:
     """For each (subscription id, webhook types) whose subscription no longer exists, hand
     its pending deliveries of those types to another subscription covering the endpoint,
@@ -75,20 +79,26 @@ async def settle_orphans(
     orphans = list(orphans)
     while orphans:
         subscription_id, event_types = orphans.pop()
-        if await repo.get_subscription(subscription_id) is not None:
+        if await repo.subscriptions.get(subscription_id) is not None:
             continue
         heirs = await _hand_over(repo, subscription_id, endpoint, event_types, now)
         orphans.extend(heirs.items())
 
 
 async def _hand_over(
-    repo: Repository, subscription_id: str, endpoint: str, event_types: list[str], now: datetime
+    repo: NotifierRepository,
+    subscription_id: str,
+    endpoint: str,
+    event_types: list[str],
+    now: datetime,
 ) -> dict[str, list[str]]:
     heirs: dict[str, list[str]] = {}
     for event_type in event_types:
         heir = await covering(repo, endpoint, event_type)
         if heir is not None:
-            await repo.reassign_pending(subscription_id, event_type, heir["_id"], now)
+            await repo.deliveries.reassign_pending(subscription_id, event_type, heir["_id"], now)
             heirs.setdefault(heir["_id"], []).append(event_type)
-    await repo.cancel_for_subscription(subscription_id, event_types, now)  # nobody covers
+    await repo.deliveries.cancel_for_subscription(
+        subscription_id, event_types, now
+    )  # nobody covers
     return heirs

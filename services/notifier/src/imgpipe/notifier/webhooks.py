@@ -1,4 +1,5 @@
-"""Webhook event types and the order they happen in for one request."""
+"""The webhook vocabulary: the webhook types, the order they go out in for one request,
+and the states of a delivery."""
 
 from __future__ import annotations
 
