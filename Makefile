@@ -17,6 +17,7 @@ up: sync ## install from the lock file and run the whole system
 test: sync ## install from the lock file and run every test
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
 	$(UV) run --frozen pytest
 
 lint: sync

@@ -117,10 +117,10 @@ class Dispatcher:
         earlier = await self.deliveries.pending_predecessor(doc)
         if earlier is None:
             return False
+        chances = (earlier["next_attempt_at"], earlier["lease_until"])
         until = max(
-            earlier["next_attempt_at"],
-            earlier["lease_until"],
-            now + timedelta(seconds=self.config.poll_interval),
+            [at for at in chances if at is not None]
+            + [now + timedelta(seconds=self.config.poll_interval)]
         )
         await self.deliveries.defer(doc["_id"], until)
         # The predecessor may have finished between the check and the deferral.

@@ -248,8 +248,8 @@ async def _emit(
 ) -> bool:
     """One delivery per endpoint (the request's webhook URL, then matching subscriptions)."""
     targets: dict[str, str | None] = {}
-    if request.get("webhook_url"):
-        targets[request["webhook_url"]] = None
+    if webhook_url := request.get("webhook_url"):
+        targets[webhook_url] = None
     for subscription in await deps.repo.subscriptions.wanting(event_type):
         targets.setdefault(subscription["url"], subscription["_id"])
     body = payloads.dumps(payload)

@@ -6,20 +6,11 @@ import json
 from datetime import UTC, datetime
 from typing import NotRequired, TypedDict
 
+from imgpipe.contracts.products import Product
+from imgpipe.contracts.products import products as project_products
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.requests import ImageDoc, RequestDoc, Row
 from imgpipe.notifier.webhooks import PROCESSING, RECEIVED
-
-
-class Product(TypedDict):
-    """One input row, with each input URL's outcome at the same position."""
-
-    serial_number: str
-    product_name: str
-    input_urls: list[str]
-    output_urls: list[str | None]
-    errors: list[dict[str, str] | None]
-    attempts: list[int | None]
 
 
 class Payload(TypedDict):
@@ -82,28 +73,6 @@ def final(
 
 
 def products(rows: list[Row], images: list[ImageDoc]) -> list[Product]:
-    """Rows in input order; output URLs, errors and download attempts aligned with the
-    input URLs."""
+    """The products as the status answer shows them (contracts.products)."""
     by_key = {image["key"]: image for image in images}
-    result: list[Product] = []
-    for row_index, row in enumerate(rows):
-        outputs: list[str | None] = []
-        errors: list[dict[str, str] | None] = []
-        attempts: list[int | None] = []
-        for position in range(len(row["input_urls"])):
-            image = by_key.get(f"{row_index}-{position}") or {}
-            outcome = image.get("outcome")
-            outputs.append(image.get("output_url") if outcome == "ok" else None)
-            errors.append(image.get("error") if outcome == "failed" else None)
-            attempts.append(image.get("attempts"))
-        result.append(
-            {
-                "serial_number": row["serial_number"],
-                "product_name": row["product_name"],
-                "input_urls": row["input_urls"],
-                "output_urls": outputs,
-                "errors": errors,
-                "attempts": attempts,
-            }
-        )
-    return result
+    return project_products(rows, by_key.get)

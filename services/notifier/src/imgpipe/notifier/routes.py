@@ -26,7 +26,7 @@ from imgpipe.notifier.webhooks import DeliveryStatus
 
 def runtime(request: Request) -> Runtime:
     """The running notifier (service_app keeps it in the app's state)."""
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
@@ -63,7 +63,7 @@ async def create_subscription(
     doc: SubscriptionDoc = {
         "_id": f"sub_{uuid.uuid4().hex}",
         "url": url,
-        "event_types": body.event_types,
+        "event_types": [str(kind) for kind in body.event_types],
         "created_at": _now_ms(),
     }
     await runtime.repo.subscriptions.add(doc)

@@ -8,6 +8,7 @@ as long as some subscription covers its endpoint and webhook type, whichever one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,12 +33,12 @@ def normalise_url(url: str) -> str:
     return urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def same_subscription(doc: SubscriptionDoc, url: str, event_types: list[str]) -> bool:
+def same_subscription(doc: SubscriptionDoc, url: str, event_types: Sequence[str]) -> bool:
     return normalise_url(doc["url"]) == url and set(doc["event_types"]) == set(event_types)
 
 
 async def find_equal(
-    repo: NotifierRepository, url: str, event_types: list[str]
+    repo: NotifierRepository, url: str, event_types: Sequence[str]
 ) -> SubscriptionDoc | None:
     """An existing subscription of this normalised URL for exactly these types."""
     for doc in await repo.subscriptions.wanting(event_types[0]):
@@ -60,7 +61,8 @@ async def covering(
 async def owner_for_retry(repo: NotifierRepository, delivery: DeliveryDoc) -> str | None:
     """The subscription a retried subscription delivery belongs to now, None if nobody
     wants it any more (its own subscription may be gone while another covers it)."""
-    own = await repo.subscriptions.get(delivery["subscription_id"])
+    own_id = delivery["subscription_id"]
+    own = await repo.subscriptions.get(own_id) if own_id is not None else None
     if own is not None:
         return own["_id"]
     heir = await covering(repo, delivery["endpoint"], delivery["event_type"])

@@ -3,26 +3,26 @@ and the states of a delivery."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
-RECEIVED = "request.received"
-PROCESSING = "request.processing"
-COMPLETED = "request.completed"
-ERROR = "request.error"
+RECEIVED: Final = "request.received"
+PROCESSING: Final = "request.processing"
+COMPLETED: Final = "request.completed"
+ERROR: Final = "request.error"
 
 WebhookType = Literal[
     "request.received", "request.processing", "request.completed", "request.error"
 ]
-WEBHOOK_TYPES: tuple[str, ...] = (RECEIVED, PROCESSING, COMPLETED, ERROR)
+WEBHOOK_TYPES: tuple[WebhookType, ...] = (RECEIVED, PROCESSING, COMPLETED, ERROR)
 FINAL_TYPES = frozenset({COMPLETED, ERROR})
 
 # Deliveries to one endpoint for one request go out in this order.
 SEQUENCE = {RECEIVED: 0, PROCESSING: 1, COMPLETED: 2, ERROR: 2}
 
 # Delivery states. `pending` includes "in flight" (a live lease) and "waiting to retry".
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-CANCELLED = "cancelled"
+PENDING: Final = "pending"
+DELIVERED: Final = "delivered"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
 DONE_STATES = (DELIVERED, FAILED, CANCELLED)
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]

@@ -21,6 +21,7 @@ from typing import Any
 import pydantic_core
 
 from imgpipe.contracts.events import image_key
+from imgpipe.contracts.products import products
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error"})
@@ -91,41 +92,19 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     images: dict[str, dict[str, Any]] = doc.get("images") or {}
     progress = _progress(doc, images)
     status = _status(doc, images)
-    products = []
-    slots = known = 0
-    for row_index, row in enumerate(doc["rows"]):
-        outputs: list[str | None] = []
-        errors: list[dict[str, str] | None] = []
-        attempts: list[int | None] = []
-        for position in range(len(row["input_urls"])):
-            slots += 1
-            image = images.get(image_key(row_index, position))
-            known += image is not None
-            outcome = image.get("outcome") if image else None
-            error = image.get("error") if outcome == "failed" and image else None
-            outputs.append(image.get("output_url") if outcome == "ok" and image else None)
-            errors.append({"code": error["code"], "message": error["message"]} if error else None)
-            attempts.append(image.get("attempts") if image else None)
-        products.append(
-            {
-                "serial_number": row["serial_number"],
-                "product_name": row["product_name"],
-                "input_urls": row["input_urls"],
-                "output_urls": outputs,
-                "errors": errors,
-                "attempts": attempts,
-            }
-        )
+    rows = doc["rows"]
+    places = [image_key(r, p) for r, row in enumerate(rows) for p in range(len(row["input_urls"]))]
+    settled = status in FINAL_STATUSES and all(key in images for key in places)
     body = {
         "request_id": doc["_id"],
         "status": status,
         "progress": progress,
-        "products": products,
+        "products": products(rows, images.get),
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
     }
-    return body, status in FINAL_STATUSES and known == slots
+    return body, settled
 
 
 def output_csv(body: dict[str, Any]) -> str:

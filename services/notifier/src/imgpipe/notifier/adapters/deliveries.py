@@ -67,7 +67,7 @@ class Deliveries:
 
     async def add(self, doc: DeliveryDoc) -> bool:
         """Insert unless this (request, endpoint, type) exists; True when it is new."""
-        key = {k: doc[k] for k in ("request_id", "endpoint", "event_type")}  # type: ignore[literal-required]
+        key = {k: doc[k] for k in ("request_id", "endpoint", "event_type")}
         try:
             result = await self.collection.update_one(key, {"$setOnInsert": doc}, upsert=True)
         except DuplicateKeyError:  # a concurrent upsert of the same key won
@@ -75,7 +75,7 @@ class Deliveries:
         return result.upserted_id is not None
 
     async def get(self, delivery_id: str) -> DeliveryDoc | None:
-        return await self.collection.find_one({"_id": delivery_id})  # type: ignore[return-value]
+        return await self.collection.find_one({"_id": delivery_id})
 
     async def list_page(
         self,
@@ -96,7 +96,7 @@ class Deliveries:
         if before is not None:
             query.update(_older_than(before))
         cursor = self.collection.find(query).sort(LOG_ORDER)
-        return await cursor.limit(limit).to_list()  # type: ignore[return-value]
+        return await cursor.limit(limit).to_list()
 
     # Dispatching ---------------------------------------------------------------------
 
@@ -111,11 +111,11 @@ class Deliveries:
         if exclude_endpoints:
             query["endpoint"] = {"$nin": exclude_endpoints}
         cursor = self.collection.find(query, {"body": 0, "attempts": 0})
-        return await cursor.sort("next_attempt_at", ASCENDING).limit(limit).to_list()  # type: ignore[return-value]
+        return await cursor.sort("next_attempt_at", ASCENDING).limit(limit).to_list()
 
     async def pending_predecessor(self, doc: DeliveryDoc) -> DeliveryDoc | None:
         """An earlier webhook for the same request and endpoint that is not done yet."""
-        return await self.collection.find_one(  # type: ignore[return-value]
+        return await self.collection.find_one(
             {
                 "request_id": doc["request_id"],
                 "endpoint": doc["endpoint"],
@@ -150,7 +150,7 @@ class Deliveries:
         self, delivery_id: str, owner: str, now: datetime, until: datetime
     ) -> DeliveryDoc | None:
         """Take a lease so no other notifier instance attempts the same delivery."""
-        return await self.collection.find_one_and_update(  # type: ignore[return-value]
+        return await self.collection.find_one_and_update(
             {
                 "_id": delivery_id,
                 "status": PENDING,
@@ -191,7 +191,7 @@ class Deliveries:
         fields: Query = {"status": PENDING, "next_attempt_at": now, "tries": 0, "updated_at": now}
         if subscription_id is not None:
             fields["subscription_id"] = subscription_id
-        return await self.collection.find_one_and_update(  # type: ignore[return-value]
+        return await self.collection.find_one_and_update(
             {"_id": delivery_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
         )
 
@@ -219,7 +219,7 @@ class Deliveries:
             query, {"$set": {"status": CANCELLED, "next_attempt_at": None, "updated_at": now}}
         )
         for doc in docs:  # later webhooks to the same URL need not wait for these
-            await self.release_successors(doc, now)  # type: ignore[arg-type]
+            await self.release_successors(doc, now)
 
 
 def _older_than(before: DeliveryDoc) -> Query:

@@ -165,7 +165,7 @@ class Requests:
             return_document=ReturnDocument.AFTER,
         )
         assert doc is not None  # upsert with AFTER always returns the document
-        return doc  # type: ignore[return-value]
+        return doc
 
     async def mark_planned(self, request_id: str, event_type: str) -> None:
         update: dict[str, Any] = {"$addToSet": {"planned": event_type}}
@@ -178,14 +178,14 @@ class Requests:
         if not request_ids:
             return []
         cursor = self.requests.find({"_id": {"$in": request_ids}, "final_pending": True})
-        return await cursor.to_list()  # type: ignore[return-value]
+        return await cursor.to_list()
 
     async def overdue_finals(self, cutoff: datetime, limit: int = 100) -> list[RequestDoc]:
         """Received requests that completed before `cutoff` and whose final is not planned."""
         cursor = self.requests.find(
             {"final_pending": True, "received": True, "completed_seen_at": {"$lte": cutoff}}
         ).limit(limit)
-        return await cursor.to_list()  # type: ignore[return-value]
+        return await cursor.to_list()
 
     async def image_counts(self, request_id: str) -> tuple[int, int]:
         """(ok, failed) outcomes stored so far."""
@@ -201,7 +201,7 @@ class Requests:
         return [row for chunk in await cursor.to_list() for row in chunk["rows"]]
 
     async def load_images(self, request_id: str) -> list[ImageDoc]:
-        return await self.images.find({"request_id": request_id}).to_list()  # type: ignore[return-value]
+        return await self.images.find({"request_id": request_id}).to_list()
 
 
 def _only_duplicates(exc: BulkWriteError) -> bool:

@@ -27,16 +27,16 @@ class Subscriptions:
         await self.collection.insert_one(doc)
 
     async def list_all(self) -> list[SubscriptionDoc]:
-        return await self.collection.find().sort("created_at", ASCENDING).to_list()  # type: ignore[return-value]
+        return await self.collection.find().sort("created_at", ASCENDING).to_list()
 
     async def get(self, subscription_id: str) -> SubscriptionDoc | None:
-        return await self.collection.find_one({"_id": subscription_id})  # type: ignore[return-value]
+        return await self.collection.find_one({"_id": subscription_id})
 
     async def delete(self, subscription_id: str) -> SubscriptionDoc | None:
         """The deleted subscription, None when there was none."""
-        return await self.collection.find_one_and_delete({"_id": subscription_id})  # type: ignore[return-value]
+        return await self.collection.find_one_and_delete({"_id": subscription_id})
 
     async def wanting(self, event_type: str) -> list[SubscriptionDoc]:
         """The subscriptions that want `event_type`, oldest first."""
         cursor = self.collection.find({"event_types": event_type})
-        return await cursor.sort("created_at", ASCENDING).to_list()  # type: ignore[return-value]
+        return await cursor.sort("created_at", ASCENDING).to_list()

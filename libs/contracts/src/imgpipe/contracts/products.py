@@ -1,0 +1,56 @@
+"""A request's products as users see them, in the status answer and the final webhook
+alike (docs/architecture.md, "HTTP"): each CSV row with, aligned with its input URLs, the
+output URL, the error and the download attempts of each image (None while pending)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypedDict
+
+from imgpipe.contracts.events import image_key
+
+
+class ProductError(TypedDict):
+    code: str
+    message: str
+
+
+class Product(TypedDict):
+    serial_number: str
+    product_name: str
+    input_urls: list[str]
+    output_urls: list[str | None]
+    errors: list[ProductError | None]
+    attempts: list[int | None]
+
+
+Outcome = Mapping[str, Any]  # an image's stored outcome: outcome, output_url, error, attempts
+
+
+def products(
+    rows: Iterable[Mapping[str, Any]], outcome_of: Callable[[str], Outcome | None]
+) -> list[Product]:
+    """Rows in input order; `outcome_of(image_key)` is what is known of an image."""
+    result: list[Product] = []
+    for row_index, row in enumerate(rows):
+        outputs: list[str | None] = []
+        errors: list[ProductError | None] = []
+        attempts: list[int | None] = []
+        for position in range(len(row["input_urls"])):
+            image = outcome_of(image_key(row_index, position)) or {}
+            outcome = image.get("outcome")
+            error = image.get("error") if outcome == "failed" else None
+            outputs.append(image.get("output_url") if outcome == "ok" else None)
+            errors.append({"code": error["code"], "message": error["message"]} if error else None)
+            attempts.append(image.get("attempts"))
+        result.append(
+            {
+                "serial_number": row["serial_number"],
+                "product_name": row["product_name"],
+                "input_urls": list(row["input_urls"]),
+                "output_urls": outputs,
+                "errors": errors,
+                "attempts": attempts,
+            }
+        )
+    return result
