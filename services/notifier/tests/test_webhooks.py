@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,31 +19,20 @@ from fastapi import FastAPI
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from imgpipe.contracts.bus import Bus
-from imgpipe.contracts.events import (
-    CloudEvent,
-    Counts,
-    ImageError,
-    ImageProcessed,
-    RequestCompleted,
-    RequestReceived,
-    Row,
-    completed_event_id,
-    image_key,
-    processed_event_id,
-    received_event_id,
-)
+from imgpipe.contracts.events import CloudEvent, Row
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.notifier.app import create_app
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.subscriptions import normalise_url
+from tests.support import events
 from tests.support.http_server import LoopbackServer, Recorded, Response
 
 WAIT = 60.0  # generous ceiling for anything that happens in the background
 # A brisk dispatcher so tests finish quickly; they never assert on durations.
 FAST = NotifierConfig(poll_interval=0.1, timeout=5.0, lease_margin=5.0, completion_grace=30.0)
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+T0 = events.T0
 ROWS = [
     Row(serial_number="1", product_name="Shoe", input_urls=["http://in/a.jpg", "http://in/b.jpg"]),
     Row(serial_number="2", product_name="Hat", input_urls=["http://in/c.jpg"]),
@@ -55,42 +43,16 @@ ROWS = [
 
 
 def received(request_id: str, webhook_url: str | None = None) -> CloudEvent:
-    data = RequestReceived(
-        request_id=request_id,
-        rows=ROWS,
-        image_count=sum(len(row.input_urls) for row in ROWS),
-        webhook_url=webhook_url,
-        received_at=T0,
-    )
-    return CloudEvent.wrap(data, source="test", id=received_event_id(request_id))
+    return events.received(request_id, ROWS, webhook_url=webhook_url)
 
 
 def processed(request_id: str, row: int, position: int, *, ok: bool = True) -> CloudEvent:
-    key = image_key(row, position)
-    data = ImageProcessed(
-        request_id=request_id,
-        image_key=key,
-        row_index=row,
-        position=position,
-        input_url=ROWS[row].input_urls[position],
-        outcome="ok" if ok else "failed",
-        output_url=f"http://media/{request_id}/{key}.jpg" if ok else None,
-        error=None if ok else ImageError(code="download_failed", message="HTTP 404"),
-        attempts=1 if ok else 3,
-    )
-    event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
-    event.time = T0 + timedelta(seconds=1 + row * 10 + position)
-    return event
+    url = ROWS[row].input_urls[position]
+    return events.processed(request_id, row, position, input_url=url, ok=ok)
 
 
 def completed(request_id: str, ok: int = 3, failed: int = 0) -> CloudEvent:
-    data = RequestCompleted(
-        request_id=request_id,
-        status="completed" if ok else "error",
-        counts=Counts(total=ok + failed, ok=ok, failed=failed),
-        completed_at=T0 + timedelta(minutes=1),
-    )
-    return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+    return events.completed(request_id, ok, failed)
 
 
 def lifecycle(request_id: str, webhook_url: str | None = None) -> list[CloudEvent]:
