@@ -68,7 +68,10 @@ class Once:
 def duplicate_indexes(exc: BulkWriteError) -> set[int] | None:
     """Which documents of an unordered bulk insert existed already (their `_id` was
     taken: another delivery stored them first); None when any error is of another kind."""
-    errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
+    details = exc.details or {}
+    errors: list[dict[str, Any]] = details.get("writeErrors") or []
+    if details.get("writeConcernErrors"):  # written, but not as durably as asked
+        return None
     if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
         return None
     return {int(error["index"]) for error in errors}

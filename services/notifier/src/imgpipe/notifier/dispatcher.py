@@ -14,9 +14,10 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from imgpipe.contracts.bus import is_unavailable
+from imgpipe.contracts.events import utcnow
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier.adapters.deliveries import AttemptDoc, Deliveries, DeliveryDoc
@@ -26,10 +27,6 @@ from imgpipe.notifier.retry import decide
 from imgpipe.notifier.webhooks import DELIVERED, DONE_STATES, PENDING
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Dispatcher:

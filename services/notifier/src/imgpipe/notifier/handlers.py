@@ -21,11 +21,17 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from imgpipe.contracts.batching import Batcher
 from imgpipe.contracts.bus import is_unavailable
-from imgpipe.contracts.events import AnyEvent, ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.events import (
+    AnyEvent,
+    ImageProcessed,
+    RequestCompleted,
+    RequestReceived,
+    utcnow,
+)
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
@@ -39,10 +45,6 @@ log = logging.getLogger(__name__)
 # Requests whose processing webhook this process knows is planned; a forgotten one
 # costs one idempotent request update and planning pass at its next image batch.
 KNOWN_REQUESTS = 4096
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,7 @@ def dumps(payload: Payload) -> str:
 
 
 def output_csv_url(settings: Settings, request_id: str) -> str:
-    base = settings.public_base_url or f"http://127.0.0.1:{settings.status_port}"
-    return f"{base.rstrip('/')}/status/{request_id}/output.csv"
+    return f"{settings.status_base_url}/status/{request_id}/output.csv"
 
 
 def _payload(event_type: str, request: RequestDoc, counts: dict[str, int], at: datetime) -> Payload:

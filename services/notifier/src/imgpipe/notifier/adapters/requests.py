@@ -18,10 +18,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.mongo import duplicate_indexes
 from imgpipe.notifier.webhooks import FINAL_TYPES
 
 ROWS_PER_CHUNK = 1000
-DUPLICATE_KEY = 11000
 
 
 class Completion(TypedDict):
@@ -132,7 +132,7 @@ class Requests:
         try:
             await self.images.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            if not _only_duplicates(exc):
+            if duplicate_indexes(exc) is None:  # duplicates: redeliveries, already stored
                 raise
 
     async def note_processing(self, request_id: str, at: datetime) -> RequestDoc:
@@ -202,11 +202,3 @@ class Requests:
 
     async def load_images(self, request_id: str) -> list[ImageDoc]:
         return await self.images.find({"request_id": request_id}).to_list()
-
-
-def _only_duplicates(exc: BulkWriteError) -> bool:
-    details = exc.details or {}
-    errors = details.get("writeErrors") or []
-    if details.get("writeConcernErrors"):
-        return False
-    return bool(errors) and all(error.get("code") == DUPLICATE_KEY for error in errors)
