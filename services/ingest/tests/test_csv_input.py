@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, decoding, parse_csv, url_problem
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, decoding, parse_csv
 from imgpipe.ingest.csv_input.decoding import CHUNK_SIZE
 from imgpipe.ingest.csv_input.report import MAX_LISTED_PROBLEMS
 
@@ -207,38 +207,6 @@ def test_other_file_types_are_named(content: bytes, message: str) -> None:
 
 
 # 6, 11: URLs that would surely fail later
-
-
-@pytest.mark.parametrize(
-    ("url", "reason"),
-    [
-        ("https://a.example.com/1.jpg\u200b", "invisible character (U+200B)"),
-        ("https://a.example.com/\u200e1.jpg", "invisible character (U+200E)"),
-        ("https://a.example.com/\u202e1.jpg", "invisible character (U+202E)"),
-        ("https://a.example\u2060.com/1.jpg", "invisible character (U+2060)"),
-        ("\ufeffhttps://a.example.com/1.jpg", "invisible character (U+FEFF)"),
-        ("https://a.example.com/1\xad.jpg", "invisible character (U+00AD)"),
-        ("https://a.example.com:0/1.jpg", "port 0"),
-        ("https://a.example.com/1.jpghttps://a.example.com/2.jpg", "two URLs run together"),
-        ("https://a.example.com/1.jpgHTTP://a.example.com/2.jpg", "two URLs run together"),
-        ("https://a.example.com/\ud800.jpg", "not a valid URL"),
-    ],
-)
-def test_url_problem_refuses(url: str, reason: str) -> None:
-    assert reason in (url_problem(url) or "")
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://a.example.com/fetch?url=https://b.example.com/1.jpg",
-        "https://a.example.com/fetch?url=https%3A%2F%2Fb.example.com%2F1.jpg",
-        "https://web.archive.org/web/2020/https://a.example.com/1.jpg",
-    ],
-    ids=["query-value", "percent-encoded", "archived"],
-)
-def test_url_problem_accepts_a_url_inside_a_url(url: str) -> None:
-    assert url_problem(url) is None
 
 
 def test_invisible_character_in_the_csv_names_its_line() -> None:

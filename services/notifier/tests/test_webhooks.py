@@ -540,6 +540,23 @@ async def test_private_addresses_are_refused_unless_allowed(
 # Subscriptions and the delivery log: the API's rules ---------------------------------
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://hooks.example.com/in\u200b", "invisible character"),
+        ("https://user:pw@hooks.example.com/in", "must not contain credentials"),
+        ("https://hooks.example.com/ahttps://hooks.example.com/b", "two URLs run together"),
+    ],
+)
+async def test_a_subscription_meets_the_rules_of_a_webhook_url_given_at_upload(
+    settings, run_notifier, url: str, reason: str
+) -> None:
+    async with run_notifier(settings) as (_, client):
+        refused = await client.post("/subscriptions", json={"url": url})
+    assert refused.status_code == 422
+    assert reason in refused.json()["detail"][0]["msg"]
+
+
 def test_subscription_urls_are_normalised() -> None:
     assert normalise_url("HTTPS://Example.COM:443/Hook?a=B") == "https://example.com/Hook?a=B"
     assert normalise_url("http://EXAMPLE.com:80/x") == "http://example.com/x"

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
-from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv, url_problem
+from imgpipe.contracts.urls import url_problem
+from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv
 from imgpipe.ingest.domain import (
     IngestRequest,
     Problem,

@@ -8,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 
-from imgpipe.contracts.outbound import URLRefused, check_url
+from imgpipe.contracts.outbound import URLRefused
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.urls import url_problem
 from imgpipe.contracts.web import require_api_key
 from imgpipe.notifier.adapters.deliveries import DeliveryDoc
 from imgpipe.notifier.adapters.subscriptions import SubscriptionDoc
@@ -77,14 +78,12 @@ def _now_ms() -> datetime:
 
 
 def _refuse_unsafe_url(url: str, settings: Settings) -> None:
-    """The same rules every delivery will meet, so a bad URL fails here, not later."""
-    try:
-        check_url(url, settings.allow_private_urls)
-    except URLRefused as exc:
+    """The rules a webhook URL given at upload meets too (contracts.urls), the outbound
+    guard's among them, so a bad URL fails here, not at its first delivery."""
+    if reason := url_problem(url, settings.allow_private_urls):
         raise HTTPException(
-            422,
-            detail=[{"loc": ["body", "url"], "msg": str(exc), "type": URLRefused.code}],
-        ) from None
+            422, detail=[{"loc": ["body", "url"], "msg": reason, "type": URLRefused.code}]
+        )
 
 
 @router.get("/subscriptions", response_model=list[Subscription], tags=["subscriptions"])

@@ -14,6 +14,5 @@ the work done for any upload is bounded.
 """
 
 from imgpipe.ingest.csv_input.parser import CsvLimits, CsvRejected, ParsedCsv, parse_csv
-from imgpipe.ingest.csv_input.urls import url_problem
 
-__all__ = ["CsvLimits", "CsvRejected", "ParsedCsv", "parse_csv", "url_problem"]
+__all__ = ["CsvLimits", "CsvRejected", "ParsedCsv", "parse_csv"]

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from imgpipe.contracts.events import Row
+from imgpipe.contracts.urls import url_problem
 from imgpipe.ingest.csv_input.decoding import Lines
 from imgpipe.ingest.csv_input.report import Report, Stop
-from imgpipe.ingest.csv_input.urls import has_scheme, is_http_url, url_pieces, url_problem
+from imgpipe.ingest.csv_input.urls import has_scheme, is_http_url, url_pieces
 from imgpipe.ingest.domain import Problem
 
 SERIAL = "S. No."
