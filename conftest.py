@@ -1,6 +1,6 @@
 """Real parts for every test: a real RabbitMQ and a real MongoDB wire-protocol server.
 
-Order of preference (DESIGN.md, "Real parts in tests"): AMQP_URL / MONGODB_URL when
+Order of preference (docs/architecture.md, "Tests"): AMQP_URL / MONGODB_URL when
 set; testcontainers when a Docker engine answers; otherwise the local RabbitMQ on
 127.0.0.1:5672 and an embedded SecantusDB started for the test session.
 """

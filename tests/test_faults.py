@@ -1,4 +1,4 @@
-"""Nothing lost (issue 5): faults injected into the real system, checked as a user would.
+"""Nothing lost: faults injected into the real system, checked as a user would.
 
 Every service runs as its own process against the real broker and database. Each test
 breaks one thing in the middle of a request - a processor killed or stopped, the broker

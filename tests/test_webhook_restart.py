@@ -1,4 +1,4 @@
-"""Issue 3: a webhook retry that is pending when the notifier is SIGKILLed still happens."""
+"""A webhook retry that is pending when the notifier is SIGKILLed still happens."""
 
 from __future__ import annotations
 
