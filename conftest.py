@@ -7,20 +7,17 @@ set; testcontainers when a Docker engine answers; otherwise the local RabbitMQ o
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import aio_pika
 import pytest
-from pymongo import MongoClient
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.launcher.embedded import embedded_mongo
 from tests.support.infra import docker_engine_answers
+from tests.support.namespaces import remove_namespace
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +62,4 @@ def settings(mongo_url: str, amqp_url: str, tmp_path: Path) -> Iterator[Settings
         webhook_secret="whsec_" + "dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI=",
     )
     yield settings
-    asyncio.run(_delete_topology(settings))
-    with MongoClient(mongo_url) as client:
-        for service in ("ingest", "processor", "status", "notifier"):
-            client.drop_database(settings.database_name(service))
-
-
-async def _delete_topology(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        await Topology(settings.namespace).delete(channel)
+    remove_namespace(settings)

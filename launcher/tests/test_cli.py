@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import os
@@ -17,16 +16,14 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import httpx
 import pytest
-from pymongo import MongoClient
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.contracts.topology import Topology
 from imgpipe.launcher.embedded import free_port
 from tests.support.http_server import LoopbackServer, Response, loopback_server
 from tests.support.images import jpeg_bytes, png_with_alpha_bytes
+from tests.support.namespaces import remove_namespace
 from tests.support.system import settings_env, with_free_ports
 
 IMGPIPE = [sys.executable, "-m", "imgpipe.launcher"]
@@ -226,16 +223,7 @@ def running(
         yield up
     finally:
         up.stop()
-        asyncio.run(_delete_topology(settings))
-        with MongoClient(mongo_url) as client:
-            for service in ("ingest", "processor", "status", "notifier"):
-                client.drop_database(settings.database_name(service))
-
-
-async def _delete_topology(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        await Topology(settings.namespace).delete(await connection.channel())
+        remove_namespace(settings)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -26,6 +25,7 @@ from imgpipe.notifier.app import create_app
 from imgpipe.notifier.config import NotifierConfig
 from imgpipe.notifier.subscriptions import normalise_url
 from tests.support import events
+from tests.support.apps import serving
 from tests.support.http_server import LoopbackServer, Recorded, Response
 
 WAIT = 60.0  # generous ceiling for anything that happens in the background
@@ -137,10 +137,8 @@ async def _running(
     settings: Settings, config: NotifierConfig = FAST
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     app = create_app(settings, config)
-    async with LifespanManager(app, startup_timeout=WAIT, shutdown_timeout=WAIT) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://notifier") as client:
-            yield app, client
+    async with serving(app, "http://notifier") as client:
+        yield app, client
 
 
 @pytest.fixture
