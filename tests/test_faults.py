@@ -27,7 +27,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor.jobs import Job, JobImage
 from tests.support.faults import (
-    EventTap,
+    DurableTap,
     RestartableMongo,
     broker_connections,
     close_broker_connections,
@@ -124,7 +124,7 @@ def wait_mid_request(
 
 
 def assert_nothing_lost(
-    client: httpx.Client, system: System, submitted: Submitted, tap: EventTap
+    client: httpx.Client, system: System, submitted: Submitted, tap: DurableTap
 ) -> None:
     """The request completed with every image exactly once, in the CSV and on disk."""
     final = wait_finished(client, submitted.status_url)
@@ -158,9 +158,9 @@ def client() -> Iterator[httpx.Client]:
         yield client
 
 
-def tap_for(settings: Settings, *keys: str) -> EventTap:
+def tap_for(settings: Settings, *keys: str) -> DurableTap:
     topology = Topology(settings.namespace, settings.delivery_limit)
-    return EventTap(settings.amqp_url, topology, keys or (COMPLETED,))
+    return DurableTap(settings.amqp_url, topology, keys or (COMPLETED,))
 
 
 # A processor killed mid-request ------------------------------------------------------------

@@ -105,8 +105,11 @@ class Heard:
 
 
 @dataclass
-class EventTap:
-    """A queue of the test's own bound to the events exchange: what an outsider hears."""
+class DurableTap:
+    """A durable queue of the test's own bound to the events exchange: what an outsider
+    hears. For the fault tests, which are synchronous (they drive the services as OS
+    processes and kill them): the queue keeps what arrives, and `drain` reads it on
+    demand. The in-process tests use tests/support/tap.py, which listens as it runs."""
 
     amqp_url: str
     topology: Topology
@@ -117,7 +120,7 @@ class EventTap:
     def __post_init__(self) -> None:
         self.queue_name = self.queue_name or self.topology.name(f"tap-{uuid.uuid4().hex[:6]}")
 
-    def __enter__(self) -> EventTap:
+    def __enter__(self) -> DurableTap:
         asyncio.run(self._declare())
         return self
 
