@@ -80,5 +80,5 @@ def embedded_mongo(
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
-        if log_file:
-            output.close()  # type: ignore[union-attr]
+        if not isinstance(output, int):  # a log file we opened, not DEVNULL
+            output.close()

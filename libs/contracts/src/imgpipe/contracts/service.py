@@ -14,7 +14,8 @@ What lives here, once:
 - `keep_trying`: a step retried in the background until it succeeds. A service starts
   whether or not the database and broker answer (`/readyz` says 503 meanwhile) and
   connects when it can.
-- `service_app`: the FastAPI app over a Runtime, with the health routes.
+- `service_app`: the FastAPI app over a Runtime, with the health routes. Routes reach
+  the Runtime through a dependency of the service's own, typed with its Runtime.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 
 from imgpipe.contracts.web import health_router
 
@@ -119,11 +120,6 @@ def service_app(
     for router in routers:
         app.include_router(router)
     return app
-
-
-def runtime(request: Request) -> Runtime:
-    """The running service's Runtime, for `Depends` (each service narrows the type)."""
-    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 async def _cancel(task: asyncio.Task[object]) -> None:
