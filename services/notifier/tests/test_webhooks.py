@@ -27,6 +27,7 @@ from imgpipe.notifier.subscriptions import normalise_url
 from tests.support import events
 from tests.support.apps import serving
 from tests.support.http_server import LoopbackServer, Recorded, Response
+from tests.support.metrics import Samples, moved, promtool_check, scrape
 
 WAIT = 60.0  # generous ceiling for anything that happens in the background
 # A brisk dispatcher so tests finish quickly; they never assert on durations.
@@ -721,3 +722,29 @@ async def _pages(client: httpx.AsyncClient, limit: int) -> list[list[dict[str, A
         pages.append(page)
         params["before"] = page[-1]["id"]
     return pages
+
+
+async def test_webhook_attempts_are_counted_in_the_metrics(
+    settings, receiver, bus, run_notifier
+) -> None:
+    hook = receiver.endpoint("/metered")
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        _, before = await scrape(client)
+        await publish(bus, *lifecycle(request_id, hook))
+        await wait_until(lambda: receiver.types("/metered") == LIFECYCLE, "three webhooks")
+        await wait_until(lambda: _finished(client, request_id), "the attempts recorded")
+        image_type = "io.imgpipe.image.processed.v1"
+        consumed = "imgpipe_events_consumed_total"
+
+        async def all_consumed() -> tuple[str, Samples] | None:
+            # An image's event is counted once its batch is stored and it is acked, which
+            # may come after the webhook it led to.
+            text, after = await scrape(client)
+            counted = moved(before, after, consumed, queue="notifier", type=image_type)
+            return (text, after) if counted == 3 else None
+
+        text, after = await wait_until(all_consumed, "three image events counted")
+    assert moved(before, after, "imgpipe_webhook_attempts_total", outcome="delivered") == 3
+    assert moved(before, after, "imgpipe_webhook_duration_seconds_count") == 3
+    promtool_check(text)

@@ -36,6 +36,12 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
 from imgpipe.contracts.events import CONTENT_TYPE, AnyEvent, CloudEvent, parse_event
+from imgpipe.contracts.metrics import (
+    DEAD_LETTERED,
+    EVENTS_CONSUMED,
+    EVENTS_PUBLISHED,
+    HANDLER_FAILURES,
+)
 from imgpipe.contracts.service import keep_trying
 from imgpipe.contracts.topology import Topology
 
@@ -100,6 +106,7 @@ class Bus:
         await self.events.publish(
             _message(event.to_bytes(), event.id), routing_key=event.routing_key
         )
+        EVENTS_PUBLISHED.labels(type=event.type).inc()
 
     async def publish_many(self, events: Iterable[CloudEvent[Any]]) -> None:
         """Publish concurrently: confirms in flight together are ~3x cheaper than in a loop."""
@@ -125,8 +132,10 @@ class Bus:
                     "unparseable event %s on %s: dead-lettered", message.message_id, queue_key
                 )
                 await message.reject(requeue=False)
+                DEAD_LETTERED.labels(queue=queue_key).inc()
                 return
             await handler(event)
+            EVENTS_CONSUMED.labels(queue=queue_key, type=event.type).inc()
 
         await self.consume(queue_key, on_message)
 
@@ -143,6 +152,7 @@ class Bus:
                 log.exception(
                     "handler failed for %s on %s; requeued", message.message_id, queue_key
                 )
+                HANDLER_FAILURES.labels(queue=queue_key).inc()
                 await _settle(message.nack(requeue=True))
             else:
                 if handled and not message.processed:  # the handler may have settled it

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from fastapi import APIRouter, FastAPI
 
+from imgpipe.contracts.metrics import instrument
 from imgpipe.contracts.web import health_router
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,11 @@ def service_app(
     summary: str,
     start: Callable[[], Awaitable[Runtime]],
     routers: Iterable[APIRouter] = (),
+    metrics: bool = True,
 ) -> FastAPI:
     """A service's FastAPI app: `start` builds its Runtime when the app starts, and the
-    Runtime is stopped when it stops; `/healthz` and `/readyz` come with it."""
+    Runtime is stopped when it stops; `/healthz` and `/readyz` come with it, and
+    `/metrics` unless `metrics` is off (IMGPIPE_METRICS=false)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +120,8 @@ def service_app(
 
     app = FastAPI(title=title, summary=summary, lifespan=lifespan)
     app.include_router(health_router(checks))
+    if metrics:
+        instrument(app)
     for router in routers:
         app.include_router(router)
     return app

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_retry_wait: float = Field(default=300.0, gt=0, alias="IMGPIPE_MAX_RETRY_WAIT")
     user_agent: str = Field(default=f"imgpipe/{VERSION}", alias="IMGPIPE_USER_AGENT")
 
+    # /metrics on every service (Prometheus text format; open like the health routes).
+    metrics: bool = Field(default=True, alias="IMGPIPE_METRICS")
+
     # Broker behaviour.
     delivery_limit: int = Field(default=5, alias="IMGPIPE_DELIVERY_LIMIT")
     prefetch: int = Field(default=0, alias="IMGPIPE_PREFETCH")  # 0: each service picks

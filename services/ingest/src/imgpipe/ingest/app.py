@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None 
         title="imgpipe ingest",
         summary="Takes a CSV of product image URLs and starts processing it.",
         start=lambda: Runtime.start(settings, outbox),
+        metrics=settings.metrics,
         routers=[upload_router(settings, outbox)],
     )
     _add_error_handlers(app, settings)

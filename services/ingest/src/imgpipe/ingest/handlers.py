@@ -11,6 +11,7 @@ from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
 from imgpipe.contracts.urls import url_problem
+from imgpipe.ingest import metrics
 from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv
 from imgpipe.ingest.domain import (
     IngestRequest,
@@ -55,6 +56,8 @@ async def accept_upload(
     """Validate, store, publish. Raises UploadRejected (4xx) or StoreUnavailable (503)."""
     request = await parse_upload(upload, limits, clock)
     await repository.add(request, relay_after=request.received_at + relay_grace)
+    metrics.REQUESTS_RECEIVED.inc()
+    metrics.IMAGES_RECEIVED.inc(request.image_count)
     await publish_received(request, repository, publisher, clock)
     return request
 

@@ -19,5 +19,6 @@ def create_app(settings: Settings | None = None, config: NotifierConfig | None =
         title="imgpipe notifier",
         summary="Signed, retried webhooks (Standard Webhooks) for request status changes.",
         start=lambda: Runtime.start(settings, config),
+        metrics=settings.metrics,
         routers=[notifier_router(settings)],
     )

@@ -20,6 +20,7 @@ from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.events import utcnow
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
+from imgpipe.notifier import metrics
 from imgpipe.notifier.adapters.deliveries import AttemptDoc, Deliveries, DeliveryDoc
 from imgpipe.notifier.adapters.webhook_client import WebhookClient
 from imgpipe.notifier.config import NotifierConfig
@@ -161,7 +162,9 @@ class Dispatcher:
         )
         status_code, error = result.status_code, result.error
         finished_at = utcnow()
-        latency_ms = round((finished_at - started_at).total_seconds() * 1000, 1)
+        seconds = (finished_at - started_at).total_seconds()
+        latency_ms = round(seconds * 1000, 1)
+        metrics.WEBHOOK_SECONDS.observe(seconds)
         tries = doc.get("tries", 0) + 1
         decision = decide(
             status_code,
@@ -193,6 +196,7 @@ class Dispatcher:
         if not recorded:
             log.warning("lease on %s was lost; attempt not recorded", doc["_id"])
             return
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome=attempt["outcome"]).inc()
         log.info(
             "webhook %s %s -> %s (%s) %s",
             doc["event_type"],

@@ -19,4 +19,5 @@ def create_app(
         title="imgpipe processor",
         summary="Downloads, compresses and stores images; health routes only.",
         start=lambda: Runtime.start(settings, config),
+        metrics=settings.metrics,
     )

@@ -27,6 +27,7 @@ from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.config import ProcessorConfig
 from imgpipe.processor.drain import Drain
 from imgpipe.processor.handlers import BACKLOG_PER_WORKER, JOBS_QUEUE, Processor
+from imgpipe.processor.metrics import watch_queue
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class Runtime:
             # Closing the connection hands the unsettled messages back to the broker.
             resources.push("closing the broker connection", link.close)
             await link.start()
+            queue_name = topology.queue_name(JOBS_QUEUE)
+            resources.task(
+                asyncio.create_task(watch_queue(link, queue_name), name="jobs-queue-length")
+            )
         except BaseException:
             await resources.close()
             raise

@@ -36,7 +36,9 @@ from imgpipe.contracts.events import (
     completed_event_id,
     processed_event_id,
 )
+from imgpipe.contracts.metrics import DEAD_LETTERED
 from imgpipe.contracts.topology import Topology
+from imgpipe.processor import metrics
 from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
@@ -165,6 +167,7 @@ class Processor:
         except ValidationError:
             log.error("unparseable job %s: dead-lettered", message.message_id)
             await message.reject(requeue=False)
+            DEAD_LETTERED.labels(queue=JOBS_QUEUE).inc()
             return
         await self.process_job(job)
 
@@ -196,14 +199,15 @@ class Processor:
             return False
         known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
         if known is not None:  # a crash between two of its places' writes: copy the rest
-            outcome = ImageOutcome.from_doc(known)
-        else:
-            try:
-                outcome = await self._image_outcome(job, image)
-            except RetryLater as later:
-                await self._park(job, image, later)
-                return False
-        return await self._record(job.request_id, image, missing, outcome)
+            return await self._record(job.request_id, image, missing, ImageOutcome.from_doc(known))
+        try:
+            outcome = await self._image_outcome(job, image)
+        except RetryLater as later:
+            await self._park(job, image, later)
+            return False
+        done_now = await self._record(job.request_id, image, missing, outcome)
+        metrics.count_outcome(outcome)
+        return done_now
 
     async def _record(
         self, request_id: str, image: JobImage, places: Sequence[Place], outcome: ImageOutcome
@@ -278,10 +282,12 @@ class Processor:
         data, attempts = downloaded.body, downloaded.attempts.count
         try:
             async with self.backlog.holding():
-                result = await self.compressor(data, job.quality)
-            stored = await self.storage.save(
-                job.request_id, image.image_key, result.data, result.format
-            )
+                with metrics.COMPRESS_SECONDS.time():
+                    result = await self.compressor(data, job.quality)
+            with metrics.STORE_SECONDS.time():
+                stored = await self.storage.save(
+                    job.request_id, image.image_key, result.data, result.format
+                )
         except CompressError as exc:
             return self._failed(exc.code, exc.message, bytes_in=len(data), attempts=attempts)
         except StorageError as exc:
@@ -344,6 +350,7 @@ class Processor:
             await self.bus.publish(
                 CloudEvent.wrap(data, source=SOURCE, id=completed_event_id(request_id))
             )
+            metrics.REQUESTS_COMPLETED.labels(status=data.status).inc()
             await self.repository.mark_completed(request_id, ok, failed)
             log.info("request %s: %s (%d ok, %d failed)", request_id, data.status, ok, failed)
 

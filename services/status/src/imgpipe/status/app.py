@@ -30,6 +30,7 @@ def create_app(
         title="imgpipe status",
         summary="Request status, output CSV and local media, from events alone.",
         start=lambda: Runtime.start(settings, cache_config, clock),
+        metrics=settings.metrics,
         routers=[status_router(settings)],
     )
     # Media is public on purpose: its URLs are handed out in status answers and webhooks.

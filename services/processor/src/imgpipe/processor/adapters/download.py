@@ -18,6 +18,7 @@ import httpx
 
 from imgpipe.contracts.outbound import NameNotResolved, URLRefused
 from imgpipe.contracts.retry_after import parse_retry_after
+from imgpipe.processor import metrics
 from imgpipe.processor.adapters.host_limits import (
     HostBusy,
     HostLimits,
@@ -260,17 +261,22 @@ class Downloader:
             try:
                 retry = attempts.count > 0
                 attempts = attempts.another()
-                return Downloaded(await self._attempt(host, url, retry), attempts)
+                body = await self._attempt(host, url, retry)
+                metrics.DOWNLOAD_ATTEMPTS.labels(result="ok").inc()
+                return Downloaded(body, attempts)
             except HostPaused as paused:
                 raise RetryLater(paused.seconds, _undo(attempts), None) from None
             except HostBusy:
                 raise RetryLater(self.policy.busy_retry, _undo(attempts), None) from None
             except DownloadError as error:
                 if not error.transient or attempts.count >= self.policy.attempts:
+                    metrics.DOWNLOAD_ATTEMPTS.labels(result="failed").inc()
                     raise FailedDownload(error, attempts) from None
                 delay = self.policy.delay(error, attempts)
                 if delay > self.policy.wait_in_place:
+                    metrics.DOWNLOAD_ATTEMPTS.labels(result="parked").inc()
                     raise RetryLater(delay, attempts, error) from None
+                metrics.DOWNLOAD_ATTEMPTS.labels(result="retried").inc()
                 await asyncio.sleep(delay)
 
     async def _attempt(self, host: str, url: str, retry: bool) -> bytes:
@@ -278,7 +284,8 @@ class Downloader:
             host, self.policy.wait_in_place, max_queue=self.policy.max_queue, retry=retry
         ) as slot:
             try:
-                body = await download(self.client, url, self.max_bytes, self.deadline)
+                with metrics.DOWNLOAD_SECONDS.time():
+                    body = await download(self.client, url, self.max_bytes, self.deadline)
             except DownloadError as error:
                 if error.throttled:
                     self._throttled(slot, error)
