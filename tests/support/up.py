@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +87,49 @@ def launch_up(settings: Settings, env: dict[str, str], *args: str) -> Up:
         text=True,
     )
     return Up(process, settings, env)
+
+
+# The launcher's process tree (Linux /proc) -------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc), children of children included."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until_gone(pids: set[int], timeout: float) -> list[int]:
+    """Polls until every pid has exited; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (survivors := sorted(pid for pid in pids if alive(pid))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return survivors
+
+
+def kill_groups(pids: set[int]) -> None:
+    """Cleanup for a failed test: leave no service or database running on the machine."""
+    for pid in pids:
+        with suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
