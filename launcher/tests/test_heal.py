@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from tests.support.faults import csv_upload, get_json, output_urls, wait_finishe
 from tests.support.http_server import LoopbackServer, Response, loopback_server
 from tests.support.images import jpeg_bytes
 from tests.support.namespaces import remove_namespace
-from tests.support.up import Up, start_up
+from tests.support.up import Up, alive, descendants, kill_groups, start_up, wait_until_gone
 
 PORTS = {
     "ingest": "ingest_port",
@@ -223,3 +224,33 @@ def test_a_service_that_keeps_dying_stops_everything_and_is_named(settings: Sett
     for name in ("ingest", "processor", "status"):
         with pytest.raises(httpx.ConnectError):
             httpx.get(url(up, name, "/healthz"), timeout=5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_restarted_service_still_dies_with_a_launcher_killed_with_sigkill(
+    settings: Settings,
+) -> None:
+    up = start_up(settings, "--quiet", embedded=False)
+    started: set[int] = set()
+    try:
+        up.wait_until_up()
+        pid = up.pid_of("status")
+        assert pid is not None, up.output
+        os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: f"imgpipe: status is back (pid {up.pid_of('status')})" in up.lines,
+            60,
+            "status to be restarted",
+        )
+        started = descendants(up.process.pid)
+        assert up.pid_of("status") in started
+
+        up.process.kill()  # the launcher itself, as the OOM killer would
+        up.process.wait(30)
+
+        survivors = wait_until_gone(started, timeout=30)
+        assert survivors == [], f"outlived the launcher: {survivors}\n{up.output}"
+    finally:
+        kill_groups({pid for pid in started if alive(pid)})
+        if up.process.poll() is None:
+            up.process.kill()
