@@ -1,4 +1,5 @@
-"""`imgpipe up`: run every service as a child process and stop them all together."""
+"""`imgpipe up`: run every service as a child process, restart one that dies (restarts.py
+says when, and when a crash loop stops everything), and stop them all together."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import httpx
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.launcher.embedded import embedded_mongo, free_port
+from imgpipe.launcher.restarts import CrashHistory, RestartPolicy, describe_exit
 from imgpipe.launcher.tethered import tethered_command
 
 DEFAULT_MONGO_PORT = 27018
@@ -113,6 +115,7 @@ class Child:
     def __init__(self, spec: ServiceSpec, env: dict[str, str], log_path: Path, console: Console):
         self.spec = spec
         self.log_path = log_path
+        self.started_at = time.monotonic()
         self.tail: deque[str] = deque(maxlen=30)
         self.process = subprocess.Popen(
             # Tethered: the service gets SIGTERM if the launcher is killed (even with SIGKILL),
@@ -158,6 +161,12 @@ class Child:
         self._pump.join(timeout=1)  # let the last output of a dead child arrive
         return "\n".join(list(self.tail)[-count:]) or "(no output)"
 
+    def note(self, text: str) -> None:
+        """A line of the supervisor's own in this service's log, once its output has ended."""
+        self._pump.join(timeout=1)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"imgpipe: {text}\n")
+
 
 @dataclass
 class Supervisor:
@@ -166,8 +175,11 @@ class Supervisor:
     mongo_port: int | None = None
     ready_timeout: float = 90.0
     console: Console = field(default_factory=Console)
+    # None: the defaults, with IMGPIPE_RESTART_BACKOFF read when `run` starts.
+    restart_policy: RestartPolicy | None = None
     children: list[Child] = field(default_factory=list)
     mongo_description: str = ""
+    child_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -177,16 +189,17 @@ class Supervisor:
         """Start everything, wait until ready, supervise; returns the exit code."""
         with _stop_on_signals(), ExitStack() as stack:
             try:
+                policy = self._restart_policy()
                 specs = plan_services(self.settings, self.processors)
                 self._check_ports(specs)
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                env = self._child_env(stack)
+                self.child_env = self._child_env(stack)
                 stack.callback(self._stop_children)
                 for spec in specs:
-                    self._start(spec, env)
+                    self.children.append(self._start(spec))
                 self._wait_ready()
                 self._print_summary()
-                return self._watch()
+                return self._watch(policy)
             except _Stop:
                 self.console.say("imgpipe: stopping ...")
                 return 0
@@ -197,6 +210,14 @@ class Supervisor:
                 # From here on a second Ctrl-C must not cut the cleanup short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def _restart_policy(self) -> RestartPolicy:
+        if self.restart_policy is not None:
+            return self.restart_policy
+        try:
+            return RestartPolicy.from_env(os.environ)
+        except ValueError as error:
+            raise LaunchError(str(error)) from error
 
     def _check_ports(self, specs: list[ServiceSpec]) -> None:
         for spec in specs:
@@ -230,11 +251,12 @@ class Supervisor:
         env["MONGODB_URL"] = url
         return env
 
-    def _start(self, spec: ServiceSpec, env: dict[str, str]) -> None:
+    def _start(self, spec: ServiceSpec) -> Child:
+        # Always from the main thread: the tether is to the thread that forks the child.
         self.console.width = max(self.console.width, len(spec.name))
-        child = Child(spec, env, self.log_dir / f"{spec.name}.log", self.console)
-        self.children.append(child)
+        child = Child(spec, self.child_env, self.log_dir / f"{spec.name}.log", self.console)
         self.console.say(f"imgpipe: started {spec.name} (pid {child.pid}, port {spec.port})")
+        return child
 
     def _wait_ready(self) -> None:
         host = local_host(self.settings.host)
@@ -259,17 +281,54 @@ class Supervisor:
                     )
                 time.sleep(0.25)
 
-    def _watch(self) -> int:
-        while True:
-            for child in self.children:
-                if (code := child.exited()) is not None:
-                    self.console.say(
-                        f"imgpipe: error: {child.spec.name} (pid {child.pid}) exited "
-                        f"unexpectedly with code {code}; stopping everything. "
-                        f"Last lines of {child.log_path}:\n{child.last_lines()}"
-                    )
-                    return 1
-            time.sleep(0.5)
+    def _watch(self, policy: RestartPolicy) -> int:
+        """Restart each child that exits, after its backoff; only a crash loop ends this."""
+        crashes = {child.spec.name: CrashHistory(policy) for child in self.children}
+        due: dict[str, float] = {}  # a dead child's name -> when it is restarted
+        returning: set[str] = set()  # restarted, not yet answering /readyz
+        host = local_host(self.settings.host)
+        with httpx.Client(timeout=1.0) as http:
+            while True:
+                now = time.monotonic()
+                for index, child in enumerate(self.children):
+                    name = child.spec.name
+                    if name in due:
+                        if now >= due[name]:
+                            del due[name]
+                            child.note("restarting")
+                            self.children[index] = self._start(child.spec)
+                            returning.add(name)
+                    elif (code := child.exited()) is not None:
+                        returning.discard(name)
+                        due[name] = now + self._crashed(child, code, crashes[name], now)
+                    elif name in returning and _answers_ready(
+                        http, f"http://{host}:{child.spec.port}/readyz"
+                    ):
+                        returning.discard(name)
+                        self.console.say(f"imgpipe: {name} is back (pid {child.pid})")
+                time.sleep(0.25)
+
+    def _crashed(self, child: Child, code: int, crashes: CrashHistory, now: float) -> float:
+        """Report a child's death; its restart delay, or LaunchError for a crash loop."""
+        child.kill()  # what is left of its group (a processor's image workers) holds its port
+        delay = crashes.record(now, uptime=now - child.started_at)
+        name, how = child.spec.name, describe_exit(code)
+        window = f"{crashes.policy.window:.0f}s"
+        if delay is None:
+            child.note(f"{how}: {crashes.recent} crashes within {window}, a crash loop")
+            raise LaunchError(
+                f"{name} crashed {crashes.recent} times within {window} (last: {how}): a crash "
+                f"loop, so imgpipe stops instead of hiding it. Last lines of {child.log_path}:\n"
+                f"{child.last_lines()}"
+            )
+        report = (
+            f"{name} (pid {child.pid}) exited unexpectedly ({how}); restarting it in "
+            f"{delay:g}s ({crashes.recent} crash(es) in the last {window}; imgpipe stops at "
+            f"{crashes.policy.crash_limit})"
+        )
+        child.note(report)
+        self.console.say(f"imgpipe: {report}")
+        return delay
 
     def _stop_children(self) -> None:
         """SIGTERM every child, wait, SIGKILL stragglers (the embedded DB stops after)."""
