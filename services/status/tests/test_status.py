@@ -294,6 +294,10 @@ async def test_media_files_are_served_publicly(settings: Settings) -> None:
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["cache-control"] == "public, max-age=86400"
         assert (await client.get("/media/req-1/missing.jpg")).status_code == 404
+        for name, media_type in (("0-1.webp", "image/webp"), ("0-2.avif", "image/avif")):
+            (target.parent / name).write_bytes(b"image bytes")
+            served = await client.get(f"/media/req-1/{name}")
+            assert served.headers["content-type"] == media_type
         (settings.data_dir / "secret.txt").write_text("not media")
         assert (await client.get("/media/..%2fsecret.txt")).status_code == 404
 
