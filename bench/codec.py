@@ -58,9 +58,14 @@ def _pillow_compress(data: bytes, quality: int) -> bytes:
 
 def _options(function: Callable[..., Any]) -> dict[str, Any]:
     """The keyword arguments the processor passes too: the quality and the pixel limit."""
+    from imgpipe.contracts.events import Options
     from imgpipe.contracts.settings import Settings
 
-    known = {"quality": QUALITY, "max_pixels": Settings().max_image_pixels}
+    known = {
+        "quality": QUALITY,
+        "options": Options(quality=QUALITY),
+        "max_pixels": Settings().max_image_pixels,
+    }
     parameters = inspect.signature(function).parameters
     return {name: value for name, value in known.items() if name in parameters}
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from pymongo import MongoClient
 
-from imgpipe.contracts.events import RequestCompleted, RequestReceived, parse_event
+from imgpipe.contracts.events import Options, RequestCompleted, RequestReceived, parse_event
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor.jobs import Job, JobImage
@@ -354,7 +354,7 @@ def test_poison_messages_are_dead_lettered_and_do_not_block_the_queue(
         # an event that is not even JSON cannot be handled at all.
         poison_job = Job(
             request_id="poison" + uuid.uuid4().hex[:8],
-            quality=50,
+            options=Options(),
             images=(
                 JobImage(
                     image_key="0-0",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.launcher.embedded import free_port
@@ -154,7 +155,12 @@ def test_submit_waits_and_saves_the_output_csv(
     output = tmp_path / "out" / "result.csv"
 
     result = imgpipe(
-        running.env, "submit", str(products), "--wait", "--quality", "60", "--output", str(output)
+        running.env,
+        "submit",
+        str(products),
+        "--wait",
+        *("--quality", "60", "--format", "webp", "--max-side", "320"),
+        *("--output", str(output)),
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
@@ -169,12 +175,17 @@ def test_submit_waits_and_saves_the_output_csv(
     assert [row["Product Name"] for row in rows] == ["Shoe", "Hat"]
     outputs = rows[0]["Output Image Urls"].split(",")
     assert len(outputs) == 2
-    assert httpx.get(outputs[0].strip(), timeout=10).status_code == 200
+    served = httpx.get(outputs[0].strip(), timeout=10)
+    assert served.status_code == 200
+    assert outputs[0].strip().endswith(".webp") and served.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(served.content)).size == (320, 240)  # from 640x480
+    assert "bytes: " in result.stdout and "over 3 images" in result.stdout
 
     status = imgpipe(running.env, "status", request_id)
     assert status.returncode == 0, status.stderr
     assert '"status": "completed"' in status.stdout
     assert '"total": 3' in status.stdout
+    assert '"format": "webp"' in status.stdout and '"max_side": 320' in status.stdout
 
 
 def test_submit_names_each_problem_of_a_bad_csv_with_its_line(running: Up, tmp_path: Path) -> None:

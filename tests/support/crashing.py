@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import time
 
+from imgpipe.contracts.events import Options
 from imgpipe.processor.compress import Compressed
 
 CRASH = b"crash"
 STUCK = b"stuck"
 
 
-def compress_or_die(data: bytes, quality: int, max_pixels: int) -> Compressed:
+def compress_or_die(data: bytes, options: Options, max_pixels: int) -> Compressed:
     if data == CRASH:
         os._exit(70)  # as a segfaulting decoder or the OOM killer would end it
     if data == STUCK:

@@ -12,6 +12,7 @@ from imgpipe.contracts.events import (
     Counts,
     ImageError,
     ImageProcessed,
+    Options,
     RequestCompleted,
     RequestReceived,
     Row,
@@ -43,11 +44,13 @@ def received(
     *,
     webhook_url: str | None = None,
     at: datetime = T0,
+    options: Options | None = None,
 ) -> CloudEvent[RequestReceived]:
     data = RequestReceived(
         request_id=request_id,
         rows=list(rows),
         image_count=sum(len(row.input_urls) for row in rows),
+        options=options or Options(),
         webhook_url=webhook_url,
         received_at=at,
     )

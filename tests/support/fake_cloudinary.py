@@ -31,7 +31,7 @@ from tests.support.http_server import LoopbackServer, Recorded, Response
 # Never signed (Cloudinary's rule): the file itself, who signs, where it goes, the signature.
 UNSIGNED = {"file", "api_key", "resource_type", "cloud_name", "signature"}
 STALE_AFTER = 3600  # seconds: Cloudinary refuses older timestamps
-FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "AVIF": "avif"}
 
 
 @dataclass

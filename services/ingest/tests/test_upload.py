@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from imgpipe.contracts.events import RequestReceived
+from imgpipe.contracts.events import Options, RequestReceived
 from imgpipe.contracts.settings import Settings
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"
@@ -79,8 +79,20 @@ async def test_defaults_without_webhook_or_quality(
         response = await client.post("/upload", **upload_form(VALID))
     assert response.status_code == 202
     event = await received_events.next()
-    assert event.data.options.quality == 50
+    assert event.data.options == Options()
+    assert event.data.options.format == "auto" and event.data.options.max_side is None
     assert event.data.webhook_url is None
+
+
+async def test_output_options_are_carried_in_the_event(
+    settings: Settings, run_ingest, received_events
+) -> None:
+    fields = {"quality": 80, "format": "avif", "max_side": 800, "progressive": "true"}
+    async with run_ingest(settings) as (_, client):
+        response = await client.post("/upload", **upload_form(VALID, **fields))
+    assert response.status_code == 202, response.text
+    event = await received_events.next()
+    assert event.data.options == Options(quality=80, format="avif", max_side=800, progressive=True)
 
 
 BAD_CSVS = [
@@ -238,6 +250,11 @@ async def test_every_problem_is_listed(settings: Settings, run_ingest) -> None:
         ({"quality": 0}, "quality"),
         ({"quality": 96}, "quality"),
         ({"quality": "high"}, "quality"),
+        ({"format": "png"}, "format"),
+        ({"max_side": 0}, "max_side"),
+        ({"max_side": 16_384}, "max_side"),
+        ({"max_side": "big"}, "max_side"),
+        ({"progressive": "maybe"}, "progressive"),
     ],
 )
 async def test_bad_form_field_is_refused(

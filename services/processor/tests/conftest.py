@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from imgpipe.contracts.events import (
     CloudEvent,
     ImageProcessed,
+    Options,
 )
 from imgpipe.contracts.mongo import connect, service_database
 from imgpipe.contracts.settings import Settings
@@ -73,8 +74,8 @@ async def processor(settings: Settings, tap: EventTap) -> AsyncIterator[Processo
     """The handlers with real adapters but no consumers: tests call them directly.
     Compression runs inline (the same pure function the pool runs)."""
 
-    async def inline(data: bytes, quality: int) -> Compressed:
-        return compress(data, quality, settings.max_image_pixels)
+    async def inline(data: bytes, options: Options) -> Compressed:
+        return compress(data, options, settings.max_image_pixels)
 
     mongo = connect(settings)
     repository = ProcessorRepository(service_database(mongo, settings, "processor"))

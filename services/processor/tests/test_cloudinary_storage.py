@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from imgpipe.contracts.events import Options
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.cloudinary_storage import (
     CloudinaryConfigError,
@@ -17,6 +18,7 @@ from imgpipe.processor.adapters.cloudinary_storage import (
 )
 from imgpipe.processor.adapters.storage import LocalStorage, StorageError
 from imgpipe.processor.bootstrap import build_storage
+from imgpipe.processor.compress import compress
 from tests.support.fake_cloudinary import Failure, FakeCloudinary, fake_cloudinary, parse_form
 from tests.support.http_server import loopback_server
 from tests.support.images import jpeg_bytes, png_with_alpha_bytes
@@ -245,3 +247,14 @@ def test_an_sdk_without_the_wrapped_pool_is_refused_at_start(monkeypatch) -> Non
     monkeypatch.setattr(cloudinary.uploader, "_http", None)
     with pytest.raises(cloudinary_storage.CloudinaryConfigError, match="_http"):
         cloudinary_storage._install_response_tap()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cloudinary_format"), [("jpeg", "jpg"), ("webp", "webp"), ("avif", "avif")]
+)
+async def test_every_output_format_is_uploaded(cloud, fmt: str, cloudinary_format: str) -> None:
+    data = compress(jpeg_bytes(160, 120), Options(format=fmt), 50_000_000).data  # type: ignore[arg-type]
+    stored = await storage_for(cloud.cloudinary_url()).save("req1", "0-0", data, fmt)
+    assert cloud.assets["imgpipe/req1/0-0"].data == data
+    assert stored.details and stored.details["format"] == cloudinary_format
+    assert stored.url.endswith(f".{cloudinary_format}")

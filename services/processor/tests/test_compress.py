@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import pickle
+from typing import Any
 
 import pytest
-from PIL import Image, ImageChops, ImageCms, ImageStat
+from PIL import Image, ImageChops, ImageCms, ImageStat, JpegImagePlugin
 
-from imgpipe.processor.compress import MAX_ICC_BYTES, CompressError, compress
+from imgpipe.contracts.events import Options
+from imgpipe.processor.colour import MAX_ICC_BYTES
+from imgpipe.processor.compress import CompressError, compress
 from tests.support.images import (
     EXIF_ORIENTATION,
     exif_rotated_jpeg_bytes,
@@ -48,7 +51,7 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 
 def test_jpeg_at_quality_50_is_smaller_and_keeps_its_size() -> None:
     original = jpeg_bytes(640, 480, quality=95)
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     output = decode(result.data)
     assert result.format == "jpeg" and output.format == "JPEG"
     assert len(result.data) < len(original)
@@ -58,12 +61,14 @@ def test_jpeg_at_quality_50_is_smaller_and_keeps_its_size() -> None:
 
 def test_lower_quality_gives_smaller_files() -> None:
     original = jpeg_bytes(640, 480, quality=95)
-    assert len(compress(original, 30, LIMIT).data) < len(compress(original, 80, LIMIT).data)
+    assert len(compress(original, Options(quality=30), LIMIT).data) < len(
+        compress(original, Options(quality=80), LIMIT).data
+    )
 
 
 def test_png_with_alpha_becomes_webp_with_alpha() -> None:
     original = png_with_alpha_bytes(320, 240)
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     output = decode(result.data)
     assert result.format == "webp" and output.format == "WEBP"
     assert output.mode == "RGBA"
@@ -75,7 +80,7 @@ def test_png_with_alpha_becomes_webp_with_alpha() -> None:
 
 def test_alpha_channel_that_is_fully_opaque_becomes_jpeg() -> None:
     original = encode(photo(200, 100).convert("RGBA"), "PNG")
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     assert result.format == "jpeg"
     assert decode(result.data).mode == "RGB"
 
@@ -87,7 +92,7 @@ def test_palette_gif_with_transparency_becomes_webp_from_its_first_frame() -> No
     second = Image.new("P", (60, 40), 1)
     second.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     original = encode(first, "GIF", save_all=True, append_images=[second], transparency=0)
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     output = decode(result.data)
     assert result.format == "webp"
     assert getattr(output, "n_frames", 1) == 1
@@ -97,7 +102,7 @@ def test_palette_gif_with_transparency_becomes_webp_from_its_first_frame() -> No
 
 def test_exif_orientation_is_applied() -> None:
     original = exif_rotated_jpeg_bytes(400, 200)
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     output = decode(result.data)
     assert (result.width, result.height) == output.size == (200, 400)
     assert output.getexif().get(EXIF_ORIENTATION) is None  # viewers must not rotate it again
@@ -112,43 +117,34 @@ def test_small_images_are_never_upscaled() -> None:
         encode(tiny(16, 12), "JPEG", quality=95),
         encode(tiny(9, 7).convert("RGBA"), "PNG"),
     ):
-        result = compress(original, 50, LIMIT)
+        result = compress(original, Options(quality=50), LIMIT)
         assert (result.width, result.height) == decode(result.data).size
         assert decode(result.data).size == decode(original).size
 
 
-def test_icc_profile_is_kept_and_other_metadata_dropped() -> None:
+def test_metadata_is_dropped_and_the_output_is_untagged_srgb() -> None:
     icc = srgb_profile()
     exif = Image.Exif()
     exif[0x010F] = "CameraMaker"  # Make
     original = encode(photo(120, 80), "JPEG", quality=95, icc_profile=icc, exif=exif.tobytes())
-    output = decode(compress(original, 50, LIMIT).data)
-    assert output.info.get("icc_profile") == icc
+    output = decode(compress(original, Options(quality=50), LIMIT).data)
+    assert "icc_profile" not in output.info  # untagged means sRGB (test_colour.py)
     assert "exif" not in output.info
     assert len(output.getexif()) == 0
-
-
-def test_icc_profile_is_kept_in_webp() -> None:
-    icc = srgb_profile()
-    image = photo(120, 80).convert("RGBA")
-    image.putalpha(Image.linear_gradient("L").resize((120, 80)))
-    output = decode(compress(encode(image, "PNG", icc_profile=icc), 50, LIMIT).data)
-    assert output.format == "WEBP"
-    assert output.info.get("icc_profile") == icc
 
 
 @pytest.mark.parametrize("pixels", [1.5, 3.0], ids=["warning-range", "error-range"])
 def test_decompression_bomb_is_refused(pixels: float) -> None:
     original = encode(Image.new("L", (1000, 1000)), "PNG")  # tiny file, a million pixels
     with pytest.raises(CompressError) as raised:
-        compress(original, 50, int(1_000_000 / pixels))
+        compress(original, Options(quality=50), int(1_000_000 / pixels))
     assert raised.value.code == "image_too_large"
 
 
 def test_a_side_too_long_for_the_output_is_refused_before_decoding() -> None:
     original = encode(Image.new("L", (20_000, 2)), "PNG")  # 40,000 pixels, one side too long
     with pytest.raises(CompressError) as raised:
-        compress(original, 50, 50_000_000)
+        compress(original, Options(quality=50), 50_000_000)
     assert raised.value.code == "image_too_large"
     assert "20000x2" in raised.value.message
 
@@ -156,14 +152,14 @@ def test_a_side_too_long_for_the_output_is_refused_before_decoding() -> None:
 def test_truncated_jpeg_is_a_decode_error() -> None:
     original = jpeg_bytes(640, 480)
     with pytest.raises(CompressError) as raised:
-        compress(original[: len(original) // 2], 50, LIMIT)
+        compress(original[: len(original) // 2], Options(quality=50), LIMIT)
     assert raised.value.code == "decode_error"
 
 
 @pytest.mark.parametrize("data", [b"<html>not an image</html>", b"", b"\xff\xd8\xff\xe0garbage"])
 def test_non_image_is_a_decode_error(data: bytes) -> None:
     with pytest.raises(CompressError) as raised:
-        compress(data, 50, LIMIT)
+        compress(data, Options(quality=50), LIMIT)
     assert raised.value.code == "decode_error"
     assert raised.value.message
 
@@ -180,10 +176,10 @@ async def test_the_worker_pool_runs_the_same_function() -> None:
     try:
         await pool.warm_up()
         original = jpeg_bytes(320, 240, quality=95)
-        result = await pool(original, 50)
-        assert result == compress(original, 50, LIMIT)
+        result = await pool(original, Options())
+        assert result == compress(original, Options(quality=50), LIMIT)
         with pytest.raises(CompressError) as raised:
-            await pool(b"not an image", 50)
+            await pool(b"not an image", Options())
         assert raised.value.code == "decode_error"
     finally:
         pool.shutdown()
@@ -209,7 +205,7 @@ def deep_grey(mode: str, left: float, right: float) -> Image.Image:
     ids=["png-16-bit", "tiff-16-bit-big-endian", "tiff-32-bit"],
 )
 def test_deep_grey_is_scaled_to_8_bits_not_clipped(original: bytes) -> None:
-    output = decode(compress(original, 90, LIMIT).data)
+    output = decode(compress(original, Options(quality=90), LIMIT).data)
     assert output.mode == "L"
     assert abs(output.getpixel((4, 8)) - 78) <= 2  # 20000 / 257, not clipped to white
     assert output.getpixel((28, 8)) >= 253
@@ -223,7 +219,9 @@ def test_deep_grey_is_scaled_to_8_bits_not_clipped(original: bytes) -> None:
 def test_float_grey_is_scaled_to_8_bits(
     left: float, right: float, expected: tuple[int, int]
 ) -> None:
-    output = decode(compress(encode(deep_grey("F", left, right), "TIFF"), 90, LIMIT).data)
+    output = decode(
+        compress(encode(deep_grey("F", left, right), "TIFF"), Options(quality=90), LIMIT).data
+    )
     assert output.mode == "L"
     assert abs(output.getpixel((4, 8)) - expected[0]) <= 2
     assert abs(output.getpixel((28, 8)) - expected[1]) <= 2
@@ -231,14 +229,16 @@ def test_float_grey_is_scaled_to_8_bits(
 
 def test_float_grey_that_is_not_a_number_is_a_decode_error() -> None:
     with pytest.raises(CompressError) as raised:
-        compress(encode(deep_grey("F", 0.5, float("inf")), "TIFF"), 90, LIMIT)
+        compress(encode(deep_grey("F", 0.5, float("inf")), "TIFF"), Options(quality=90), LIMIT)
     assert raised.value.code == "decode_error"
     assert "not numbers" in raised.value.message
 
 
 def test_16_bit_grey_png_keeps_its_transparent_grey() -> None:
     # 20000 and 20001 are the same 8-bit grey: only the exact 16-bit value is transparent.
-    result = compress(grey16_png_bytes(halves(20_000, 20_001), transparent=20_000), 90, LIMIT)
+    result = compress(
+        grey16_png_bytes(halves(20_000, 20_001), transparent=20_000), Options(quality=90), LIMIT
+    )
     output = decode(result.data)
     assert result.format == "webp"
     assert output.getpixel((4, 8))[3] == 0
@@ -256,7 +256,7 @@ def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
     last_scan = data[data.rindex(b"\xff\xda") : -2]
     original = data[:-2] + last_scan * 200 + b"\xff\xd9"
     with pytest.raises(CompressError) as raised:
-        compress(original, 50, LIMIT)
+        compress(original, Options(quality=50), LIMIT)
     assert raised.value.code == "image_too_large"
     assert "210 scans" in raised.value.message
 
@@ -265,7 +265,7 @@ def test_progressive_jpeg_with_a_progressive_thumbnail_is_accepted() -> None:
     data = progressive_jpeg(640, 480)
     thumbnail = progressive_jpeg(160, 120)  # carried in an APP segment, as EXIF does
     segment = b"\xff\xe9" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
-    result = compress(data[:2] + segment + data[2:], 50, LIMIT)
+    result = compress(data[:2] + segment + data[2:], Options(quality=50), LIMIT)
     assert (result.width, result.height) == (640, 480)
 
 
@@ -285,8 +285,8 @@ class Spy:
 
 def test_an_upright_image_is_not_copied_on_the_way(monkeypatch: pytest.MonkeyPatch) -> None:
     copies, conversions = Spy(monkeypatch, "copy"), Spy(monkeypatch, "convert")
-    compress(jpeg_bytes(320, 240), 50, LIMIT)
-    compress(png_with_alpha_bytes(320, 240), 50, LIMIT)
+    compress(jpeg_bytes(320, 240), Options(quality=50), LIMIT)
+    compress(png_with_alpha_bytes(320, 240), Options(quality=50), LIMIT)
     assert copies.calls == []
     assert ("RGBA", "RGBA") not in conversions.calls
 
@@ -317,7 +317,7 @@ def test_every_exif_orientation_comes_out_upright(orientation: int) -> None:
     exif[EXIF_ORIENTATION] = orientation
     stored = quadrants().transpose(STORED[orientation])
     original = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
-    output = decode(compress(original, 90, LIMIT).data)
+    output = decode(compress(original, Options(quality=90), LIMIT).data)
     assert output.size == (64, 48)
     assert mean_difference(output, quadrants()) < 8
 
@@ -339,7 +339,7 @@ def with_header(profile: bytes, *, size: int | None = None, signature: bytes = b
 )
 def test_oversized_or_malformed_icc_profile_is_dropped(profile: bytes) -> None:
     original = encode(photo(120, 80), "JPEG", quality=95, icc_profile=profile)
-    result = compress(original, 50, LIMIT)
+    result = compress(original, Options(quality=50), LIMIT)
     assert "icc_profile" not in decode(result.data).info
     assert len(result.data) < 100_000
 
@@ -348,7 +348,7 @@ def test_oversized_or_malformed_icc_profile_is_dropped(profile: bytes) -> None:
 def test_jpeg_missing_only_its_end_marker_is_accepted(progressive: bool) -> None:
     original = encode(photo(640, 480), "JPEG", quality=90, progressive=progressive)
     assert original.endswith(b"\xff\xd9")
-    output = decode(compress(original[:-2], 90, LIMIT).data)
+    output = decode(compress(original[:-2], Options(quality=90), LIMIT).data)
     assert mean_difference(output, decode(original)) < 4
 
 
@@ -356,7 +356,7 @@ def test_jpeg_missing_only_its_end_marker_is_accepted(progressive: bool) -> None
 def test_jpeg_cut_mid_scan_is_still_a_decode_error(kept: float) -> None:
     original = jpeg_bytes(640, 480)
     with pytest.raises(CompressError) as raised:
-        compress(original[: int(len(original) * kept)], 50, LIMIT)
+        compress(original[: int(len(original) * kept)], Options(quality=50), LIMIT)
     assert raised.value.code == "decode_error"
     assert "truncated" in raised.value.message
 
@@ -377,19 +377,21 @@ def grey_palette() -> Image.Image:
     ids=["1-bit", "opaque-LA", "grey-palette"],
 )
 def test_grey_inputs_become_grey_jpegs(image: Image.Image) -> None:
-    result = compress(encode(image, "PNG"), 50, LIMIT)
+    result = compress(encode(image, "PNG"), Options(quality=50), LIMIT)
     assert result.format == "jpeg"
     assert decode(result.data).mode == "L"
 
 
 def test_colour_palette_stays_colour() -> None:
-    output = decode(compress(encode(photo(64, 48).quantize(16), "PNG"), 50, LIMIT).data)
+    output = decode(
+        compress(encode(photo(64, 48).quantize(16), "PNG"), Options(quality=50), LIMIT).data
+    )
     assert output.mode == "RGB"
 
 
 def test_unknown_format_says_what_is_readable() -> None:
     with pytest.raises(CompressError) as raised:
-        compress(b"<html>not an image</html>", 50, LIMIT)
+        compress(b"<html>not an image</html>", Options(quality=50), LIMIT)
     assert raised.value.message == (
         "not an image format imgpipe can read (JPEG, PNG, GIF, WebP, BMP, TIFF)"
     )
@@ -398,14 +400,14 @@ def test_unknown_format_says_what_is_readable() -> None:
 def test_decompression_bomb_message_quotes_the_size_and_the_real_limit() -> None:
     original = encode(Image.new("L", (1000, 1000)), "PNG")
     with pytest.raises(CompressError) as raised:
-        compress(original, 50, 300_000)
+        compress(original, Options(quality=50), 300_000)
     assert raised.value.message == "1000x1000 is 1,000,000 pixels, over the limit of 300,000"
 
 
 @pytest.mark.parametrize("fmt", ["ICO", "PCX", "JPEG2000", "TGA"])
 def test_formats_the_downloader_refuses_are_never_decoded(fmt: str) -> None:
     with pytest.raises(CompressError) as raised:
-        compress(encode(tiny(16, 12), fmt), 50, LIMIT)
+        compress(encode(tiny(16, 12), fmt), Options(quality=50), LIMIT)
     assert raised.value.code == "decode_error"
     assert raised.value.message.startswith("not an image format imgpipe can read")
 
@@ -420,11 +422,13 @@ async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
     try:
         innocent = [f"image {i}".encode() for i in range(12)]
         inputs = [*innocent[:6], CRASH, *innocent[6:]]
-        results = await asyncio.gather(*(pool(d, 50) for d in inputs), return_exceptions=True)
+        results = await asyncio.gather(
+            *(pool(d, Options()) for d in inputs), return_exceptions=True
+        )
         crashed = results.pop(6)
         assert isinstance(crashed, CompressError) and crashed.code == "decode_error"
         assert [getattr(result, "data", result) for result in results] == innocent
-        assert (await pool(b"after", 50)).data == b"after"
+        assert (await pool(b"after", Options())).data == b"after"
     finally:
         pool.shutdown()
 
@@ -436,11 +440,94 @@ async def test_an_image_over_the_time_limit_fails_and_frees_its_worker() -> None
     pool = PoolCompressor(2, LIMIT, time_limit=0.5, function=compress_or_die)
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(pool(STUCK, 50), pool(b"fine", 50), return_exceptions=True), 30
+            asyncio.gather(
+                pool(STUCK, Options()), pool(b"fine", Options()), return_exceptions=True
+            ),
+            30,
         )
         stuck, fine = results
         assert isinstance(stuck, CompressError) and "longer than 0.5 s" in stuck.message
         assert getattr(fine, "data", fine) == b"fine"
-        assert (await pool(b"after", 50)).data == b"after"
+        assert (await pool(b"after", Options())).data == b"after"
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("size", "max_side", "expected"),
+    [
+        ((1600, 1200), 800, (800, 600)),
+        ((1000, 333), 300, (300, 100)),
+        ((333, 1000), 77, (26, 77)),
+        ((640, 480), 640, (640, 480)),
+        ((640, 480), 5000, (640, 480)),  # never upscaled
+    ],
+)
+def test_max_side_shrinks_the_longest_side_keeping_the_aspect_ratio(
+    size: tuple[int, int], max_side: int, expected: tuple[int, int]
+) -> None:
+    original = jpeg_bytes(*size, quality=90)
+    result = compress(original, Options(max_side=max_side), LIMIT)
+    assert (result.width, result.height) == decode(result.data).size == expected
+    width, height = size
+    assert abs(expected[0] - expected[1] * width / height) <= 1
+
+
+def test_a_large_reduction_of_a_jpeg_decodes_it_at_reduced_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drafts: list[tuple[int, int]] = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(image: JpegImagePlugin.JpegImageFile, *args: Any) -> object:
+        result = real(image, *args)
+        drafts.append(image.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    original = jpeg_bytes(1600, 1200, quality=90)
+    output = decode(compress(original, Options(quality=90, max_side=200), LIMIT).data)
+    assert drafts == [(200, 150)]  # decoded at 1/8 scale: 1/64 of the pixels
+    assert output.size == (200, 150)
+    exact = decode(original).resize((200, 150), Image.Resampling.LANCZOS)
+    assert mean_difference(output, exact) < 6  # the same picture as a full decode gives
+
+
+def test_max_side_applies_to_the_upright_image() -> None:
+    original = exif_rotated_jpeg_bytes(400, 200)  # shown as 200x400
+    result = compress(original, Options(max_side=100), LIMIT)
+    assert (result.width, result.height) == decode(result.data).size == (50, 100)
+
+
+def test_max_side_shrinks_a_transparent_png_keeping_its_alpha() -> None:
+    result = compress(png_with_alpha_bytes(320, 240), Options(max_side=160), LIMIT)
+    output = decode(result.data)
+    assert result.format == "webp" and output.size == (160, 120)
+    assert output.getpixel((0, 0))[3] == 0 and output.getpixel((80, 60))[3] == 255
+
+
+@pytest.mark.parametrize(("fmt", "pillow"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("avif", "AVIF")])
+def test_the_format_asked_for_is_the_format_made(fmt: str, pillow: str) -> None:
+    for original in (jpeg_bytes(160, 120), png_with_alpha_bytes(160, 120)):
+        result = compress(original, Options(format=fmt), LIMIT)  # type: ignore[arg-type]
+        output = decode(result.data)
+        assert result.format == fmt and output.format == pillow
+        assert output.size == (160, 120)
+
+
+def test_transparency_asked_as_jpeg_is_laid_on_white() -> None:
+    output = decode(compress(png_with_alpha_bytes(320, 240), Options(format="jpeg"), LIMIT).data)
+    assert output.mode == "RGB"
+    assert min(output.getpixel((1, 1))) > 240  # a see-through corner
+
+
+def test_grey_stays_grey_in_avif() -> None:
+    grey = encode(Image.linear_gradient("L").resize((64, 48)), "PNG")
+    assert decode(compress(grey, Options(format="avif"), LIMIT).data).mode == "L"
+
+
+def test_progressive_jpeg_on_request() -> None:
+    original = jpeg_bytes(320, 240)
+    assert not decode(compress(original, Options(), LIMIT).data).info.get("progressive")
+    output = decode(compress(original, Options(progressive=True), LIMIT).data)
+    assert output.info.get("progressive")

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from dataclasses import replace
 
-from imgpipe.contracts.events import ImageProcessed, RequestCompleted
+from imgpipe.contracts.events import ImageProcessed, Options, RequestCompleted
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.adapters.repository import Outcome
 from imgpipe.processor.compress import Compressed, CompressError
@@ -174,10 +174,10 @@ async def test_an_unexpected_error_fails_its_image_not_the_job_or_the_request(
     await processor.request_received(received.data)
     working = processor.compressor
 
-    async def buggy(data: bytes, quality: int) -> Compressed:
+    async def buggy(data: bytes, options: Options) -> Compressed:
         if data == bodies[1]:
             raise RuntimeError("a bug")
-        return await working(data, quality)
+        return await working(data, options)
 
     [job] = jobs_for(received.data)
     await replace(processor, compressor=buggy).process_job(job)
@@ -199,7 +199,7 @@ async def test_a_long_error_message_is_shortened(
     received = make_request(request_id, [[url]])
     await processor.request_received(received.data)
 
-    async def verbose(data: bytes, quality: int) -> Compressed:
+    async def verbose(data: bytes, options: Options) -> Compressed:
         raise CompressError("decode_error", "cannot decode image: " + "\\x00" * 100_000)
 
     [job] = jobs_for(received.data)

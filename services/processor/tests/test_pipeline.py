@@ -10,7 +10,7 @@ import httpx
 from PIL import Image
 from pymongo import MongoClient
 
-from imgpipe.contracts.events import ImageProcessed, RequestCompleted, processed_event_id
+from imgpipe.contracts.events import ImageProcessed, Options, RequestCompleted, processed_event_id
 from imgpipe.contracts.settings import Settings
 from imgpipe.processor.jobs import Job, JobImage
 from tests.support.http_server import LoopbackServer, Response
@@ -124,7 +124,7 @@ async def test_redelivered_request_and_duplicate_jobs_change_nothing(
     await tap.bus.publish(received)
     first_job = Job(
         request_id=request_id,
-        quality=50,
+        options=Options(),
         images=(JobImage(image_key="0-0", row_index=0, position=0, input_url=urls[0]),),
     )
 

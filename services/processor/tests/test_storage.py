@@ -46,3 +46,14 @@ def test_default_backend_is_local_under_the_data_dir(tmp_path: Path) -> None:
     assert isinstance(storage, LocalStorage)
     assert storage.root == tmp_path / "media"
     assert storage.base_url == "http://files.example/media"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("jpeg", "0-0.jpg"), ("webp", "0-0.webp"), ("avif", "0-0.avif")]
+)
+async def test_the_file_name_has_the_format_s_extension(
+    tmp_path: Path, fmt: str, name: str
+) -> None:
+    stored = await LocalStorage(tmp_path, "http://cdn.example/media").save("r", "0-0", b"x", fmt)
+    assert stored.url == f"http://cdn.example/media/r/{name}"
+    assert (tmp_path / "r" / name).read_bytes() == b"x"

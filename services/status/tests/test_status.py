@@ -16,6 +16,7 @@ from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
     CloudEvent,
+    Options,
     Row,
 )
 from imgpipe.contracts.mongo import connect, service_database
@@ -158,6 +159,8 @@ async def test_lifecycle_in_order(settings: Settings) -> None:
         assert body["products"][0]["output_urls"] == [None, None]
         assert body["error_message"] is None
         assert body["created_at"] == body["updated_at"]
+        assert body["options"] == Options().model_dump()
+        assert body["bytes"] == {"images": 0, "input": 0, "output": 0, "ratio": None}
 
         images = all_images(request_id, failed={(1, 1)})
         await bus.publish_many(images[:3])  # 0-0, 0-1, 1-0: all ok
@@ -175,6 +178,8 @@ async def test_lifecycle_in_order(settings: Settings) -> None:
         body = await poll(client, path, lambda b: sum(b["progress"].values()) == 10)
         assert body["status"] == "processing"
         assert body["progress"] == {"total": 5, "ok": 4, "failed": 1}
+        # Each stored image: 1,000 bytes in, 300 out (tests/support/events.py).
+        assert body["bytes"] == {"images": 4, "input": 4000, "output": 1200, "ratio": 0.3}
 
         await bus.publish(completed(request_id, ok=4, failed=1))
         body = await poll(client, path, lambda b: b["status"] == "completed")
@@ -294,6 +299,10 @@ async def test_media_files_are_served_publicly(settings: Settings) -> None:
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["cache-control"] == "public, max-age=86400"
         assert (await client.get("/media/req-1/missing.jpg")).status_code == 404
+        for name, media_type in (("0-1.webp", "image/webp"), ("0-2.avif", "image/avif")):
+            (target.parent / name).write_bytes(b"image bytes")
+            served = await client.get(f"/media/req-1/{name}")
+            assert served.headers["content-type"] == media_type
         (settings.data_dir / "secret.txt").write_text("not media")
         assert (await client.get("/media/..%2fsecret.txt")).status_code == 404
 
@@ -353,3 +362,17 @@ async def test_a_bad_write_fails_alone_in_its_batch(settings: Settings) -> None:
     finally:
         await writer.close()
         await mongo.close()
+
+
+async def test_the_request_s_options_are_shown(settings: Settings) -> None:
+    request_id = new_request_id()
+    options = Options(quality=70, format="webp", max_side=800, progressive=True)
+    async with running(settings) as (client, bus):
+        await bus.publish(events.received(request_id, ROWS, options=options))
+        body = await poll(client, f"/status/{request_id}", lambda b: True)
+    assert body["options"] == {
+        "quality": 70,
+        "format": "webp",
+        "max_side": 800,
+        "progressive": True,
+    }

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.launcher import commands
-from imgpipe.launcher.client import ImgpipeClient
+from imgpipe.launcher.client import ImgpipeClient, OutputOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="show progress until the request completes"
     )
     submit.add_argument("--webhook-url", help="notify this URL at every status change")
-    submit.add_argument("--quality", type=_quality, help="JPEG/WebP quality, 1 to 95 (default 50)")
+    submit.add_argument(
+        "--quality", type=_quality, help="JPEG/WebP/AVIF quality, 1 to 95 (default 50)"
+    )
+    submit.add_argument(
+        "--format",
+        choices=("auto", "jpeg", "webp", "avif"),
+        help="output format (default auto: JPEG when opaque, WebP with transparency)",
+    )
+    submit.add_argument(
+        "--max-side", type=_positive, metavar="PIXELS", help="longest side; never enlarges"
+    )
+    submit.add_argument("--progressive", action="store_true", help="progressive JPEG")
     submit.add_argument(
         "--output", type=Path, metavar="FILE", help="with --wait: download the output CSV to FILE"
     )
@@ -124,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.EXIT_USAGE
     with _client(settings, args) as client:
         if args.command == "submit":
+            options = OutputOptions(args.quality, args.format, args.max_side, args.progressive)
             return commands.submit(
-                client, args.csv, args.webhook_url, args.quality, args.wait, args.output
+                client, args.csv, args.webhook_url, options, args.wait, args.output
             )
         return commands.status(client, args.request_id, args.full)
 

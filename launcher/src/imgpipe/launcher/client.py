@@ -13,6 +13,23 @@ import httpx
 FINAL_STATUSES = frozenset({"completed", "error"})
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """The output fields of `POST /upload`; None leaves the service's default."""
+
+    quality: int | None = None
+    format: str | None = None
+    max_side: int | None = None
+    progressive: bool = False
+
+    def form(self) -> dict[str, str]:
+        fields = {"quality": self.quality, "format": self.format, "max_side": self.max_side}
+        form = {name: str(value) for name, value in fields.items() if value is not None}
+        if self.progressive:
+            form["progressive"] = "true"
+        return form
+
+
 class ClientError(RuntimeError):
     """A failure to show the user: `problems` lists each validation problem, if any."""
 
@@ -57,13 +74,14 @@ class ImgpipeClient:
         self._http.close()
 
     def submit(
-        self, csv_path: Path, webhook_url: str | None = None, quality: int | None = None
+        self,
+        csv_path: Path,
+        webhook_url: str | None = None,
+        options: OutputOptions | None = None,
     ) -> Submitted:
-        data: dict[str, str] = {}
+        data = (options or OutputOptions()).form()
         if webhook_url:
             data["webhook_url"] = webhook_url
-        if quality is not None:
-            data["quality"] = str(quality)
         with csv_path.open("rb") as handle:
             files = {"file": (csv_path.name, handle, "text/csv")}
             response = self._send("POST", f"{self.ingest_url}/upload", "ingest", files, data)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.launcher.client import ClientError, ImgpipeClient
+from imgpipe.launcher.client import ClientError, ImgpipeClient, OutputOptions
 from imgpipe.launcher.supervisor import Console as SupervisorConsole
 from imgpipe.launcher.supervisor import Supervisor, local_host
 
@@ -54,7 +54,7 @@ def submit(
     client: ImgpipeClient,
     csv_path: Path,
     webhook_url: str | None,
-    quality: int | None,
+    options: OutputOptions,
     wait: bool,
     output: Path | None,
 ) -> int:
@@ -62,7 +62,7 @@ def submit(
         errors.print(f"error: no such file: {csv_path}")
         return EXIT_USAGE
     try:
-        submitted = client.submit(csv_path, webhook_url, quality)
+        submitted = client.submit(csv_path, webhook_url, options)
         console.print(f"request id: {submitted.request_id}")
         console.print(f"status:     {submitted.status_url}")
         if not wait:
@@ -84,7 +84,16 @@ def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
     except ClientError as error:
         return _report(error)
     if not full:
-        keys = ("request_id", "status", "progress", "error_message", "created_at", "updated_at")
+        keys = (
+            "request_id",
+            "status",
+            "progress",
+            "options",
+            "bytes",
+            "error_message",
+            "created_at",
+            "updated_at",
+        )
         current = {key: current.get(key) for key in keys} | {
             "failed_images": _failures(current),
             "output_csv": client.output_csv_url(request_id),
@@ -130,6 +139,12 @@ def _print_final(final: dict[str, Any]) -> None:
         f"{counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, "
         f"{counts.get('total', 0)} images"
     )
+    sizes = final.get("bytes") or {}
+    if sizes.get("ratio") is not None:
+        console.print(
+            f"bytes: {sizes['input']:,} in, {sizes['output']:,} out "
+            f"({sizes['ratio']:.0%} of the input) over {sizes['images']} images"
+        )
     if final.get("error_message"):
         label = "error" if final.get("status") == "error" else "note"
         console.print(f"{label}: {final['error_message']}")

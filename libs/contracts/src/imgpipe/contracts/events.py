@@ -25,8 +25,20 @@ class Row(BaseModel):
     input_urls: list[str]
 
 
+OutputFormat = Literal["auto", "jpeg", "webp", "avif"]
+# The longest side WebP can hold; the processor refuses inputs with a longer one.
+MAX_SIDE = 16_383
+
+
 class Options(BaseModel):
+    """How a request's images are encoded."""
+
     quality: Annotated[int, Field(ge=1, le=95)] = 50
+    # auto: JPEG for opaque images, WebP for images with transparency.
+    format: OutputFormat = "auto"
+    # The longest side in pixels; None keeps the size. Never enlarges an image.
+    max_side: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None
+    progressive: bool = False  # progressive JPEG (loads blurry first, then sharpens)
 
 
 class EventData(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
@@ -40,7 +40,7 @@ class Publisher(Protocol):
 @dataclass(frozen=True)
 class Upload:
     file: BinaryIO
-    quality: int = 50
+    options: Options = field(default_factory=Options)
     webhook_url: str | None = None
 
 
@@ -82,7 +82,7 @@ async def parse_upload(
     request = IngestRequest(
         request_id=new_request_id(),
         rows=parsed.rows,
-        options=Options(quality=upload.quality),
+        options=upload.options,
         webhook_url=webhook_url,
         received_at=clock(),
     )

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
 
+from imgpipe.contracts.events import MAX_SIDE, Options, OutputFormat
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.web import require_api_key
 from imgpipe.ingest import handlers
@@ -53,10 +54,22 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
             str | None, Form(description="http(s) URL told of every status change")
         ] = None,
         quality: Annotated[int, Form(ge=1, le=95, description="output quality")] = 50,
+        format: Annotated[
+            OutputFormat,
+            Form(description="auto (JPEG when opaque, WebP with transparency), jpeg, webp, avif"),
+        ] = "auto",
+        max_side: Annotated[
+            int | None,
+            Form(ge=1, le=MAX_SIDE, description="longest side in pixels; never enlarges"),
+        ] = None,
+        progressive: Annotated[bool, Form(description="progressive JPEG")] = False,
     ) -> UploadAccepted:
         """Accept a CSV; images are processed in the background. Poll `status_url`."""
+        options = Options(
+            quality=quality, format=format, max_side=max_side, progressive=progressive
+        )
         accepted = await handlers.accept_upload(
-            handlers.Upload(file=file.file, quality=quality, webhook_url=webhook_url),
+            handlers.Upload(file=file.file, options=options, webhook_url=webhook_url),
             limits=limits,
             repository=service.repository,
             publisher=service.publisher,

@@ -1,8 +1,9 @@
 """Decode and re-encode one image: a pure function, run in a process pool.
 
-Opaque images become JPEG, images with real transparency become WebP, both at the
-request's quality. EXIF orientation is applied, the ICC profile kept, all other
-metadata dropped, and nothing is ever upscaled (nothing is resized at all).
+The request's options choose the output: `format` auto makes opaque images JPEG and
+images with real transparency WebP; `max_side` shrinks the longest side (never
+enlarges it); `quality` and `progressive` go to the encoder. EXIF orientation is
+applied, colours are converted to sRGB (colour.py), all other metadata is dropped.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ from typing import Any, Literal, cast
 
 from PIL import Image, ImageFile, ImageMath, ImageOps
 
-OutputFormat = Literal["jpeg", "webp"]
+from imgpipe.contracts.events import Options
+from imgpipe.processor.colour import to_srgb
+
+OutputFormat = Literal["jpeg", "webp", "avif"]
 
 # The formats the download sniffer lets through: no other decoder may ever run.
 _READABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 _UNREADABLE = "not an image format imgpipe can read (JPEG, PNG, GIF, WebP, BMP, TIFF)"
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-# ICC header bytes 16..20 name the profile's colour space; keep it only if it matches the output.
-_ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "CMYK": b"CMYK"}
-# Display profiles are a few KB, camera and press profiles a few hundred: anything larger
-# is bloat at best and a way to smuggle data past "all other metadata dropped" at worst.
-MAX_ICC_BYTES = 1 << 20
 _JPEG_MODES = {"RGB", "L", "CMYK"}
 # The largest side WebP can hold; a longer side is refused before any pixel is decoded.
 MAX_SIDE = 16_383
+_EXIF_ORIENTATION = 0x0112
+_SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height
 _JPEG_START, _JPEG_END, _JPEG_SCAN = b"\xff\xd8", b"\xff\xd9", b"\xff\xda"
 # A progressive JPEG has ~10 scans (18 for CMYK), an EXIF thumbnail or an MPO's second
 # picture a few more each; libjpeg decodes every scan over the whole image.
@@ -58,7 +59,7 @@ class Compressed:
 
 
 def within_time(
-    seconds: float, function: Callable[[bytes, int, int], Compressed], *args: Any
+    seconds: float, function: Callable[[bytes, Options, int], Compressed], *args: Any
 ) -> Compressed:
     """Run `function` in a pool worker that dies if it takes longer than `seconds`:
     SIGALRM's default action ends the process, which no decoder stuck in C can put off.
@@ -70,14 +71,14 @@ def within_time(
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
-    """Re-encode `data` at `quality` (1-95); raises CompressError for bad or oversized input."""
+def compress(data: bytes, options: Options, max_pixels: int) -> Compressed:
+    """Re-encode `data` as `options` ask; raises CompressError for bad or oversized input."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x the limit: treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _decode(data, max_pixels)
-        return _encode(image, quality)
+            image = _decode(data, max_pixels, options.max_side)
+        return _encode(image, options)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Raised by a decoder mid-way (a TIFF's tiles, say); Pillow's text quotes twice the limit.
         message = f"decoding needs more than the limit of {max_pixels:,} pixels"
@@ -92,8 +93,9 @@ def compress(data: bytes, quality: int, max_pixels: int) -> Compressed:
         raise CompressError("decode_error", f"cannot decode image: {exc}") from None
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """The first frame, upright, in RGB, RGBA, L or CMYK; checked before any pixel is decoded."""
+def _decode(data: bytes, max_pixels: int, max_side: int | None) -> Image.Image:
+    """The first frame, upright, no longer than `max_side`, in sRGB as RGB, RGBA or L;
+    checked before any pixel is decoded."""
     end_added = False
     if data.startswith(_JPEG_START):
         _check_scan_count(data)
@@ -103,11 +105,26 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             data, end_added = data + _JPEG_END, True
     with _open(data, max_pixels) as source:
         _check_size(source, max_pixels)
+        size = _fitted(source.size, max_side)
+        if size != source.size and source.format == "JPEG":
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than asked: a large
+            # reduction costs a fraction of a full decode; resampling does the rest.
+            source.draft(source.mode, size)
         # Only the first frame is ever decoded, however many an animation holds.
         source.load()
         if end_added:
             _check_not_cut_short(source)
-        return _prepare(source)
+        return _prepare(source, size)
+
+
+def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """`size` shrunk so that its longest side is `max_side`, never enlarged; the other
+    side is rounded, so the aspect ratio is kept within one pixel."""
+    width, height = size
+    if max_side is None or max(width, height) <= max_side:
+        return size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _check_scan_count(data: bytes) -> None:
@@ -165,16 +182,20 @@ def _unblended_bands(block: Image.Image) -> list[Image.Image]:
     return [block.convert("L")]  # luma, as the JPEG stored it, give or take rounding
 
 
-def _prepare(source: Image.Image) -> Image.Image:
+def _prepare(source: Image.Image, size: tuple[int, int]) -> Image.Image:
     icc = source.info.get("icc_profile")
+    transposed = source.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS
     # In place: no copy of the whole image when there is no orientation to apply.
     ImageOps.exif_transpose(source, in_place=True)
     image = _to_output_mode(source)
-    # Drop every piece of metadata but the ICC profile (and only one that fits the pixels).
+    if transposed:
+        size = size[::-1]
+    if image.size != size:
+        # Lanczos over the few pixels draft left; Pillow resamples alpha premultiplied.
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    # Every piece of metadata is dropped; the profile is used up converting to sRGB.
     image.info = {}
-    if _icc_is_keepable(icc, image.mode):
-        image.info["icc_profile"] = icc
-    return image
+    return to_srgb(image, icc)
 
 
 def _to_output_mode(image: Image.Image) -> Image.Image:
@@ -242,26 +263,36 @@ def _float_grey_to_8_bits(image: Image.Image) -> Image.Image:
     return image.point(lambda value: (value - low) * scale + 0.5).convert("L")
 
 
-def _icc_is_keepable(icc: object, mode: str) -> bool:
-    """Small, with a well-formed header (declared size, "acsp" signature), for these pixels."""
-    return (
-        isinstance(icc, bytes)
-        and len(icc) <= MAX_ICC_BYTES
-        and int.from_bytes(icc[:4], "big") == len(icc)
-        and icc[36:40] == b"acsp"
-        and icc[16:20] == _ICC_SPACE.get(mode)
-    )
-
-
-def _encode(image: Image.Image, quality: int) -> Compressed:
+def _encode(image: Image.Image, options: Options) -> Compressed:
+    fmt = _output_format(image, options.format)
     buffer = io.BytesIO()
-    icc = image.info.get("icc_profile")
-    extra = {"icc_profile": icc} if icc else {}
-    if image.mode == "RGBA":
-        image.save(buffer, "WEBP", quality=quality, **extra)
-        fmt: OutputFormat = "webp"
+    if fmt == "jpeg":
+        if image.mode == "RGBA":  # JPEG has no alpha: see-through parts become white
+            image = _on_white(image)
+        # Optimized Huffman tables save 10% of the bytes on the bench corpus but nearly
+        # double the codec's CPU (README, "Output"); progressive JPEG always has them.
+        image.save(
+            buffer,
+            "JPEG",
+            quality=options.quality,
+            optimize=False,
+            progressive=options.progressive,
+        )
+    elif fmt == "webp":
+        image.save(buffer, "WEBP", quality=options.quality)
     else:
-        image.save(buffer, "JPEG", quality=quality, optimize=False, **extra)
-        fmt = "jpeg"
+        image.save(buffer, "AVIF", quality=options.quality)
     width, height = image.size
     return Compressed(buffer.getvalue(), fmt, width, height)
+
+
+def _output_format(image: Image.Image, asked: str) -> OutputFormat:
+    if asked == "auto":  # JPEG is smaller for opaque photos; WebP keeps transparency
+        return "webp" if image.mode == "RGBA" else "jpeg"
+    return cast(OutputFormat, asked)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    background = Image.new("RGB", image.size, (255, 255, 255))
+    background.paste(image, mask=image.getchannel("A"))
+    return background

@@ -31,6 +31,7 @@ from imgpipe.contracts.events import (
     Counts,
     ImageError,
     ImageProcessed,
+    Options,
     RequestCompleted,
     RequestReceived,
     completed_event_id,
@@ -57,7 +58,7 @@ FANOUT_BATCH = 500
 # enough to diagnose, never enough to bloat the status document or a webhook.
 MAX_ERROR_MESSAGE = 500
 
-Compressor = Callable[[bytes, int], Awaitable[Compressed]]
+Compressor = Callable[[bytes, Options], Awaitable[Compressed]]
 # Downloaded images that may wait for the codec, per pool worker: enough that a worker
 # never waits for a download, few enough to keep memory flat.
 BACKLOG_PER_WORKER = 4
@@ -145,7 +146,7 @@ class Processor:
                 total,
             )
         doc = await self.repository.create_request(
-            request.request_id, total=total, quality=request.options.quality
+            request.request_id, total=total, options=request.options
         )
         if doc["fanned_out"]:
             return  # a redelivery of a request whose jobs are all sent
@@ -283,7 +284,7 @@ class Processor:
         try:
             async with self.backlog.holding():
                 with metrics.COMPRESS_SECONDS.time():
-                    result = await self.compressor(data, job.quality)
+                    result = await self.compressor(data, job.options)
             with metrics.STORE_SECONDS.time():
                 stored = await self.storage.save(
                     job.request_id, image.image_key, result.data, result.format

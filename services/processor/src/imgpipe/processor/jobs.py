@@ -16,9 +16,11 @@ before which it is not to be tried.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
-from imgpipe.contracts.events import RequestReceived, image_key
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from imgpipe.contracts.events import Options, RequestReceived, image_key
 
 IMAGES_PER_JOB = 8
 
@@ -54,8 +56,16 @@ class Job(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     request_id: str
-    quality: int
+    options: Options = Options()
     images: tuple[JobImage, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quality_alone(cls, data: Any) -> Any:
+        # Jobs queued by an earlier version carry only `quality`.
+        if isinstance(data, dict) and "quality" in data and "options" not in data:
+            return {**data, "options": {"quality": data["quality"]}}
+        return data
 
     @property
     def message_id(self) -> str:
@@ -75,7 +85,7 @@ class Job(BaseModel):
         }
         return Job(
             request_id=self.request_id,
-            quality=self.quality,
+            options=self.options,
             images=(image.model_copy(update=update),),
         )
 
@@ -99,7 +109,7 @@ def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> list[Jo
     return [
         Job(
             request_id=request.request_id,
-            quality=request.options.quality,
+            options=request.options,
             images=tuple(images[start : start + per_job]),
         )
         for start in range(0, len(images), per_job)

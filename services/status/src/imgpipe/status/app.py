@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import PurePosixPath
 
 from fastapi import FastAPI
 from starlette.responses import Response
@@ -39,12 +40,20 @@ def create_app(
     return app
 
 
+# The processor's output formats, by extension: Python's own table knows AVIF only from
+# 3.13 on (or from the machine's /etc/mime.types, which slim images lack).
+MEDIA_TYPES = {".jpg": "image/jpeg", ".webp": "image/webp", ".avif": "image/avif"}
+
+
 class MediaFiles(StaticFiles):
     """The compressed images. A file never changes once written (one name per image of a
     request), so caches may keep it; `nosniff` holds browsers to the served type."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)  # raises for a missing file
+        media_type = MEDIA_TYPES.get(PurePosixPath(path).suffix.lower())
+        if media_type is not None:
+            response.headers["Content-Type"] = media_type
         response.headers["Cache-Control"] = "public, max-age=86400"
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response

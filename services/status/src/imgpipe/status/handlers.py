@@ -85,6 +85,7 @@ def _received_fields(data: RequestReceived) -> dict[str, Any]:
         "received": True,
         "rows": [row.model_dump() for row in data.rows],
         "total": data.image_count,
+        "options": data.options.model_dump(),
         "created_at": data.received_at,
     }
 

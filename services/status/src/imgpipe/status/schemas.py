@@ -34,10 +34,30 @@ class Product(BaseModel):
     attempts: list[int | None]
 
 
+class OptionsOut(BaseModel):
+    """How the request asked its images to be encoded."""
+
+    quality: int
+    format: Literal["auto", "jpeg", "webp", "avif"]
+    max_side: int | None
+    progressive: bool
+
+
+class BytesOut(BaseModel):
+    """Sizes of the images stored so far, each distinct image once."""
+
+    images: int
+    input: int
+    output: int
+    ratio: float | None  # output / input; null before the first image is stored
+
+
 class StatusResponse(BaseModel):
     request_id: str
     status: Status
     progress: Progress
+    options: OptionsOut
+    bytes: BytesOut
     products: list[Product]
     error_message: str | None
     created_at: datetime

@@ -12,11 +12,12 @@ from concurrent.futures.process import BrokenProcessPool
 
 from PIL import Image
 
+from imgpipe.contracts.events import Options
 from imgpipe.processor.compress import Compressed, CompressError, compress, within_time
 
 log = logging.getLogger(__name__)
 
-Compress = Callable[[bytes, int, int], Compressed]
+Compress = Callable[[bytes, Options, int], Compressed]
 
 
 class PoolCompressor:
@@ -59,37 +60,37 @@ class PoolCompressor:
         pool, sample = self._pool, _sample_jpeg()
         await asyncio.gather(
             *(
-                loop.run_in_executor(pool, compress, sample, 50, self.max_pixels)
+                loop.run_in_executor(pool, compress, sample, Options(), self.max_pixels)
                 for _ in range(self.workers)
             )
         )
 
-    async def __call__(self, data: bytes, quality: int) -> Compressed:
+    async def __call__(self, data: bytes, options: Options) -> Compressed:
         if self._solo.locked():  # wait while an image runs alone; then share the pool
             async with self._solo:
                 pass
         try:
-            return await self._run(data, quality)
+            return await self._run(data, options)
         except BrokenProcessPool:
-            return await self._run_alone(data, quality)
+            return await self._run_alone(data, options)
 
-    async def _run_alone(self, data: bytes, quality: int) -> Compressed:
+    async def _run_alone(self, data: bytes, options: Options) -> Compressed:
         async with self._solo:
             await self._idle.wait()
             try:
-                return await self._run(data, quality)
+                return await self._run(data, options)
             except BrokenProcessPool:
                 message = f"decoding this image crashed or took longer than {self.time_limit:g} s"
                 raise CompressError("decode_error", message) from None
 
-    async def _run(self, data: bytes, quality: int) -> Compressed:
+    async def _run(self, data: bytes, options: Options) -> Compressed:
         pool = self._pool
         self._in_flight += 1
         self._idle.clear()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                pool, within_time, self.time_limit, self._function, data, quality, self.max_pixels
+                pool, within_time, self.time_limit, self._function, data, options, self.max_pixels
             )
         except BrokenProcessPool:
             if self._pool is pool:  # the first to notice replaces it

@@ -23,7 +23,7 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from imgpipe.contracts.events import utcnow
+from imgpipe.contracts.events import Options, utcnow
 from imgpipe.contracts.mongo import duplicate_indexes
 
 Doc = dict[str, Any]
@@ -60,14 +60,14 @@ class ProcessorRepository:
 
     # Requests ---------------------------------------------------------------------
 
-    async def create_request(self, request_id: str, total: int, quality: int) -> Doc:
+    async def create_request(self, request_id: str, total: int, options: Options) -> Doc:
         """Create the request once; a redelivered RequestReceived gets the existing doc."""
         doc = await self.requests.find_one_and_update(
             {"_id": request_id},
             {
                 "$setOnInsert": {
                     "total": total,
-                    "quality": quality,
+                    "options": options.model_dump(),
                     "ok": 0,
                     "failed": 0,
                     "fanned_out": False,

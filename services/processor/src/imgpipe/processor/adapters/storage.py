@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-EXTENSIONS = {"jpeg": "jpg", "webp": "webp"}
+EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}
 # Request ids and image keys become path parts and URL segments: keep them boring.
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
