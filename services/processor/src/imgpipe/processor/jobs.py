@@ -16,9 +16,7 @@ before which it is not to be tried.
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from imgpipe.contracts.events import Options, RequestReceived, image_key
 
@@ -58,14 +56,6 @@ class Job(BaseModel):
     request_id: str
     options: Options = Options()
     images: tuple[JobImage, ...]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _quality_alone(cls, data: Any) -> Any:
-        # Jobs queued by an earlier version carry only `quality`.
-        if isinstance(data, dict) and "quality" in data and "options" not in data:
-            return {**data, "options": {"quality": data["quality"]}}
-        return data
 
     @property
     def message_id(self) -> str:
