@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every service (and an embedded database when MONGODB_URL is unset)",
         description="Start ingest, processor, status and notifier as child processes; "
         "their logs go to stdout, prefixed, and to IMGPIPE_DATA_DIR/logs/<service>.log. "
-        "Ctrl-C or SIGTERM stops everything.",
+        "A service that dies is restarted (after 1 s, doubling to 30 s); 5 crashes of one "
+        "service within 60 s stop everything. Ctrl-C or SIGTERM stops everything.",
     )
     up.add_argument(
         "--processors",
