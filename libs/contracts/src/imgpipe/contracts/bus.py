@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
 from imgpipe.contracts.events import CONTENT_TYPE, AnyEvent, CloudEvent, parse_event
+from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.metrics import (
     DEAD_LETTERED,
     EVENTS_CONSUMED,
@@ -134,7 +135,8 @@ class Bus:
                 await message.reject(requeue=False)
                 DEAD_LETTERED.labels(queue=queue_key).inc()
                 return
-            await handler(event)
+            with request_context(event.subject):
+                await handler(event)
             EVENTS_CONSUMED.labels(queue=queue_key, type=event.type).inc()
 
         await self.consume(queue_key, on_message)

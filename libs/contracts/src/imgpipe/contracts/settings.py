@@ -7,7 +7,7 @@ import secrets
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_retry_wait: float = Field(default=300.0, gt=0, alias="IMGPIPE_MAX_RETRY_WAIT")
     user_agent: str = Field(default=f"imgpipe/{VERSION}", alias="IMGPIPE_USER_AGENT")
 
+    # "text" lines (the console's), or "json": one object per line for log pipelines.
+    log_format: Literal["text", "json"] = Field(default="text", alias="IMGPIPE_LOG_FORMAT")
     # /metrics on every service (Prometheus text format; open like the health routes).
     metrics: bool = Field(default=True, alias="IMGPIPE_METRICS")
 

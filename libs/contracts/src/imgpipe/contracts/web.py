@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from imgpipe.contracts.logs import configure_logging
 from imgpipe.contracts.settings import Settings
 
 
@@ -65,16 +66,13 @@ def require_api_key(settings: Settings) -> Callable[..., Awaitable[None]]:
 
 def serve(create_app: Callable[[Settings], FastAPI], port: Callable[[Settings], int]) -> None:
     """Run one service with uvicorn: every service's `main` is this one call."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every request at INFO: one line per image download and webhook is noise.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
+    # "imgpipe.<service>.app" -> "<service>"
+    configure_logging(create_app.__module__.split(".")[1], settings.log_format)
     if settings.allow_private_urls:
         logging.getLogger("imgpipe").warning(
             "IMGPIPE_ALLOW_PRIVATE_URLS is on: image and webhook URLs may reach loopback and "
             "private networks (for tests and demos only; never expose this instance)"
         )
-    # log_config=None: uvicorn's loggers use the format above, like the service's own.
+    # log_config=None: uvicorn's loggers use the same format as the service's own.
     uvicorn.run(create_app(settings), host=settings.host, port=port(settings), log_config=None)

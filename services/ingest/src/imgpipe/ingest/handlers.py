@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
+from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.urls import url_problem
 from imgpipe.ingest import metrics
 from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv
@@ -55,10 +56,11 @@ async def accept_upload(
 ) -> IngestRequest:
     """Validate, store, publish. Raises UploadRejected (4xx) or StoreUnavailable (503)."""
     request = await parse_upload(upload, limits, clock)
-    await repository.add(request, relay_after=request.received_at + relay_grace)
-    metrics.REQUESTS_RECEIVED.inc()
-    metrics.IMAGES_RECEIVED.inc(request.image_count)
-    await publish_received(request, repository, publisher, clock)
+    with request_context(request.request_id):
+        await repository.add(request, relay_after=request.received_at + relay_grace)
+        metrics.REQUESTS_RECEIVED.inc()
+        metrics.IMAGES_RECEIVED.inc(request.image_count)
+        await publish_received(request, repository, publisher, clock)
     return request
 
 

@@ -37,6 +37,7 @@ from imgpipe.contracts.events import (
     completed_event_id,
     processed_event_id,
 )
+from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.metrics import DEAD_LETTERED
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor import metrics
@@ -170,7 +171,8 @@ class Processor:
             await message.reject(requeue=False)
             DEAD_LETTERED.labels(queue=JOBS_QUEUE).inc()
             return
-        await self.process_job(job)
+        with request_context(job.request_id):
+            await self.process_job(job)
 
     async def process_job(self, job: Job) -> None:
         """Process each image of the job; each is recorded as soon as it is done, so an
