@@ -82,6 +82,9 @@ class ImageProcessed(EventData):
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    # Whether the output is the input's own bytes minus metadata (it needed no change and
+    # its encode came out larger); None for a failed image or one recorded before this.
+    kept_input: bool | None = None
     error: ImageError | None = None
     # Download attempts made for the image (retries of transient failures included);
     # None when no download was tried.

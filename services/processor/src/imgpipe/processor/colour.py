@@ -48,6 +48,25 @@ def to_srgb(image: Image.Image, icc: object) -> Image.Image:
     return image
 
 
+def is_srgb_already(icc: object, mode: str) -> bool:
+    """Whether to_srgb leaves these pixels as they are because they are sRGB: RGB or L
+    without a profile, or RGB with a readable sRGB one. A profile it ignores as unusable
+    is not sRGB here: a browser may still honour it."""
+    if mode not in ("RGB", "L"):
+        return False  # CMYK is converted; alpha is not what this is asked about
+    if icc is None:
+        return True
+    return isinstance(icc, bytes) and _is_well_formed(icc, mode) and _reads_as_srgb(icc)
+
+
+@lru_cache(maxsize=16)
+def _reads_as_srgb(icc: bytes) -> bool:
+    try:
+        return _is_srgb(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return False
+
+
 def _is_well_formed(icc: object, mode: str) -> bool:
     """Small, with a well-formed header (declared size, "acsp" signature), for these pixels."""
     return (

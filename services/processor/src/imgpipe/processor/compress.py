@@ -4,6 +4,10 @@ The request's options choose the output: `format` auto makes opaque images JPEG 
 images with real transparency WebP; `max_side` shrinks the longest side (never
 enlarges it); `quality` and `progressive` go to the encoder. EXIF orientation is
 applied, colours are converted to sRGB (colour.py), all other metadata is dropped.
+
+Never worse than the input: a JPEG that needed no change at all (JPEG out, sRGB,
+upright, not resized, as progressive as asked) whose encode came out larger than it is
+kept as it came, its metadata stripped (jpeg_metadata.py), when that is smaller still.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, Literal, cast
 from PIL import Image, ImageFile, ImageMath, ImageOps
 
 from imgpipe.contracts.events import Options
-from imgpipe.processor.colour import to_srgb
+from imgpipe.processor.colour import is_srgb_already, to_srgb
+from imgpipe.processor.jpeg_metadata import strip_metadata
 
 OutputFormat = Literal["jpeg", "webp", "avif"]
 
@@ -56,6 +61,8 @@ class Compressed:
     format: OutputFormat
     width: int
     height: int
+    # True when `data` is the input itself, minus its metadata, not an encode.
+    kept_input: bool = False
 
 
 def within_time(
@@ -77,8 +84,9 @@ def compress(data: bytes, options: Options, max_pixels: int) -> Compressed:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x the limit: treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _decode(data, max_pixels, options.max_side)
-        return _encode(image, options)
+            image, as_is = _decode(data, max_pixels, options)
+        encoded = _encode(image, options)
+        return _smaller_of(encoded, data) if as_is and encoded.format == "jpeg" else encoded
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Raised by a decoder mid-way (a TIFF's tiles, say); Pillow's text quotes twice the limit.
         message = f"decoding needs more than the limit of {max_pixels:,} pixels"
@@ -93,9 +101,10 @@ def compress(data: bytes, options: Options, max_pixels: int) -> Compressed:
         raise CompressError("decode_error", f"cannot decode image: {exc}") from None
 
 
-def _decode(data: bytes, max_pixels: int, max_side: int | None) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, options: Options) -> tuple[Image.Image, bool]:
     """The first frame, upright, no longer than `max_side`, in sRGB as RGB, RGBA or L;
-    checked before any pixel is decoded."""
+    checked before any pixel is decoded. The flag: the input is a whole JPEG whose
+    pixels needed no change and that is as progressive as asked."""
     end_added = False
     if data.startswith(_JPEG_START):
         _check_scan_count(data)
@@ -105,8 +114,9 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> Image.Image:
             data, end_added = data + _JPEG_END, True
     with _open(data, max_pixels) as source:
         _check_size(source, max_pixels)
-        size = _fitted(source.size, max_side)
-        if size != source.size and source.format == "JPEG":
+        size = _fitted(source.size, options.max_side)
+        resized = size != source.size  # asked here: draft shrinks source.size
+        if resized and source.format == "JPEG":
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than asked: a large
             # reduction costs a fraction of a full decode; resampling does the rest.
             source.draft(source.mode, size)
@@ -114,7 +124,11 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> Image.Image:
         source.load()
         if end_added:
             _check_not_cut_short(source)
-        return _prepare(source, size)
+        # Read before _prepare, which drops the metadata.
+        fits = source.format == "JPEG" and not end_added and not resized
+        fits = fits and (not options.progressive or bool(source.info.get("progressive")))
+        image, unchanged = _prepare(source, size)
+        return image, fits and unchanged
 
 
 def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -182,9 +196,13 @@ def _unblended_bands(block: Image.Image) -> list[Image.Image]:
     return [block.convert("L")]  # luma, as the JPEG stored it, give or take rounding
 
 
-def _prepare(source: Image.Image, size: tuple[int, int]) -> Image.Image:
+def _prepare(source: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, bool]:
+    """The image ready to encode, and whether turning and colour left its pixels alone."""
     icc = source.info.get("icc_profile")
-    transposed = source.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS
+    orientation = source.getexif().get(_EXIF_ORIENTATION)
+    transposed = orientation in _SIDEWAYS
+    # RGB and L pass _to_output_mode as they are; to_srgb leaves sRGB alone.
+    unchanged = orientation in (None, 1) and is_srgb_already(icc, source.mode)
     # In place: no copy of the whole image when there is no orientation to apply.
     ImageOps.exif_transpose(source, in_place=True)
     image = _to_output_mode(source)
@@ -195,7 +213,7 @@ def _prepare(source: Image.Image, size: tuple[int, int]) -> Image.Image:
         image = image.resize(size, Image.Resampling.LANCZOS)
     # Every piece of metadata is dropped; the profile is used up converting to sRGB.
     image.info = {}
-    return to_srgb(image, icc)
+    return to_srgb(image, icc), unchanged
 
 
 def _to_output_mode(image: Image.Image) -> Image.Image:
@@ -284,6 +302,17 @@ def _encode(image: Image.Image, options: Options) -> Compressed:
         image.save(buffer, "AVIF", quality=options.quality)
     width, height = image.size
     return Compressed(buffer.getvalue(), fmt, width, height)
+
+
+def _smaller_of(encoded: Compressed, data: bytes) -> Compressed:
+    """The input stripped of metadata when the encode is larger than the input and the
+    stripped input is smaller than the encode; otherwise the encode."""
+    if len(encoded.data) <= len(data):
+        return encoded
+    stripped = strip_metadata(data)
+    if stripped is None or len(stripped) >= len(encoded.data):
+        return encoded  # a JPEG the segment walk cannot follow is not kept
+    return Compressed(stripped, "jpeg", encoded.width, encoded.height, kept_input=True)
 
 
 def _output_format(image: Image.Image, asked: str) -> OutputFormat:

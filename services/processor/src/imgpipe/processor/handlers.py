@@ -64,7 +64,7 @@ Compressor = Callable[[bytes, Options], Awaitable[Compressed]]
 # never waits for a download, few enough to keep memory flat.
 BACKLOG_PER_WORKER = 4
 # Only an image that was stored has these.
-_STORED_ONLY = ("bytes_out", "width", "height", "format")
+_STORED_ONLY = ("bytes_out", "width", "height", "format", "kept_input")
 
 
 class OutcomeError(TypedDict):
@@ -85,6 +85,7 @@ class ImageOutcome:
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    kept_input: bool | None = None  # the output is the input minus metadata, not an encode
     error: OutcomeError | None = None
     storage: dict[str, Any] | None = None  # what the storage backend told of the object
 
@@ -305,6 +306,7 @@ class Processor:
             width=result.width,
             height=result.height,
             format=result.format,
+            kept_input=result.kept_input,
             storage=stored.details or None,
         )
 
@@ -386,6 +388,7 @@ def processed_event(image: Mapping[str, Any]) -> CloudEvent[ImageProcessed]:
         width=image.get("width"),
         height=image.get("height"),
         format=image.get("format"),
+        kept_input=image.get("kept_input"),
         error=ImageError(**error) if error else None,
         attempts=image.get("attempts"),
     )
