@@ -1,4 +1,5 @@
-"""The codec limit: the processor's own decode + encode, in a process pool, nothing else."""
+"""The codec limit: the processor's own decode + encode, in a process pool, nothing else;
+and what each output format (and `max_side=800`) costs in time and bytes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import inspect
 import io
 import pkgutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -84,6 +86,16 @@ def _compress_file(target: str, path: str) -> int:
     return len(data)
 
 
+def _encode_file(target: str, choice: dict[str, Any], path: str) -> tuple[int, int]:
+    """Like _compress_file with the request options `choice`; returns (bytes in, bytes out)."""
+    from imgpipe.contracts.events import Options
+
+    function, options = _prepared(target)
+    data = Path(path).read_bytes()
+    result = function(data, **(options | {"options": Options(quality=QUALITY, **choice)}))
+    return len(data), len(result.data)
+
+
 def _warm(target: str) -> None:
     _prepared(target)
 
@@ -106,14 +118,77 @@ class CodecResult:
         )
 
 
-def codec_limit(files: list[Path], workers: int, min_images: int = 300) -> CodecResult:
-    """Compress the corpus (repeated up to `min_images`) in a pool of `workers` processes."""
+# (label, request options, at most this many images). AVIF encodes at ~0.5 s an image
+# (libaom): the whole corpus would take minutes, a handful shows its cost well enough.
+FORMATS: tuple[tuple[str, dict[str, Any], int | None], ...] = (
+    ("jpeg (default)", {"format": "jpeg"}, None),
+    ("jpeg progressive", {"format": "jpeg", "progressive": True}, None),
+    ("webp", {"format": "webp"}, None),
+    ("avif", {"format": "avif"}, 12),
+    ("jpeg, max_side=800", {"format": "jpeg", "max_side": 800}, None),
+)
+
+
+@dataclass(frozen=True)
+class FormatCost:
+    label: str
+    options: dict[str, Any]
+    images: int
+    seconds: float
+    bytes_in: int
+    bytes_out: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def kib_out_per_image(self) -> float:
+        return self.bytes_out / self.images / 1024
+
+
+@dataclass(frozen=True)
+class CodecPool:
+    """One process per core, started and warmed: the codec limit and the format costs
+    are measured in the same pool, so they compare."""
+
+    pool: ProcessPoolExecutor
+    target: str
+    workers: int
+
+    def limit(self, files: list[Path], min_images: int = 300) -> CodecResult:
+        """Compress the corpus (repeated up to `min_images`) as the processor does."""
+        passes = max(1, -(-min_images // len(files)))
+        work = [str(path) for path in files] * passes
+        started = time.perf_counter()
+        list(self.pool.map(partial(_compress_file, self.target), work, chunksize=2))
+        seconds = time.perf_counter() - started
+        return CodecResult(self.target, self.workers, len(work), seconds)
+
+    def formats(self, files: list[Path]) -> list[FormatCost]:
+        """Each of FORMATS over the corpus; none when the codec takes no request options."""
+        if "options" not in _options(_load(self.target)):
+            return []
+        return [self._format(label, choice, files[:most]) for label, choice, most in FORMATS]
+
+    def _format(self, label: str, choice: dict[str, Any], files: list[Path]) -> FormatCost:
+        work = partial(_encode_file, self.target, choice)
+        started = time.perf_counter()
+        sizes = list(self.pool.map(work, [str(path) for path in files], chunksize=1))
+        seconds = time.perf_counter() - started
+        bytes_in, bytes_out = (sum(column) for column in zip(*sizes, strict=True))
+        return FormatCost(label, choice, len(files), seconds, bytes_in, bytes_out)
+
+
+@contextmanager
+def codec_pool(workers: int) -> Iterator[CodecPool]:
     target = find_compress()
-    passes = max(1, -(-min_images // len(files)))
-    work = [str(path) for path in files] * passes
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_warm, [target] * workers))  # start and import before the clock runs
-        started = time.perf_counter()
-        list(pool.map(partial(_compress_file, target), work, chunksize=2))
-        seconds = time.perf_counter() - started
-    return CodecResult(target, workers, len(work), seconds)
+        yield CodecPool(pool, target, workers)
+
+
+def codec_limit(files: list[Path], workers: int, min_images: int = 300) -> CodecResult:
+    """Compress the corpus (repeated up to `min_images`) in a pool of `workers` processes."""
+    with codec_pool(workers) as pool:
+        return pool.limit(files, min_images)

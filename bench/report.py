@@ -44,6 +44,10 @@ def _memory_lines(memory: list[dict[str, Any]], phases: list[str]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     lines = [f"imgpipe benchmark - {results['machine']}", ""]
     lines += _section("Throughput (images per second)", results["table"]["throughput"])
+    lines += _section(
+        "Output formats, quality 50 (codec only, in the codec limit's pool)",
+        results["table"]["formats"],
+    )
     lines += _section("Upload", results["table"]["upload"])
     lines += _section("Status reads", results["table"]["status"])
     lines += _section("CPU per image in ms, by process", results["table"]["cpu"])

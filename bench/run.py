@@ -23,7 +23,7 @@ from typing import Any
 
 import PIL
 import report
-from codec import CodecResult, codec_limit
+from codec import CodecResult, FormatCost, codec_pool
 from corpus import Corpus, build_corpus, image_urls, serve, write_csv
 from cpu import per_image_ms, snapshot
 from finals import Finals, hear_completions, receive_webhooks
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     corpus = build_corpus(OUT, options.sizes.corpus, CORES)
     print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
-    before = measure_codec(corpus, options, "before")
-    results: dict[str, Any] = {"machine": _machine()}
+    before, formats = measure_codec(corpus, options, "before", with_formats=True)
+    results: dict[str, Any] = {"machine": _machine(), "formats": _format_figures(formats)}
     finals = Finals()
     with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
         results |= run_system(options, corpus, base_url, webhook_url, finals)
-    after = measure_codec(corpus, options, "after")
+    after, _ = measure_codec(corpus, options, "after")
     # This machine's speed drifts by ~10% from minute to minute (a shared VM): the limit
     # is measured on both sides of the system run, and the ratio uses both.
     codec = before.combined(after)
@@ -124,10 +124,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_codec(corpus: Corpus, options: Options, when: str) -> CodecResult:
-    codec = codec_limit(corpus.files, CORES, min_images=max(60, options.sizes.corpus))
-    print(f"codec limit {when}: {codec.images_per_second:.1f} images/s ({codec.function})")
-    return codec
+def measure_codec(
+    corpus: Corpus, options: Options, when: str, with_formats: bool = False
+) -> tuple[CodecResult, list[FormatCost]]:
+    """The codec limit, then (if asked) each format's cost, in the same warm pool."""
+    with codec_pool(CORES) as pool:
+        codec = pool.limit(corpus.files, min_images=max(60, options.sizes.corpus))
+        print(f"codec limit {when}: {codec.images_per_second:.1f} images/s ({codec.function})")
+        formats = pool.formats(corpus.files) if with_formats else []
+    for cost in formats:
+        print(
+            f"  {cost.label}: {cost.images_per_second:.1f} images/s, "
+            f"{cost.kib_out_per_image:.1f} KiB out per image ({cost.images} images)"
+        )
+    return codec, formats
+
+
+def _format_figures(formats: list[FormatCost]) -> list[dict[str, Any]]:
+    return [
+        asdict(cost)
+        | {
+            "images_per_second": cost.images_per_second,
+            "kib_out_per_image": cost.kib_out_per_image,
+        }
+        for cost in formats
+    ]
 
 
 def run_system(
@@ -211,6 +232,7 @@ def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
         "seconds_to_202": upload.seconds_to_202,
         "seconds": seconds,
         "images_per_second": len(urls) / seconds,
+        "bytes": final.get("bytes"),  # input, output, ratio of the stored images
         "cpu_ms_per_image": cpu,
     }
 
@@ -316,7 +338,8 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         if run:
             rate = run["images_per_second"]
             label = f"end to end, {run['images']:,} images ({run['status']}, {_counts(run)})"
-            throughput.append((label, f"{rate:8.1f}  = {rate / limit:.0%} of the codec limit"))
+            value = f"{rate:8.1f}  = {rate / limit:.0%} of the codec limit{_bytes_out(run)}"
+            throughput.append((label, value))
         if name == "end_to_end" and "remote_host" in results:
             throughput += _remote_rows(results["remote_host"], results["end_to_end"])
     big = results["big_upload"]
@@ -328,6 +351,7 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
     ]
     return {
         "throughput": throughput,
+        "formats": _format_rows(results["formats"]),
         "upload": upload,
         "status": _status_rows(results),
         "cpu": _cpu_rows(results),
@@ -364,6 +388,33 @@ def _remote_rows(remote: dict[str, Any], loopback: dict[str, Any]) -> list[tuple
     if others:
         host_value += f", {others:,} other ({', '.join(sorted(statuses))})"
     return [(label, value), (host_label, host_value)]
+
+
+def _bytes_out(run: dict[str, Any]) -> str:
+    """Output bytes per stored image, as GET /status/{id} counts them; blank if absent."""
+    sizes = run.get("bytes") or {}
+    if not sizes.get("images"):
+        return ""
+    per_image = sizes["output"] / sizes["images"] / 1024
+    return f", {per_image:.1f} KiB out per image ({sizes['ratio']:.2f} of the input)"
+
+
+def _format_rows(formats: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each format's speed and bytes, and both relative to the default JPEG."""
+    if not formats:
+        return [("(the codec takes no request options: not measured)", "")]
+    base = formats[0]
+    rows = []
+    for cost in formats:
+        label = f"{cost['label']}, {cost['images']} images"
+        value = (
+            f"{cost['images_per_second']:8.1f} images/s = "
+            f"{cost['images_per_second'] / base['images_per_second']:.2f} x jpeg, "
+            f"{cost['kib_out_per_image']:7.1f} KiB out per image = "
+            f"{cost['kib_out_per_image'] / base['kib_out_per_image']:.2f} x jpeg"
+        )
+        rows.append((label, value))
+    return rows
 
 
 def _cpu_rows(results: dict[str, Any]) -> list[tuple[str, str]]:

@@ -96,6 +96,8 @@ def image(request_id: str, row: int) -> ImageProcessed:
         input_url=f"http://in/{row}.jpg",
         outcome="ok",
         output_url=f"http://out/{row}.jpg",
+        bytes_in=1000,
+        bytes_out=300,
     )
 
 
@@ -137,6 +139,8 @@ async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> Non
         "output_url": "http://out/0.jpg",
         "error": None,
         "attempts": None,
+        "bytes_in": 1000,  # for the final webhook's byte totals
+        "bytes_out": 300,
     }
     assert [doc["key"] for doc in docs] == ["0-0", "1-0"]
     assert await repo.requests.image_counts(request_id) == (2, 0)

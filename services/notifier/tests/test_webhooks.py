@@ -23,6 +23,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.notifier.app import create_app
 from imgpipe.notifier.config import NotifierConfig
+from imgpipe.notifier.payloads import byte_totals
 from imgpipe.notifier.subscriptions import normalise_url
 from tests.support import events
 from tests.support.apps import serving
@@ -245,9 +246,25 @@ async def test_each_status_change_arrives_once_in_order_signed(
             "attempts": [1],
         },
     ]
+    # Two ok images of 1000 bytes in and 300 out each (tests.support.events.processed),
+    # in the shape of GET /status/{id}'s `bytes`.
+    assert final["bytes"] == {"images": 2, "input": 2000, "output": 600, "ratio": 0.3}
     # The webhook-id names the message: different per status change.
     ids = {d.headers["webhook-id"] for d in receiver.to("/hook")}
     assert len(ids) == 3
+
+
+def test_byte_totals_count_an_image_stored_once_once() -> None:
+    """A URL in several cells is one stored image (one output URL): counted once, as the
+    status answer counts it; images stored before sizes were kept count as 0 bytes."""
+    images = [
+        {"output_url": "http://media/r/0-0.jpg", "bytes_in": 1000, "bytes_out": 300},
+        {"output_url": "http://media/r/0-0.jpg", "bytes_in": 1000, "bytes_out": 300},
+        {"output_url": "http://media/r/1-0.jpg", "bytes_in": 3000, "bytes_out": 500},
+        {"output_url": "http://media/r/2-0.jpg"},
+    ]
+    assert byte_totals(images) == {"images": 3, "input": 4000, "output": 800, "ratio": 0.2}
+    assert byte_totals([]) == {"images": 0, "input": 0, "output": 0, "ratio": None}
 
 
 async def test_events_before_request_received_wait_for_it(
@@ -496,6 +513,7 @@ async def test_error_status_goes_to_error_subscribers(
     assert delivered.payload["type"] == "request.error"
     assert delivered.payload["status"] == "error"
     assert delivered.payload["counts"] == {"total": 3, "ok": 0, "failed": 3}
+    assert delivered.payload["bytes"] == {"images": 0, "input": 0, "output": 0, "ratio": None}
     products = delivered.payload["products"]
     assert all(p["output_urls"] == [None] * len(p["input_urls"]) for p in products)
 

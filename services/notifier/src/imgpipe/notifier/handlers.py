@@ -201,7 +201,8 @@ async def _plan_final(request: RequestDoc, planned: set[str], deps: Deps, now: d
     if not await _final_ready(request, deps, now):
         return False
     products = await _products(request, deps)
-    payload = payloads.final(final_type, request, products, deps.settings)
+    sizes = payloads.byte_totals(await deps.repo.requests.image_bytes(request["_id"]))
+    payload = payloads.final(final_type, request, products, sizes, deps.settings)
     planned.add(final_type)
     return await _emit(final_type, payload, request, deps, now)
 

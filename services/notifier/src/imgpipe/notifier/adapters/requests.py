@@ -59,6 +59,17 @@ class ImageDoc(TypedDict):
     output_url: str | None
     error: dict[str, str] | None  # code, message
     attempts: int | None
+    # Sizes of an ok image; absent from images stored before the notifier kept them.
+    bytes_in: NotRequired[int | None]
+    bytes_out: NotRequired[int | None]
+
+
+class ImageBytes(TypedDict):
+    """What the byte totals need of an ok image (image_bytes' projection)."""
+
+    output_url: str | None
+    bytes_in: NotRequired[int | None]
+    bytes_out: NotRequired[int | None]
 
 
 class Requests:
@@ -124,6 +135,8 @@ class Requests:
                 "output_url": data.output_url,
                 "error": data.error.model_dump() if data.error else None,
                 "attempts": data.attempts,
+                "bytes_in": data.bytes_in,
+                "bytes_out": data.bytes_out,
             }
             for data in batch
         ]
@@ -199,6 +212,15 @@ class Requests:
     async def load_rows(self, request_id: str) -> list[Row]:
         cursor = self.rows.find({"request_id": request_id}).sort("chunk", ASCENDING)
         return [row for chunk in await cursor.to_list() for row in chunk["rows"]]
+
+    async def image_bytes(self, request_id: str) -> list[ImageBytes]:
+        """The ok images' output URL and sizes only: the final webhook's byte totals need
+        them for requests of any size, also those too large to list products."""
+        cursor = self.images.find(
+            {"request_id": request_id, "outcome": "ok"},
+            {"_id": 0, "output_url": 1, "bytes_in": 1, "bytes_out": 1},
+        )
+        return await cursor.to_list()
 
     async def load_images(self, request_id: str) -> list[ImageDoc]:
         return await self.images.find({"request_id": request_id}).to_list()
