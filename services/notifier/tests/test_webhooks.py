@@ -19,11 +19,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import CloudEvent, Row
+from imgpipe.contracts.products import byte_totals
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.notifier.app import create_app
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.payloads import byte_totals
 from imgpipe.notifier.subscriptions import normalise_url
 from tests.support import events
 from tests.support.apps import serving

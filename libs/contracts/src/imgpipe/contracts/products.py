@@ -54,3 +54,27 @@ def products(
             }
         )
     return result
+
+
+class ByteTotals(TypedDict):
+    """Sizes of the stored images, each distinct image once."""
+
+    images: int
+    input: int
+    output: int
+    ratio: float | None  # output / input; None when no image was stored
+
+
+def byte_totals(images: Iterable[Outcome]) -> ByteTotals:
+    """Bytes in and out of the images stored so far, as the status answer and the final
+    webhook show them. A URL in several cells is one image, downloaded and stored once:
+    it counts once (by its output URL)."""
+    stored = {
+        image["output_url"]: image
+        for image in images
+        if image.get("outcome", "ok") == "ok" and image.get("output_url")
+    }
+    bytes_in = sum(image.get("bytes_in") or 0 for image in stored.values())
+    bytes_out = sum(image.get("bytes_out") or 0 for image in stored.values())
+    ratio = round(bytes_out / bytes_in, 4) if bytes_in else None
+    return {"images": len(stored), "input": bytes_in, "output": bytes_out, "ratio": ratio}

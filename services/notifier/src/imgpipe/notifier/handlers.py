@@ -32,6 +32,7 @@ from imgpipe.contracts.events import (
     RequestReceived,
     utcnow,
 )
+from imgpipe.contracts.products import byte_totals
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
@@ -201,7 +202,7 @@ async def _plan_final(request: RequestDoc, planned: set[str], deps: Deps, now: d
     if not await _final_ready(request, deps, now):
         return False
     products = await _products(request, deps)
-    sizes = payloads.byte_totals(await deps.repo.requests.image_bytes(request["_id"]))
+    sizes = byte_totals(await deps.repo.requests.image_bytes(request["_id"]))
     payload = payloads.final(final_type, request, products, sizes, deps.settings)
     planned.add(final_type)
     return await _emit(final_type, payload, request, deps, now)

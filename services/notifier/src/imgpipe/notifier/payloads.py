@@ -6,20 +6,11 @@ import json
 from datetime import UTC, datetime
 from typing import NotRequired, TypedDict
 
-from imgpipe.contracts.products import Product
+from imgpipe.contracts.products import ByteTotals, Product
 from imgpipe.contracts.products import products as project_products
 from imgpipe.contracts.settings import Settings
-from imgpipe.notifier.adapters.requests import ImageBytes, ImageDoc, RequestDoc, Row
+from imgpipe.notifier.adapters.requests import ImageDoc, RequestDoc, Row
 from imgpipe.notifier.webhooks import PROCESSING, RECEIVED
-
-
-class Bytes(TypedDict):
-    """Sizes of the stored images, each distinct image once: as GET /status/{id} shows them."""
-
-    images: int
-    input: int
-    output: int
-    ratio: float | None  # output / input; None when no image was stored
 
 
 class Payload(TypedDict):
@@ -31,7 +22,7 @@ class Payload(TypedDict):
     # The final webhook's only:
     products: NotRequired[list[Product] | None]  # None: too many images, see the CSV
     output_csv_url: NotRequired[str]
-    bytes: NotRequired[Bytes]
+    bytes: NotRequired[ByteTotals]
 
 
 def iso(at: datetime) -> str:
@@ -72,7 +63,7 @@ def final(
     event_type: str,
     request: RequestDoc,
     products: list[Product] | None,
-    sizes: Bytes,
+    sizes: ByteTotals,
     settings: Settings,
 ) -> Payload:
     completed = request["completed"]
@@ -81,17 +72,6 @@ def final(
     payload["output_csv_url"] = output_csv_url(settings, request["_id"])
     payload["bytes"] = sizes
     return payload
-
-
-def byte_totals(images: list[ImageBytes]) -> Bytes:
-    """Bytes in and out, computed as the status service does (status.views._bytes): a URL
-    in several cells is one image, downloaded and stored once, so it counts once (by its
-    output URL)."""
-    stored = {image["output_url"]: image for image in images if image["output_url"]}
-    bytes_in = sum(image.get("bytes_in") or 0 for image in stored.values())
-    bytes_out = sum(image.get("bytes_out") or 0 for image in stored.values())
-    ratio = round(bytes_out / bytes_in, 4) if bytes_in else None
-    return {"images": len(stored), "input": bytes_in, "output": bytes_out, "ratio": ratio}
 
 
 def products(rows: list[Row], images: list[ImageDoc]) -> list[Product]:

@@ -21,7 +21,7 @@ from typing import Any
 import pydantic_core
 
 from imgpipe.contracts.events import Options, image_key
-from imgpipe.contracts.products import products
+from imgpipe.contracts.products import byte_totals, products
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error"})
@@ -100,7 +100,7 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         "status": status,
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
-        "bytes": _bytes(images),
+        "bytes": byte_totals(images.values()),
         "products": products(rows, images.get),
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
@@ -154,20 +154,6 @@ def _progress(doc: dict[str, Any], images: dict[str, dict[str, Any]]) -> dict[st
     ok = sum(1 for image in images.values() if image.get("outcome") == "ok")
     failed = len(images) - ok
     return {"total": int(doc.get("total", len(images))), "ok": ok, "failed": failed}
-
-
-def _bytes(images: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Input and output bytes of the images stored so far. A URL in several cells is one
-    image, downloaded and stored once: it counts once (by its output URL)."""
-    stored = {
-        image["output_url"]: image
-        for image in images.values()
-        if image.get("outcome") == "ok" and image.get("output_url")
-    }
-    bytes_in = sum(image.get("bytes_in") or 0 for image in stored.values())
-    bytes_out = sum(image.get("bytes_out") or 0 for image in stored.values())
-    ratio = round(bytes_out / bytes_in, 4) if bytes_in else None
-    return {"images": len(stored), "input": bytes_in, "output": bytes_out, "ratio": ratio}
 
 
 def _error_message(status: str, progress: dict[str, int]) -> str | None:
