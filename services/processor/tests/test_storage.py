@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from imgpipe.contracts.settings import Settings
+from imgpipe.processor.adapters.cloudinary_storage import CloudinaryConfigError, CloudinaryStorage
 from imgpipe.processor.adapters.storage import LocalStorage, StorageError
 from imgpipe.processor.bootstrap import build_storage
 
@@ -57,3 +58,24 @@ async def test_the_file_name_has_the_format_s_extension(
     stored = await LocalStorage(tmp_path, "http://cdn.example/media").save("r", "0-0", b"x", fmt)
     assert stored.url == f"http://cdn.example/media/r/{name}"
     assert (tmp_path / "r" / name).read_bytes() == b"x"
+
+
+def test_local_storage_is_refused_when_shared_storage_is_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Kubernetes manifests set it: processors on several machines cannot share a disk.
+    monkeypatch.setenv("IMGPIPE_REQUIRE_SHARED_STORAGE", "true")
+    monkeypatch.delenv("CLOUDINARY_URL", raising=False)
+    with pytest.raises(CloudinaryConfigError) as refused:
+        build_storage(Settings(IMGPIPE_DATA_DIR=tmp_path))
+    message = str(refused.value)
+    assert "IMGPIPE_REQUIRE_SHARED_STORAGE" in message and "CLOUDINARY_URL" in message
+    assert not (tmp_path / "media").exists()
+
+
+def test_cloudinary_satisfies_the_shared_storage_requirement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMGPIPE_REQUIRE_SHARED_STORAGE", "true")
+    monkeypatch.setenv("CLOUDINARY_URL", "cloudinary://key:secret@shop-cloud")
+    assert isinstance(build_storage(Settings(IMGPIPE_DATA_DIR=tmp_path)), CloudinaryStorage)

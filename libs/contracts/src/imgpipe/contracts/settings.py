@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", alias="IMGPIPE_HOST")
     public_base_url: str | None = None
     cloudinary_url: str | None = None
+    # Set where processors run on several machines (the Kubernetes manifests set it): local
+    # storage is one directory on one machine, so the processor refuses to start without
+    # CLOUDINARY_URL rather than write images that other replicas and status cannot see.
+    require_shared_storage: bool = Field(default=False, alias="IMGPIPE_REQUIRE_SHARED_STORAGE")
     # Root folder for Cloudinary uploads: each request goes under <folder>/<request_id>.
     cloudinary_folder: str = Field(default="imgpipe", alias="CLOUDINARY_FOLDER")
     allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")

@@ -17,7 +17,11 @@ from imgpipe.contracts.outbound import outbound_client
 from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.processor.adapters.cloudinary_storage import CloudinaryStorage, parse_cloudinary_url
+from imgpipe.processor.adapters.cloudinary_storage import (
+    CloudinaryConfigError,
+    CloudinaryStorage,
+    parse_cloudinary_url,
+)
 from imgpipe.processor.adapters.download import Downloader, RetryPolicy
 from imgpipe.processor.adapters.host_limits import HostLimits
 from imgpipe.processor.adapters.pool import PoolCompressor
@@ -32,6 +36,12 @@ from imgpipe.processor.metrics import watch_queue
 log = logging.getLogger(__name__)
 
 REQUESTS_QUEUE = "processor.requests"
+
+SHARED_STORAGE_REQUIRED = (
+    "IMGPIPE_REQUIRE_SHARED_STORAGE is set but CLOUDINARY_URL is not: local storage is one "
+    "directory on one machine, which other processor replicas and the status service cannot "
+    "see. Set CLOUDINARY_URL, or unset IMGPIPE_REQUIRE_SHARED_STORAGE to run on one machine."
+)
 
 
 def worker_count(settings: Settings) -> int:
@@ -54,7 +64,10 @@ def prefetch(settings: Settings) -> int:
 def build_storage(settings: Settings) -> Storage:
     """The one place the storage backend is chosen: Cloudinary when CLOUDINARY_URL is set,
     else local files. A CLOUDINARY_URL that cannot work is refused here, at start-up
-    (CloudinaryConfigError), rather than at the first image."""
+    (CloudinaryConfigError), rather than at the first image, and so is local storage when
+    IMGPIPE_REQUIRE_SHARED_STORAGE says the processors do not share one machine."""
+    if settings.require_shared_storage and not settings.cloudinary_url:
+        raise CloudinaryConfigError(SHARED_STORAGE_REQUIRED)
     if settings.cloudinary_url:
         config = parse_cloudinary_url(settings.cloudinary_url, settings.cloudinary_folder)
         log.info(
