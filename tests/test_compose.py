@@ -1,8 +1,12 @@
 """docker-compose.yml is valid Compose and runs the whole system, every imgpipe service
-built from the one root Dockerfile (checked offline: no engine)."""
+built from the one root Dockerfile, and its observability profile runs Prometheus and
+Grafana on deploy/observability (checked offline: no engine; promtool checks the
+Prometheus configuration, the alert rules and every query)."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import re
 import shlex
@@ -10,11 +14,15 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import httpx
 import jsonschema
 import pytest
 import yaml
+from fastapi import FastAPI
 
+from imgpipe.contracts.metrics import instrument
 from imgpipe.contracts.settings import Settings
+from tests.support.metrics import exposed_names, imgpipe_names, promtool_path
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("ingest", "processor", "status", "notifier")
@@ -215,3 +223,214 @@ def test_public_ports_match_the_documented_defaults(compose: dict) -> None:
     expected = {"ingest": "8001:8001", "status": "8002:8002", "notifier": "8003:8003"}
     for name, mapping in expected.items():
         assert mapping in compose["services"][name]["ports"], name
+
+
+# The observability profile ----------------------------------------------------------
+
+OBSERVABILITY = REPO / "deploy" / "observability"
+PROMETHEUS_CONFIG = OBSERVABILITY / "prometheus.yml"
+RULES = OBSERVABILITY / "rules.yml"
+RULE_TESTS = OBSERVABILITY / "rules.test.yml"
+DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "imgpipe.json"
+GRAFANA_PROVISIONING = OBSERVABILITY / "grafana" / "provisioning"
+MONITORING = ("prometheus", "grafana")
+
+# Alerts the README's "Monitoring" section promises.
+REQUIRED_ALERTS = {
+    "ImgpipeServiceDown",
+    "ImgpipeMessagesDeadLettered",
+    "ImgpipeWebhookDeliveriesFailed",
+    "ImgpipeJobsQueueGrowing",
+    "ImgpipeImageFailureRateHigh",
+}
+# Dashboard panels by title, each with a metric its queries must read.
+REQUIRED_PANELS = {
+    "Throughput: images/s by outcome": "imgpipe_images_processed_total",
+    "Failures by error code": "imgpipe_images_processed_total",
+    "Download latency": "imgpipe_download_duration_seconds_bucket",
+    "Compress latency": "imgpipe_compress_duration_seconds_bucket",
+    "Store latency": "imgpipe_store_duration_seconds_bucket",
+    "Jobs queue depth": "imgpipe_processor_jobs_queued",
+    "Webhook deliveries by outcome": "imgpipe_webhook_attempts_total",
+    "Webhook backlog and latency": "imgpipe_webhook_duration_seconds_bucket",
+    "Requests received and completed": "imgpipe_requests_completed_total",
+}
+
+
+def promtool(*args: str) -> None:
+    result = subprocess.run(
+        [promtool_path(), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Each dashboard panel's title and PromQL expressions."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return {
+        panel["title"]: [target["expr"] for target in panel["targets"]]
+        for panel in dashboard["panels"]
+    }
+
+
+def bind_mounts(service: dict) -> list[tuple[Path, str, str]]:
+    """(source in the repository, target, options) of a service's bind mounts."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *options = volume.split(":")
+        if source.startswith("."):
+            mounts.append((REPO / source, target, ",".join(options)))
+    return mounts
+
+
+@pytest.fixture(scope="module")
+def exposed() -> set[str]:
+    """Every metric name a service can expose: every service's modules imported (their
+    metrics join the process-wide registry), then one app's real `GET /metrics`."""
+    for name in SERVICES:
+        for module in ("app", "bootstrap", "handlers"):
+            importlib.import_module(f"imgpipe.{name}.{module}")
+    app = FastAPI()
+
+    @app.get("/ping")
+    def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    instrument(app)
+
+    async def scrape() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            assert (await client.get("/ping")).status_code == 200  # HTTP metrics get samples
+            response = await client.get("/metrics")
+            assert response.status_code == 200
+            return response.text
+
+    names = exposed_names(asyncio.run(scrape()))
+    # The metrics the README's table names, as a check on the check.
+    assert {"imgpipe_images_processed_total", "imgpipe_webhook_attempts_total"} <= names
+    assert "imgpipe_processor_jobs_queued" in names
+    return names
+
+
+def test_observability_profile_runs_prometheus_and_grafana_beside_the_services(
+    compose: dict,
+) -> None:
+    services = compose["services"]
+    for name in MONITORING:
+        service = services[name]
+        assert service["profiles"] == ["observability"], name
+        _, _, tag = service["image"].partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin a version, not {tag!r}"
+    # The imgpipe services, the broker and the database need no profile: a plain
+    # `docker compose up` still starts them, and `--profile observability` adds the rest.
+    for name, service in services.items():
+        if name not in MONITORING:
+            assert "profiles" not in service, name
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:3000:3000" in services["grafana"]["ports"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
+
+
+def test_observability_files_are_mounted_read_only_and_exist(compose: dict) -> None:
+    mounted: dict[Path, str] = {}
+    for name in MONITORING:
+        for source, target, options in bind_mounts(compose["services"][name]):
+            assert source.exists(), f"{name}: {source} is not in the repository"
+            assert options == "ro", f"{name}: {source} must be mounted read-only"
+            mounted[source.resolve()] = target
+    assert mounted[PROMETHEUS_CONFIG] == "/etc/prometheus/prometheus.yml"
+    assert mounted[RULES] == "/etc/prometheus/rules.yml"
+    assert mounted[GRAFANA_PROVISIONING] == "/etc/grafana/provisioning"
+    # Grafana's dashboard provider reads the folder the dashboards are mounted on.
+    provider = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "imgpipe.yml").read_text())
+    (dashboards,) = provider["providers"]
+    assert mounted[DASHBOARD.parent] == dashboards["options"]["path"]
+    prometheus_command = compose["services"]["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus_command
+
+
+def test_prometheus_scrapes_every_service_and_every_processor_replica() -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for name in ("ingest", "status", "notifier"):
+        (static,) = jobs[name]["static_configs"]
+        assert static["targets"] == [f"{name}:{default_port(name)}"], name
+    # `--scale processor=N`: Docker's DNS gives one A record per replica, each a target.
+    (discovery,) = jobs["processor"]["dns_sd_configs"]
+    assert discovery["names"] == ["processor"]
+    assert discovery["type"] == "A"
+    assert discovery["port"] == default_port("processor")
+    assert "static_configs" not in jobs["processor"]
+    # The rule files resolve beside the configuration, in the repository as in the container.
+    assert [(PROMETHEUS_CONFIG.parent / f).resolve() for f in config["rule_files"]] == [RULES]
+
+
+def test_promtool_accepts_the_prometheus_configuration_and_rules() -> None:
+    promtool("check", "config", str(PROMETHEUS_CONFIG))  # checks the rule files it names
+    promtool("check", "rules", str(RULES))
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    promtool("test", "rules", str(RULE_TESTS))
+
+
+def test_the_documented_alerts_exist() -> None:
+    alerts = {rule["alert"] for rule in alert_rules()}
+    assert alerts >= REQUIRED_ALERTS
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+
+
+def test_dashboard_has_the_panels_operators_need() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    datasources = GRAFANA_PROVISIONING / "datasources" / "prometheus.yml"
+    (prometheus,) = yaml.safe_load(datasources.read_text())["datasources"]
+    assert prometheus["type"] == "prometheus"
+    assert prometheus["url"] == "http://prometheus:9090"  # the compose service
+    queries = dashboard_queries()
+    for title, metric in REQUIRED_PANELS.items():
+        assert title in queries, f"no panel {title!r}"
+        assert any(metric in imgpipe_names(expr) for expr in queries[title]), title
+    latency = queries["Download latency"]
+    assert all(expr.startswith("histogram_quantile(") for expr in latency)
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for thing in (panel, *panel["targets"]):
+            assert thing["datasource"]["uid"] == prometheus["uid"], panel["title"]
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each dashboard query as a recording rule (Grafana's
+    $__rate_interval given a value)."""
+    queries = [expr for exprs in dashboard_queries().values() for expr in exprs]
+    rules = [
+        {"record": f"imgpipe_dashboard:query{n}", "expr": expr.replace("$__rate_interval", "1m")}
+        for n, expr in enumerate(queries)
+    ]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    promtool("check", "rules", str(path))
+
+
+def test_rules_and_dashboard_read_only_metrics_the_services_expose(exposed: set[str]) -> None:
+    used: dict[str, set[str]] = {}
+    for rule in alert_rules():
+        for name in imgpipe_names(rule["expr"]):
+            used.setdefault(name, set()).add(f"rule {rule['alert']}")
+    for title, exprs in dashboard_queries().items():
+        for name in imgpipe_names(" ".join(exprs)):
+            used.setdefault(name, set()).add(f"panel {title!r}")
+    assert len(used) >= 15
+    missing = {name: sorted(where) for name, where in used.items() if name not in exposed}
+    assert not missing, f"not exposed by any service: {missing}"
