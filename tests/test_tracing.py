@@ -119,9 +119,13 @@ async def test_every_service_exports_its_spans_under_the_callers_trace(
         assert accepted["trace_id"] == TRACE_ID
         assert_one_trace(tap, server, accepted["request_id"], TRACE_ID)
 
-        spans = list(spans_of(otlp))
+        everything = list(spans_of(otlp))
+        spans = [span for span in everything if span[1] == TRACE_ID]
         assert {service for service, *_ in spans} == SERVICES
-        assert {trace for _, trace, *_ in spans} == {TRACE_ID}
+        # Other traces: health probes (FastAPI traces its routes itself) and status and
+        # notifier hearing the tap's sentinel; no image or webhook span is outside.
+        others = {name for _, trace, name, _ in everything if trace != TRACE_ID}
+        assert not others & {"POST /upload", "process image", "download", "webhook POST"}
         names = {(service, name) for service, _, name, _ in spans}
         assert ("imgpipe-ingest", "POST /upload") in names
         for step in ("process image", "download", "compress", "store"):
@@ -133,7 +137,7 @@ async def test_every_service_exports_its_spans_under_the_callers_trace(
         )
         images = [attrs for _, _, name, attrs in spans if name == "process image"]
         assert sorted(attrs["outcome"] for attrs in images) == ["failed", "ok", "ok"]
-        assert {attrs["url.origin"] for attrs in images} == {server.base_url}
+        assert {attrs["url.origin"] for attrs in images} == {"http://127.0.0.1"}  # no port, path
         # No secret and no full URL in any attribute.
         values = " ".join(str(value) for *_, attrs in spans for value in attrs.values())
         assert "/img/" not in values and "/hooks" not in values
