@@ -157,7 +157,9 @@ class System:
 
 
 @contextmanager
-def running_system(settings: Settings, processors: int = 1, **env: str) -> Iterator[System]:
+def running_system(
+    settings: Settings, processors: int = 1, ready_timeout: float = 60, **env: str
+) -> Iterator[System]:
     """Start every service as its own process; stop them all (SIGTERM) on exit."""
     settings = with_free_ports(settings)
     logs = settings.data_dir / "logs"
@@ -170,7 +172,7 @@ def running_system(settings: Settings, processors: int = 1, **env: str) -> Itera
         for service in system.services.values():
             service.start()
         for service in system.services.values():
-            service.wait_ready()
+            service.wait_ready(ready_timeout)
         yield system
     finally:
         for service in system.services.values():

@@ -416,3 +416,42 @@ async def test_private_addresses_are_refused_at_upload(
     ]
     assert all("refused" in error["message"] for error in errors)
     assert await ingest_db.requests.count_documents({}) == 0
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_the_upload_continues_the_callers_trace(
+    settings: Settings, run_ingest, received_events, ingest_db: AsyncDatabase
+) -> None:
+    async with run_ingest(settings) as (_, client):
+        response = await client.post(
+            "/upload", headers={"traceparent": TRACEPARENT}, **upload_form(VALID)
+        )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    event = await received_events.next()
+    assert event.traceparent is not None
+    assert event.traceparent.split("-")[1] == body["trace_id"]
+    stored = await ingest_db.requests.find_one({"_id": body["request_id"]})
+    assert stored is not None and stored["traceparent"] == event.traceparent  # for the relay
+
+
+async def test_an_upload_without_a_trace_starts_one(
+    settings: Settings, run_ingest, received_events
+) -> None:
+    async with run_ingest(settings) as (_, client):
+        first = (await client.post("/upload", **upload_form(VALID))).json()
+        second = (
+            await client.post(
+                "/upload", headers={"traceparent": "00-not-a-trace"}, **upload_form(VALID)
+            )
+        ).json()
+    assert len(first["trace_id"]) == 32 and int(first["trace_id"], 16)
+    assert len(second["trace_id"]) == 32 and second["trace_id"] != first["trace_id"]
+    events = [await received_events.next(), await received_events.next()]
+    assert {event.traceparent.split("-")[1] for event in events if event.traceparent} == {
+        first["trace_id"],
+        second["trace_id"],
+    }

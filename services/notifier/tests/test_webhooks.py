@@ -766,3 +766,27 @@ async def test_webhook_attempts_are_counted_in_the_metrics(
     assert moved(before, after, "imgpipe_webhook_attempts_total", outcome="delivered") == 3
     assert moved(before, after, "imgpipe_webhook_duration_seconds_count") == 3
     promtool_check(text)
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def traced(event: CloudEvent) -> CloudEvent:
+    return event.model_copy(update={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})
+
+
+async def test_every_webhook_post_carries_the_request_s_trace(
+    settings, receiver, bus, run_notifier
+) -> None:
+    """Retries too, by a new instance after a restart: the trace is kept with the delivery."""
+    settings = quick_retries(settings, 0.5, 0.5, 0.5, 0.5)
+    hook = receiver.endpoint("/traced", Response(status=503))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, *(traced(event) for event in lifecycle(request_id, hook)))
+        await wait_until(lambda: _attempted(client, request_id), "a first failed attempt")
+    async with run_notifier(settings) as (_, client):
+        await wait_until(lambda: _delivered(client, request_id), "every webhook")
+    posts = receiver.to("/traced")
+    assert [d.status for d in posts][:2] == [503, 200] and len(posts) == 4
+    assert {d.headers["traceparent"].split("-")[1] for d in posts} == {TRACE_ID}

@@ -376,3 +376,16 @@ async def test_the_request_s_options_are_shown(settings: Settings) -> None:
         "max_side": 800,
         "progressive": True,
     }
+
+
+async def test_the_request_s_trace_is_shown(settings: Settings) -> None:
+    traced, untraced = new_request_id(), new_request_id()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running(settings) as (client, bus):
+        event = received(traced).model_copy(update={"traceparent": traceparent})
+        await bus.publish(event)
+        await bus.publish(received(untraced))  # published outside any span: an old event
+        body = await poll(client, f"/status/{traced}", lambda b: True)
+        assert body["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        body = await poll(client, f"/status/{untraced}", lambda b: True)
+        assert body["trace_id"] is None

@@ -53,7 +53,9 @@ def build_document() -> dict[str, Any]:
                 "Events imgpipe publishes on the durable topic exchange "
                 f"`{exchange}` (prefixed `<IMGPIPE_NAMESPACE>.` when a namespace is set). "
                 "Each message is a CloudEvents 1.0 event in JSON structured mode; `id` is "
-                "stable for the same fact, so consumers can deduplicate redeliveries."
+                "stable for the same fact, so consumers can deduplicate redeliveries. "
+                "`traceparent` (the CloudEvents distributed tracing extension, optional) "
+                "carries the W3C trace context of the request's trace."
             ),
         },
         "defaultContentType": CONTENT_TYPE,

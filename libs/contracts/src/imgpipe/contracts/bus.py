@@ -12,6 +12,10 @@ Connections are robust: aio-pika reconnects and re-declares the exchanges, queue
 QoS and consumers of the publisher-confirm channel. Each connection carries a
 client-provided name, "imgpipe/<namespace>/<service>/<host>:<pid>", which shows up in
 the broker's tools so an operator (or a test) can find one service's connections.
+
+Every message carries the trace it belongs to (imgpipe.contracts.tracing): an event as
+its `traceparent` attribute (the current span's when the event names none), a private
+work item as a `traceparent` header. Each handling runs in a consumer span under it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
@@ -45,6 +50,7 @@ from imgpipe.contracts.metrics import (
 )
 from imgpipe.contracts.service import keep_trying
 from imgpipe.contracts.topology import Topology
+from imgpipe.contracts.tracing import TRACEPARENT, current_traceparent, span
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +110,11 @@ class Bus:
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         """Publish one event and wait for the broker's confirm."""
+        if event.traceparent is None and (traceparent := current_traceparent()):
+            event = event.model_copy(update={"traceparent": traceparent})
         await self.events.publish(
-            _message(event.to_bytes(), event.id), routing_key=event.routing_key
+            _message(event.to_bytes(), event.id, traceparent=event.traceparent),
+            routing_key=event.routing_key,
         )
         EVENTS_PUBLISHED.labels(type=event.type).inc()
 
@@ -116,7 +125,9 @@ class Bus:
     async def send(self, queue_key: str, body: bytes, message_id: str) -> None:
         """Send a private work item straight to one of the topology's queues."""
         await self.channel.default_exchange.publish(
-            _message(body, message_id, content_type="application/json"),
+            _message(
+                body, message_id, content_type="application/json", traceparent=current_traceparent()
+            ),
             routing_key=self.topology.queue_name(queue_key),
         )
 
@@ -135,14 +146,29 @@ class Bus:
                 await message.reject(requeue=False)
                 DEAD_LETTERED.labels(queue=queue_key).inc()
                 return
-            with request_context(event.subject):
+            attributes = {"request_id": event.subject, "event_type": event.type}
+            # The event's own attribute first: the header is only imgpipe's copy of it.
+            parent = event.traceparent or _header_traceparent(message)
+            with (
+                request_context(event.subject),
+                span(
+                    f"{queue_key} process",
+                    parent=parent,
+                    kind=SpanKind.CONSUMER,
+                    attributes=attributes,
+                ),
+            ):
                 await handler(event)
             EVENTS_CONSUMED.labels(queue=queue_key, type=event.type).inc()
 
-        await self.consume(queue_key, on_message)
+        await self.consume(queue_key, on_message, traced=False)
 
-    async def consume(self, queue_key: str, handler: RawHandler) -> None:
+    async def consume(self, queue_key: str, handler: RawHandler, *, traced: bool = True) -> None:
+        """Consume raw messages; `traced`: each handling is a consumer span under the
+        message's `traceparent` header."""
         queue = await self.topology.declare_queue(self.channel, queue_key, self.events)
+        if traced:
+            handler = _traced(queue_key, handler)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             try:
@@ -222,13 +248,35 @@ def _delivery_void(message: AbstractIncomingMessage) -> bool:
     return channel is None or channel.is_closed
 
 
-def _message(body: bytes, message_id: str, content_type: str = CONTENT_TYPE) -> aio_pika.Message:
+def _message(
+    body: bytes,
+    message_id: str,
+    content_type: str = CONTENT_TYPE,
+    traceparent: str | None = None,
+) -> aio_pika.Message:
     return aio_pika.Message(
         body,
         message_id=message_id,
         content_type=content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={TRACEPARENT: traceparent} if traceparent else None,
     )
+
+
+def _header_traceparent(message: AbstractIncomingMessage) -> str | None:
+    value = (message.headers or {}).get(TRACEPARENT)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def _traced(queue_key: str, handler: RawHandler) -> RawHandler:
+    async def traced(message: AbstractIncomingMessage) -> None:
+        parent = _header_traceparent(message)
+        with span(f"{queue_key} process", parent=parent, kind=SpanKind.CONSUMER):
+            await handler(message)
+
+    return traced
 
 
 async def _settle(operation: Awaitable[None]) -> None:

@@ -127,15 +127,28 @@ class CloudEvent(BaseModel, Generic[D]):
     subject: str
     time: datetime = Field(default_factory=utcnow)
     datacontenttype: Literal["application/json"] = "application/json"
+    # The CloudEvents distributed tracing extension: the W3C trace context of the
+    # request's trace (docs/architecture.md, "Traces"). Optional: older events lack it.
+    traceparent: str | None = Field(
+        None,
+        description="W3C traceparent of the request's trace (CloudEvents distributed tracing)",
+    )
     data: D
 
     @classmethod
-    def wrap(cls, data: D, *, source: str, id: str) -> CloudEvent[D]:
+    def wrap(
+        cls, data: D, *, source: str, id: str, traceparent: str | None = None
+    ) -> CloudEvent[D]:
         # Parametrized by the payload's own class, so that it is validated and
         # serialized as that class (with its fields), not as the EventData base.
         envelope = cast("type[CloudEvent[D]]", CloudEvent.__class_getitem__(type(data)))
         return envelope(
-            id=id, source=source, type=data.event_type, subject=data.request_id, data=data
+            id=id,
+            source=source,
+            type=data.event_type,
+            subject=data.request_id,
+            traceparent=traceparent,
+            data=data,
         )
 
     @property
@@ -143,7 +156,9 @@ class CloudEvent(BaseModel, Generic[D]):
         return self.data.routing_key
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        # An extension attribute without a value is left out, as CloudEvents asks.
+        absent = {"traceparent"} if self.traceparent is None else None
+        return self.model_dump_json(exclude=absent).encode()
 
 
 AnyEvent = CloudEvent[RequestReceived] | CloudEvent[ImageProcessed] | CloudEvent[RequestCompleted]

@@ -3,7 +3,8 @@ one JSON object per line with IMGPIPE_LOG_FORMAT=json, for log pipelines.
 
 A JSON line carries time, level, service, logger and message, and `request_id` whenever
 the work in hand is one request's: the bus sets it for the event or job being handled
-(`request_context`), ingest for the upload it stores."""
+(`request_context`), ingest for the upload it stores. It carries `trace_id` whenever a
+span is current (imgpipe.contracts.tracing), so a line leads to its request's trace."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
+
+from imgpipe.contracts.tracing import current_trace_id
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -30,9 +33,13 @@ def request_context(request_id: str) -> Iterator[None]:
 
 
 class _RequestId(logging.Filter):
+    """Adds the request in hand and the current trace to a record."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id") and (request_id := _request_id.get()):
             record.request_id = request_id
+        if not hasattr(record, "trace_id") and (trace_id := current_trace_id()):
+            record.trace_id = trace_id
         return True
 
 

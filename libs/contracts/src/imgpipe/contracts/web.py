@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from imgpipe.contracts.logs import configure_logging
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.tracing import configure_tracing, shutdown_tracing
 
 
 class Health(BaseModel):
@@ -68,11 +69,16 @@ def serve(create_app: Callable[[Settings], FastAPI], port: Callable[[Settings], 
     """Run one service with uvicorn: every service's `main` is this one call."""
     settings = Settings()
     # "imgpipe.<service>.app" -> "<service>"
-    configure_logging(create_app.__module__.split(".")[1], settings.log_format)
+    service = create_app.__module__.split(".")[1]
+    configure_logging(service, settings.log_format)
+    configure_tracing(service)
     if settings.allow_private_urls:
         logging.getLogger("imgpipe").warning(
             "IMGPIPE_ALLOW_PRIVATE_URLS is on: image and webhook URLs may reach loopback and "
             "private networks (for tests and demos only; never expose this instance)"
         )
     # log_config=None: uvicorn's loggers use the same format as the service's own.
-    uvicorn.run(create_app(settings), host=settings.host, port=port(settings), log_config=None)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=port(settings), log_config=None)
+    finally:
+        shutdown_tracing()  # after the app stopped: its last spans go out too

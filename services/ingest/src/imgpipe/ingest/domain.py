@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from imgpipe.contracts.events import CloudEvent, Options, RequestReceived, Row, received_event_id
+from imgpipe.contracts.tracing import trace_id_of
 
 SOURCE = "imgpipe.ingest"
 
@@ -34,6 +35,11 @@ class IngestRequest:
     options: Options
     webhook_url: str | None
     received_at: datetime
+    traceparent: str | None = None  # the request's trace, carried by its events
+
+    @property
+    def trace_id(self) -> str | None:
+        return trace_id_of(self.traceparent)
 
     @property
     def image_count(self) -> int:
@@ -48,7 +54,12 @@ class IngestRequest:
             webhook_url=self.webhook_url,
             received_at=self.received_at,
         )
-        return CloudEvent.wrap(data, source=SOURCE, id=received_event_id(self.request_id))
+        return CloudEvent.wrap(
+            data,
+            source=SOURCE,
+            id=received_event_id(self.request_id),
+            traceparent=self.traceparent,
+        )
 
 
 class UploadRejected(Exception):

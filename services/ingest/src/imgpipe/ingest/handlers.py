@@ -11,6 +11,7 @@ from typing import BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
 from imgpipe.contracts.logs import request_context
+from imgpipe.contracts.tracing import current_traceparent
 from imgpipe.contracts.urls import url_problem
 from imgpipe.ingest import metrics
 from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv
@@ -87,6 +88,8 @@ async def parse_upload(
         options=upload.options,
         webhook_url=webhook_url,
         received_at=clock(),
+        # The upload's span: its events, and the relay's later, carry the same trace.
+        traceparent=current_traceparent(),
     )
     _check_event_size(request, limits.max_event_bytes)
     return request

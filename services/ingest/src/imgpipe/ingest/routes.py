@@ -6,9 +6,11 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
+from opentelemetry.trace import SpanKind
 
 from imgpipe.contracts.events import MAX_SIDE, Options, OutputFormat
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.tracing import TRACEPARENT, span
 from imgpipe.contracts.web import require_api_key
 from imgpipe.ingest import handlers
 from imgpipe.ingest.bootstrap import Runtime
@@ -46,6 +48,7 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         dependencies=[Depends(require_api_key(settings))],
     )
     async def upload(
+        http: Request,
         service: Annotated[Runtime, Depends(runtime)],
         file: Annotated[
             UploadFile, File(description="CSV: S. No., Product Name, Input Image Urls")
@@ -68,16 +71,24 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         options = Options(
             quality=quality, format=format, max_side=max_side, progressive=progressive
         )
-        accepted = await handlers.accept_upload(
-            handlers.Upload(file=file.file, options=options, webhook_url=webhook_url),
-            limits=limits,
-            repository=service.repository,
-            publisher=service.publisher,
-            relay_grace=relay_grace,
-        )
+        # The request's trace starts here, or continues the caller's.
+        with span(
+            "POST /upload", parent=http.headers.get(TRACEPARENT), kind=SpanKind.SERVER
+        ) as upload:
+            accepted = await handlers.accept_upload(
+                handlers.Upload(file=file.file, options=options, webhook_url=webhook_url),
+                limits=limits,
+                repository=service.repository,
+                publisher=service.publisher,
+                relay_grace=relay_grace,
+            )
+            upload.set_attributes(
+                {"request_id": accepted.request_id, "image_count": accepted.image_count}
+            )
         return UploadAccepted(
             request_id=accepted.request_id,
             status_url=f"{settings.status_base_url}/status/{accepted.request_id}",
+            trace_id=accepted.trace_id,
         )
 
     return router

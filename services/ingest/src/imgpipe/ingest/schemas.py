@@ -11,6 +11,9 @@ class UploadAccepted(BaseModel):
     request_id: str
     status: Literal["received"] = "received"
     status_url: str = Field(description="GET it for progress (status service)")
+    trace_id: str | None = Field(
+        None, description="the request's trace (32 hex digits), continued from `traceparent`"
+    )
 
 
 class ProblemOut(BaseModel):

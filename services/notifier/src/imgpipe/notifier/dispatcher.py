@@ -16,10 +16,13 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta
 
+from opentelemetry.trace import Span, SpanKind
+
 from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.events import utcnow
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
+from imgpipe.contracts.tracing import current_traceparent, origin, span
 from imgpipe.notifier import metrics
 from imgpipe.notifier.adapters.deliveries import AttemptDoc, Deliveries, DeliveryDoc
 from imgpipe.notifier.adapters.webhook_client import WebhookClient
@@ -156,11 +159,26 @@ class Dispatcher:
     # One attempt ------------------------------------------------------------------
 
     async def attempt(self, doc: DeliveryDoc) -> None:
+        attributes = {
+            "request_id": doc["request_id"],
+            "webhook.type": doc["event_type"],
+            "url.origin": origin(doc["endpoint"]),
+        }
+        # A child of the request's trace, whenever (and wherever) the attempt is made.
+        parent = doc.get("traceparent")
+        with span(
+            "webhook POST", parent=parent, kind=SpanKind.CLIENT, attributes=attributes
+        ) as post:
+            await self._attempt(doc, post)
+
+    async def _attempt(self, doc: DeliveryDoc, post: Span) -> None:
         started_at = utcnow()
         result = await self.webhooks.post(
-            doc["endpoint"], doc["webhook_id"], doc["body"], started_at
+            doc["endpoint"], doc["webhook_id"], doc["body"], started_at, current_traceparent()
         )
         status_code, error = result.status_code, result.error
+        if status_code is not None:
+            post.set_attribute("http.response.status_code", status_code)
         finished_at = utcnow()
         seconds = (finished_at - started_at).total_seconds()
         latency_ms = round(seconds * 1000, 1)
@@ -193,6 +211,7 @@ class Dispatcher:
         recorded = await self.deliveries.finish_attempt(
             doc["_id"], self.owner, attempt, fields, finished_at
         )
+        post.set_attribute("outcome", attempt["outcome"])
         if not recorded:
             log.warning("lease on %s was lost; attempt not recorded", doc["_id"])
             return

@@ -111,7 +111,7 @@ async def handle_event(event: AnyEvent, deps: Deps) -> None:
     data = event.data
     now = utcnow()
     if isinstance(data, RequestReceived):
-        request = await deps.repo.requests.mark_received(data)
+        request = await deps.repo.requests.mark_received(data, event.traceparent)
     elif isinstance(data, ImageProcessed):
         await deps.image_batcher().submit(ImageArrival(data, event.time))
         return
@@ -259,7 +259,15 @@ async def _emit(
     body = payloads.dumps(payload)
     created = False
     for endpoint, subscription_id in targets.items():
-        doc = new_delivery(request["_id"], event_type, endpoint, subscription_id, body, now)
+        doc = new_delivery(
+            request["_id"],
+            event_type,
+            endpoint,
+            subscription_id,
+            body,
+            now,
+            traceparent=request.get("traceparent"),
+        )
         created |= await deps.repo.deliveries.add(doc)
     await deps.repo.requests.mark_planned(request["_id"], event_type)
     return created
@@ -278,6 +286,7 @@ def new_delivery(
     subscription_id: str | None,
     body: str,
     now: datetime,
+    traceparent: str | None = None,
 ) -> DeliveryDoc:
     return {
         "_id": f"dlv_{uuid.uuid4().hex}",
@@ -297,4 +306,5 @@ def new_delivery(
         "created_at": now,
         "updated_at": now,
         "delivered_at": None,
+        "traceparent": traceparent,
     }

@@ -40,6 +40,7 @@ from imgpipe.contracts.events import (
 from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.metrics import DEAD_LETTERED
 from imgpipe.contracts.topology import Topology
+from imgpipe.contracts.tracing import current_traceparent, origin, span
 from imgpipe.processor import metrics
 from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
@@ -148,7 +149,10 @@ class Processor:
                 total,
             )
         doc = await self.repository.create_request(
-            request.request_id, total=total, options=request.options
+            request.request_id,
+            total=total,
+            options=request.options,
+            traceparent=current_traceparent(),  # the consumer span, in the request's trace
         )
         if doc["fanned_out"]:
             return  # a redelivery of a request whose jobs are all sent
@@ -204,12 +208,20 @@ class Processor:
         known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
         if known is not None:  # a crash between two of its places' writes: copy the rest
             return await self._record(job.request_id, image, missing, ImageOutcome.from_doc(known))
-        try:
-            outcome = await self._image_outcome(job, image)
-        except RetryLater as later:
-            await self._park(job, image, later)
-            return False
-        done_now = await self._record(job.request_id, image, missing, outcome)
+        attributes = {
+            "request_id": job.request_id,
+            "image_key": image.image_key,
+            "url.origin": origin(image.input_url),
+        }
+        with span("process image", attributes=attributes) as image_span:
+            try:
+                outcome = await self._image_outcome(job, image)
+            except RetryLater as later:
+                image_span.set_attribute("outcome", "parked")
+                await self._park(job, image, later)
+                return False
+            image_span.set_attributes(_span_attributes(outcome))
+            done_now = await self._record(job.request_id, image, missing, outcome)
         metrics.count_outcome(outcome)
         return done_now
 
@@ -225,11 +237,13 @@ class Processor:
             }
             for place in places
         ]
+        # Named now: the batch publishes them from whichever job's context flushes it.
+        traceparent = current_traceparent()
         # Stored, counted and published together with the outcomes that finish meanwhile.
         recorded = await asyncio.gather(
             *(
                 self._outcomes.record(
-                    Outcome(request_id, doc["image_key"], doc), processed_event(doc)
+                    Outcome(request_id, doc["image_key"], doc), processed_event(doc, traceparent)
                 )
                 for doc in docs
             )
@@ -280,18 +294,26 @@ class Processor:
         earlier = Attempts(image.attempts, image.first_attempt_at)
         await self.backlog.room()
         try:
-            downloaded = await self.download(image.input_url, earlier, image.not_before)
+            with span("download") as download:
+                downloaded = await self.download(image.input_url, earlier, image.not_before)
+                download.set_attributes(
+                    {"bytes": len(downloaded.body), "attempts": downloaded.attempts.count}
+                )
         except FailedDownload as exc:
             return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
         data, attempts = downloaded.body, downloaded.attempts.count
         try:
             async with self.backlog.holding():
-                with metrics.COMPRESS_SECONDS.time():
+                with metrics.COMPRESS_SECONDS.time(), span("compress") as compress:
                     result = await self.compressor(data, job.options)
-            with metrics.STORE_SECONDS.time():
+                    compress.set_attributes(
+                        {"bytes_out": len(result.data), "format": result.format}
+                    )
+            with metrics.STORE_SECONDS.time(), span("store") as store:
                 stored = await self.storage.save(
                     job.request_id, image.image_key, result.data, result.format
                 )
+                store.set_attribute("bytes", stored.size)
         except CompressError as exc:
             return self._failed(exc.code, exc.message, bytes_in=len(data), attempts=attempts)
         except StorageError as exc:
@@ -352,9 +374,14 @@ class Processor:
                 counts=Counts(total=request["total"], ok=ok, failed=failed),
                 completed_at=datetime.now(UTC),
             )
-            await self.bus.publish(
-                CloudEvent.wrap(data, source=SOURCE, id=completed_event_id(request_id))
+            # The request's trace, whichever job happens to finish it.
+            event = CloudEvent.wrap(
+                data,
+                source=SOURCE,
+                id=completed_event_id(request_id),
+                traceparent=request.get("traceparent"),
             )
+            await self.bus.publish(event)
             metrics.REQUESTS_COMPLETED.labels(status=data.status).inc()
             await self.repository.mark_completed(request_id, ok, failed)
             log.info("request %s: %s (%d ok, %d failed)", request_id, data.status, ok, failed)
@@ -366,14 +393,28 @@ def _shortened(message: str) -> str:
     return message[: MAX_ERROR_MESSAGE - 1] + "…"
 
 
+def _span_attributes(outcome: ImageOutcome) -> dict[str, str | int]:
+    """What a span may tell of an outcome: no URL, no message (it may quote a server)."""
+    attributes: dict[str, str | int] = {"outcome": outcome.outcome}
+    if outcome.error is not None:
+        attributes["error.code"] = outcome.error["code"]
+    for name in ("bytes_in", "bytes_out"):
+        if (value := getattr(outcome, name)) is not None:
+            attributes[name] = value
+    return attributes
+
+
 def _looks_done(request: Mapping[str, Any]) -> bool:
     return (
         request["ok"] + request["failed"] >= request["total"] and not request["completed_published"]
     )
 
 
-def processed_event(image: Mapping[str, Any]) -> CloudEvent[ImageProcessed]:
-    """The ImageProcessed for an image doc that has an outcome (same id every time)."""
+def processed_event(
+    image: Mapping[str, Any], traceparent: str | None = None
+) -> CloudEvent[ImageProcessed]:
+    """The ImageProcessed for an image doc that has an outcome (same id every time);
+    without `traceparent` the bus gives it the current span's."""
     error = image.get("error")
     data = ImageProcessed(
         request_id=image["request_id"],
@@ -393,5 +434,8 @@ def processed_event(image: Mapping[str, Any]) -> CloudEvent[ImageProcessed]:
         attempts=image.get("attempts"),
     )
     return CloudEvent.wrap(
-        data, source=SOURCE, id=processed_event_id(data.request_id, data.image_key)
+        data,
+        source=SOURCE,
+        id=processed_event_id(data.request_id, data.image_key),
+        traceparent=traceparent,
     )

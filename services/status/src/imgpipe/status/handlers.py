@@ -24,6 +24,7 @@ from imgpipe.contracts.events import (
     image_key,
 )
 from imgpipe.contracts.recent import RecentIds
+from imgpipe.contracts.tracing import trace_id_of
 
 # Rows per image page. The database rewrites a whole document on every update, so a page
 # must stay small whatever the request's size. Measured on SecantusDB with 3 images a row:
@@ -51,7 +52,8 @@ Submit = Callable[[Change], Awaitable[None]]
 def change_for(event: AnyEvent) -> Change:
     data = event.data
     if isinstance(data, RequestReceived):
-        return Change(data.request_id, _received_fields(data), data.received_at, urgent=True)
+        received = {**_received_fields(data), "trace_id": trace_id_of(event.traceparent)}
+        return Change(data.request_id, received, data.received_at, urgent=True)
     if isinstance(data, ImageProcessed):
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.

@@ -62,6 +62,9 @@ class StatusResponse(BaseModel):
     error_message: str | None
     created_at: datetime
     updated_at: datetime
+    # The request's trace (32 hex digits), as the upload's 202 said; null for requests
+    # received before traces.
+    trace_id: str | None = None
 
 
 class ErrorBody(BaseModel):

@@ -105,6 +105,7 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
+        "trace_id": doc.get("trace_id"),
     }
     return body, settled
 

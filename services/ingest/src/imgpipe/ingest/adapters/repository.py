@@ -56,6 +56,7 @@ class IngestRepository:
             "received_at": request.received_at,
             "published_at": None,
             "relay_after": relay_after,
+            "traceparent": request.traceparent,
         }
         if len(chunks) <= 1:
             doc["rows"], doc["row_chunks"] = (chunks[0] if chunks else []), 0
@@ -99,6 +100,7 @@ class IngestRepository:
             options=Options.model_validate(doc["options"]),
             webhook_url=doc["webhook_url"],
             received_at=doc["received_at"],
+            traceparent=doc.get("traceparent"),  # absent from requests stored before traces
         )
 
     async def _drop_rows(self, request_id: str) -> None:

@@ -49,6 +49,8 @@ class DeliveryDoc(TypedDict, total=False):
     created_at: datetime
     updated_at: datetime
     delivered_at: datetime | None
+    # The request's trace: every attempt, retries after a restart included, joins it.
+    traceparent: str | None
 
 
 class Deliveries:

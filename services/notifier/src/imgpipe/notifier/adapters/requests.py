@@ -43,6 +43,7 @@ class RequestDoc(TypedDict):
     completed: NotRequired[Completion]
     final_pending: NotRequired[bool]  # completed, final webhook not planned yet
     completed_seen_at: NotRequired[datetime]
+    traceparent: NotRequired[str | None]  # the request's trace, from RequestReceived
 
 
 class Row(TypedDict):
@@ -85,8 +86,11 @@ class Requests:
         await self.rows.create_index([("request_id", ASCENDING), ("chunk", ASCENDING)])
         await self.requests.create_index([("final_pending", ASCENDING), ("completed_seen_at", 1)])
 
-    async def mark_received(self, data: RequestReceived) -> RequestDoc:
-        """Store the rows first, then the flag: whoever sees `received` finds the rows."""
+    async def mark_received(
+        self, data: RequestReceived, traceparent: str | None = None
+    ) -> RequestDoc:
+        """Store the rows first, then the flag: whoever sees `received` finds the rows.
+        `traceparent` (the event's) is kept for the request's webhooks."""
         chunks = [
             data.rows[start : start + ROWS_PER_CHUNK]
             for start in range(0, len(data.rows), ROWS_PER_CHUNK)
@@ -117,6 +121,7 @@ class Requests:
                     "webhook_url": data.webhook_url,
                     "image_count": data.image_count,
                     "received_at": data.received_at,
+                    "traceparent": traceparent,
                 }
             },
         )

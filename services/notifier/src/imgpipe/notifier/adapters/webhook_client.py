@@ -45,13 +45,23 @@ class WebhookClient:
         self._signer = signer
         self._timeout = timeout  # the whole attempt: connect, send, wait for the answer
 
-    async def post(self, endpoint: str, webhook_id: str, body: str, at: datetime) -> PostResult:
-        """POST `body`, signed as sent at `at`. The response body is never read."""
+    async def post(
+        self,
+        endpoint: str,
+        webhook_id: str,
+        body: str,
+        at: datetime,
+        traceparent: str | None = None,
+    ) -> PostResult:
+        """POST `body`, signed as sent at `at`. The response body is never read.
+        `traceparent` lets the receiver join the request's trace."""
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             **self._signer.headers(webhook_id, at, body),
         }
+        if traceparent:
+            headers["traceparent"] = traceparent
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout):

@@ -60,8 +60,11 @@ class ProcessorRepository:
 
     # Requests ---------------------------------------------------------------------
 
-    async def create_request(self, request_id: str, total: int, options: Options) -> Doc:
-        """Create the request once; a redelivered RequestReceived gets the existing doc."""
+    async def create_request(
+        self, request_id: str, total: int, options: Options, traceparent: str | None = None
+    ) -> Doc:
+        """Create the request once; a redelivered RequestReceived gets the existing doc.
+        `traceparent`: the request's trace, for its RequestCompleted."""
         doc = await self.requests.find_one_and_update(
             {"_id": request_id},
             {
@@ -73,6 +76,7 @@ class ProcessorRepository:
                     "fanned_out": False,
                     "completed_published": False,
                     "created_at": utcnow(),
+                    "traceparent": traceparent,
                 }
             },
             upsert=True,
