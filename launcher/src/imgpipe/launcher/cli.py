@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--full", action="store_true", help="print the whole status document")
     _add_client_options(status)
 
+    cancel = commands_.add_parser(
+        "cancel", help="stop a running request (images not yet started are not processed)"
+    )
+    cancel.add_argument("request_id")
+    _add_client_options(cancel)
+
+    retry = commands_.add_parser("retry", help="run the failed images of a finished request again")
+    retry.add_argument("request_id")
+    retry.add_argument("--wait", action="store_true", help="show progress until it ends")
+    _add_client_options(retry)
+
+    delete = commands_.add_parser(
+        "delete", help="delete a request everywhere, its stored images included"
+    )
+    delete.add_argument("request_id")
+    _add_client_options(delete)
+
     commands_.add_parser("webhook-secret", help="print the key that signs webhooks")
     return parser
 
@@ -140,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands.submit(
                 client, args.csv, args.webhook_url, options, args.wait, args.output
             )
+        if args.command in ("cancel", "retry", "delete"):
+            wait = getattr(args, "wait", False)
+            return commands.manage(client, args.request_id, args.command, wait)
         return commands.status(client, args.request_id, args.full)
 
 

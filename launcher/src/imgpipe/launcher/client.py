@@ -6,11 +6,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-FINAL_STATUSES = frozenset({"completed", "error"})
+FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
+Command = Literal["cancel", "retry", "delete"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,13 @@ class ImgpipeClient:
         body = response.json()
         return Submitted(body["request_id"], body.get("status", "received"), body["status_url"])
 
+    def command(self, request_id: str, command: Command) -> dict[str, Any]:
+        """Cancel, retry or delete a request; the ingest service's 202 answer."""
+        url = f"{self.ingest_url}/requests/{request_id}"
+        if command == "delete":
+            return self._send("DELETE", url, "ingest").json()
+        return self._send("POST", f"{url}/{command}", "ingest").json()
+
     def status(self, request_id: str) -> dict[str, Any]:
         return self._send("GET", self.status_endpoint(request_id), "status").json()
 
@@ -109,8 +117,10 @@ class ImgpipeClient:
         on_update: Callable[[dict[str, Any]], None] = lambda _: None,
         interval: float = 0.5,
         not_found_grace: float = 60.0,
+        round: int = 0,
     ) -> dict[str, Any]:
-        """Poll the status until it is final; `on_update` sees every answer."""
+        """Poll the status until it is final in `round` (a retry's) or a later one;
+        `on_update` sees every answer."""
         give_up = time.monotonic() + not_found_grace
         while True:
             try:
@@ -121,7 +131,7 @@ class ImgpipeClient:
                     raise
             else:
                 on_update(current)
-                if current.get("status") in FINAL_STATUSES:
+                if current.get("status") in FINAL_STATUSES and current.get("round", 0) >= round:
                     return current
             time.sleep(interval)
 

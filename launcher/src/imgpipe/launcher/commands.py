@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.launcher.client import ClientError, ImgpipeClient, OutputOptions
+from imgpipe.launcher.client import ClientError, Command, ImgpipeClient, OutputOptions
 from imgpipe.launcher.supervisor import Console as SupervisorConsole
 from imgpipe.launcher.supervisor import Supervisor, local_host
 
@@ -102,12 +102,34 @@ def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
     return EXIT_OK
 
 
+def manage(client: ImgpipeClient, request_id: str, command: Command, wait: bool = False) -> int:
+    """Cancel, retry or delete a request; with `wait`, follow a retry to its end."""
+    try:
+        accepted = client.command(request_id, command)
+        round = accepted.get("round") or 0
+        done = {
+            "cancel": "cancel requested",
+            "retry": f"retry {round} started",
+            "delete": "deleted",
+        }
+        console.print(f"request {request_id}: {done[command]}")
+        if command == "delete":
+            console.print("its status answers 404 once every service has dropped it")
+        if not (wait and command == "retry"):
+            return EXIT_OK
+        final = _wait_with_progress(client, request_id, round)
+        _print_final(final)
+    except ClientError as error:
+        return _report(error)
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
+
+
 def webhook_secret(settings: Settings) -> int:
     print(settings.resolved_webhook_secret)
     return EXIT_OK
 
 
-def _wait_with_progress(client: ImgpipeClient, request_id: str) -> dict[str, Any]:
+def _wait_with_progress(client: ImgpipeClient, request_id: str, round: int = 0) -> dict[str, Any]:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -129,7 +151,7 @@ def _wait_with_progress(client: ImgpipeClient, request_id: str) -> dict[str, Any
                 detail=f"ok {ok}  failed {failed}",
             )
 
-        return client.wait(request_id, update)
+        return client.wait(request_id, update, round=round)
 
 
 def _print_final(final: dict[str, Any]) -> None:

@@ -1,20 +1,22 @@
-"""`POST /upload`: the ingest API beyond the health routes."""
+"""The ingest API beyond the health routes: `POST /upload`, and the commands on a
+submitted request (`POST /requests/{id}/cancel`, `POST /requests/{id}/retry`,
+`DELETE /requests/{id}`)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
 
 from imgpipe.contracts.events import MAX_SIDE, Options, OutputFormat
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.web import require_api_key
-from imgpipe.ingest import handlers
+from imgpipe.ingest import commands, handlers
 from imgpipe.ingest.bootstrap import Runtime
 from imgpipe.ingest.config import OutboxConfig
 from imgpipe.ingest.csv_input import CsvLimits
-from imgpipe.ingest.schemas import ErrorOut, ProblemReport, UploadAccepted
+from imgpipe.ingest.schemas import CommandAccepted, ErrorOut, ProblemReport, UploadAccepted
 
 
 def runtime(request: Request) -> Runtime:
@@ -79,5 +81,68 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
             request_id=accepted.request_id,
             status_url=f"{settings.status_base_url}/status/{accepted.request_id}",
         )
+
+    return router
+
+
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "no such request"},
+    409: {"model": ErrorOut, "description": "not in a state that allows it; says why"},
+    503: {"model": ErrorOut, "description": "broker or database unavailable; nothing done"},
+}
+
+
+def requests_router(settings: Settings) -> APIRouter:
+    """Commands on a request: each is checked here and carried out by the other services
+    through events; the answer is 202 and `status_url` shows the effect."""
+    router = APIRouter(prefix="/requests", dependencies=[Depends(require_api_key(settings))])
+
+    def accepted(request_id: str, command: str, round: int | None = None) -> CommandAccepted:
+        status_url = f"{settings.status_base_url}/status/{request_id}"
+        return CommandAccepted(
+            request_id=request_id, command=command, round=round, status_url=status_url
+        )
+
+    @router.post(
+        "/{request_id}/cancel",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=CommandAccepted,
+        responses=COMMAND_RESPONSES,
+    )
+    async def cancel(
+        request_id: str, service: Annotated[Runtime, Depends(runtime)]
+    ) -> CommandAccepted:
+        """Stop a running request: images not yet started are not processed, and it
+        ends as `cancelled`. 409 once it has finished."""
+        await commands.cancel(request_id, service.repository, service.publisher)
+        return accepted(request_id, "cancel")
+
+    @router.post(
+        "/{request_id}/retry",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=CommandAccepted,
+        responses=COMMAND_RESPONSES,
+    )
+    async def retry(
+        request_id: str, service: Annotated[Runtime, Depends(runtime)]
+    ) -> CommandAccepted:
+        """Run the failed images of a finished request again; the others keep their
+        outputs. 409 while it runs, when it was cancelled, or when none failed."""
+        round = await commands.retry(request_id, service.repository, service.publisher)
+        return accepted(request_id, "retry", round)
+
+    @router.delete(
+        "/{request_id}",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=CommandAccepted,
+        responses=COMMAND_RESPONSES,
+    )
+    async def delete(
+        request_id: str, service: Annotated[Runtime, Depends(runtime)]
+    ) -> CommandAccepted:
+        """Delete the request everywhere, its stored images included; its status then
+        answers 404. A running request stops first."""
+        await commands.delete(request_id, service.repository, service.publisher)
+        return accepted(request_id, "delete")
 
     return router
