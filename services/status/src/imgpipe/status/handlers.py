@@ -1,12 +1,26 @@
 """Event -> read-model update. Every update is idempotent and commutes with the others.
 
-The read model keeps, per request, one document for what RequestReceived and
-RequestCompleted carry (`_id` = request id) and the image outcomes in small page
-documents, one per `ROWS_PER_PAGE` rows (`adapters/repository.py`). Each event only
-`$set`s the fields it owns (an image's outcome lives under `images.<key>` of its page)
-and `$max`es `updated_at`, so duplicates change nothing and any delivery order converges
-on the same documents. Updates upsert: an ImageProcessed that overtakes its
-RequestReceived is kept.
+The read model keeps, per request, one document for what RequestReceived,
+RequestCompleted, RequestCancelled and RetryStarted carry (`_id` = request id) and the
+image outcomes in small page documents, one per `ROWS_PER_PAGE` rows
+(`adapters/repository.py`). Each event only `$set`s the fields it owns and `$max`es
+`updated_at`, so duplicates change nothing and any delivery order converges on the same
+documents. Updates upsert: an ImageProcessed that overtakes its RequestReceived is kept.
+
+Rounds (retries of a request's failed images) never overwrite each other: each round's
+events go to paths of their own, and the views pick the highest round (`views.py`).
+
+| event | document | path |
+|---|---|---|
+| ImageProcessed, round 0 | page | `images.<key>` |
+| ImageProcessed, round N | page | `rounds.r<N>.<key>` |
+| RequestCompleted, round 0 | request | `final_status`, `final_counts`, `completed_at` |
+| RequestCompleted, round N | request | `finals.r<N>` (`status`, `counts`, `completed_at`) |
+| RequestCancelled, round N | request | `cancelled.r<N>` (`counts`, `cancelled_at`) |
+| RetryStarted, round N | request | `retries.r<N>` (`image_keys`, `started_at`) |
+
+Round 0 keeps the paths it had before rounds existed. RequestDeleted is no `$set`: it
+deletes the request's documents and leaves a tombstone (`Change.delete`).
 """
 
 from __future__ import annotations
@@ -19,8 +33,11 @@ from typing import Any
 from imgpipe.contracts.events import (
     AnyEvent,
     ImageProcessed,
+    RequestCancelled,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryStarted,
     image_key,
 )
 from imgpipe.contracts.recent import RecentIds
@@ -36,13 +53,15 @@ class Change:
     """One event's effect on a document: fields to `$set`, a time to `$max`.
     `page`: the request's image page it goes to, None for the request's own document.
     `urgent`: a reader is waiting for it (the request appears, or is final), so the
-    batch writer writes it without resting."""
+    batch writer writes it without resting.
+    `delete`: the request was deleted; `fields` is empty and `at` the time of deletion."""
 
     request_id: str
     fields: dict[str, Any]
     at: datetime
     urgent: bool = False
     page: int | None = None
+    delete: bool = False
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -56,15 +75,33 @@ def change_for(event: AnyEvent) -> Change:
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.
         key = image_key(data.row_index, data.position)
-        fields: dict[str, Any] = {f"images.{key}": _image_fields(data)}
+        path = f"images.{key}" if data.round == 0 else f"{round_path('rounds', data.round)}.{key}"
+        fields: dict[str, Any] = {path: _image_fields(data)}
         return Change(data.request_id, fields, event.time, page=data.row_index // ROWS_PER_PAGE)
     if isinstance(data, RequestCompleted):
-        completed: dict[str, Any] = {
-            "final_status": data.status,
-            "final_counts": data.counts.model_dump(),
-            "completed_at": data.completed_at,
-        }
+        counts = data.counts.model_dump()
+        completed: dict[str, Any] = (
+            {"final_status": data.status, "final_counts": counts, "completed_at": data.completed_at}
+            if data.round == 0
+            else {
+                round_path("finals", data.round): {
+                    "status": data.status,
+                    "counts": counts,
+                    "completed_at": data.completed_at,
+                }
+            }
+        )
         return Change(data.request_id, completed, data.completed_at, urgent=True)
+    if isinstance(data, RequestCancelled):
+        cancelled = {"counts": data.counts.model_dump(), "cancelled_at": data.cancelled_at}
+        fields = {round_path("cancelled", data.round): cancelled}
+        return Change(data.request_id, fields, data.cancelled_at, urgent=True)
+    if isinstance(data, RetryStarted):
+        retry = {"image_keys": list(data.image_keys), "started_at": data.started_at}
+        fields = {round_path("retries", data.round): retry}
+        return Change(data.request_id, fields, data.started_at, urgent=True)
+    if isinstance(data, RequestDeleted):
+        return Change(data.request_id, {}, data.deleted_at, urgent=True, delete=True)
     raise TypeError(f"no read-model update for {type(data).__name__}")
 
 
@@ -78,6 +115,11 @@ async def handle_event(event: AnyEvent, submit: Submit, started: RecentIds | Non
         started.add(change.request_id)
         change = replace(change, urgent=True)
     await submit(change)
+
+
+def round_path(field: str, round: int) -> str:
+    """`<field>.r<N>`: built from the integer, so never a path of something else."""
+    return f"{field}.r{int(round)}"
 
 
 def _received_fields(data: RequestReceived) -> dict[str, Any]:

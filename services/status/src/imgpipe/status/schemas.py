@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-Status = Literal["received", "processing", "completed", "error"]
+# `cancelled` is final, like `completed` and `error`; a retry of a finished request's
+# failed images makes it `processing` again (`round` says which run).
+Status = Literal["received", "processing", "completed", "error", "cancelled"]
 
 
 class Progress(BaseModel):
@@ -55,6 +57,9 @@ class BytesOut(BaseModel):
 class StatusResponse(BaseModel):
     request_id: str
     status: Status
+    # The run shown: 0 for the request's first, N once its failed images were retried N
+    # times. A retried image is pending again until its outcome of that round arrives.
+    round: int = 0
     progress: Progress
     options: OptionsOut
     bytes: BytesOut

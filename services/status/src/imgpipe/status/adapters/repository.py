@@ -2,8 +2,18 @@
 
 - `requests`, `_id` = request id: what RequestReceived and RequestCompleted carry (rows,
   total, created_at, final status and counts, completed_at). Written about twice.
+  Also, per retry round N: its start (`retries.r<N>`), its end (`finals.r<N>`), and a
+  cancel (`cancelled.r<N>`), see `handlers.py`.
 - `image_pages`, `_id` = "<request id>:<page>": the outcomes of `ROWS_PER_PAGE` rows
-  under `images.<key>`, with `request_id` and `updated_at`.
+  under `images.<key>` (round 0) and `rounds.r<N>.<key>` (retry N), with `request_id`
+  and `updated_at`.
+- `deleted`, `_id` = request id: `{deleted: True, deleted_at}` and nothing else, a
+  tombstone per deleted request. RequestDeleted deletes the request's document and
+  pages; a later event of it (an image that was still in flight, a redelivery) would
+  upsert them again, so a batch first drops the changes of ids known to be deleted:
+  those this process deleted lately (in memory), and those the collection names (one
+  find by `_id` per batch). Another instance deleting the request while this one writes
+  may still leave a page behind: without the request document it is never shown.
 
 Outcomes used to go into the request document, but the database rewrites (and diffs, for
 its oplog) a whole document on every update, so each outcome cost more the larger the
@@ -22,16 +32,21 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.mongo import Once
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.status.handlers import Change
 
 REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
+DELETED = "deleted"
+KNOWN_DELETED = 4096  # deleted ids remembered in memory, not looked up again
 
 
 class StatusRepository:
     def __init__(self, database: AsyncDatabase) -> None:
         self.requests = database[REQUESTS]
         self.pages = database[IMAGE_PAGES]
+        self.deleted = database[DELETED]
+        self._known_deleted = RecentIds(KNOWN_DELETED)
         # Pages by request, once, before this process writes a page: the Runtime tries
         # it from start, `write` before its first page write. The read filters on
         # `request_id` alone, as the index does (SecantusDB uses an index only when the
@@ -56,13 +71,54 @@ class StatusRepository:
         document into a single update, in delivery order, gives the same document as
         applying them one by one. Pages go first: a final status seldom shows before the
         outcomes that came with it (either order converges).
+
+        Changes of deleted requests are dropped: of those deleted in this batch, and of
+        those deleted before (`deleted_among`, one find unless all are known).
         """
-        requests, pages = merge(changes)
+        deletions = {change.request_id: change.at for change in changes if change.delete}
+        gone = await self.deleted_among({change.request_id for change in changes}) | set(deletions)
+        if deletions:
+            await self.delete(deletions)
+        requests, pages = merge([change for change in changes if change.request_id not in gone])
         if pages:
             await self.ensure_indexes()
             await self.pages.bulk_write(pages, ordered=True)
         if requests:
             await self.requests.bulk_write(requests, ordered=True)
+
+    async def deleted_among(self, request_ids: set[str]) -> set[str]:
+        """Which of `request_ids` were deleted (have a tombstone)."""
+        known = {request_id for request_id in request_ids if request_id in self._known_deleted}
+        unknown = sorted(request_ids - known)
+        if not unknown:
+            return known
+        found = await self.deleted.find({"_id": {"$in": unknown}}, {"_id": 1}).to_list(None)
+        for doc in found:
+            self._known_deleted.add(doc["_id"])
+        return known | {doc["_id"] for doc in found}
+
+    async def delete(self, deletions: dict[str, datetime]) -> None:
+        """Tombstones first (from then on other instances skip the ids' events too), then
+        the request documents and their pages. Each step is idempotent: a redelivered
+        RequestDeleted finishes what a crash interrupted."""
+        await self.deleted.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": request_id},
+                    {"$setOnInsert": {"deleted": True, "deleted_at": at}},
+                    upsert=True,
+                )
+                for request_id, at in deletions.items()
+            ],
+            ordered=False,
+        )
+        for request_id in deletions:
+            self._known_deleted.add(request_id)
+        ids = list(deletions)
+        await asyncio.gather(
+            self.requests.delete_many({"_id": {"$in": ids}}),
+            self.pages.delete_many({"request_id": {"$in": ids}}),
+        )
 
 
 def page_id(request_id: str, page: int) -> str:
@@ -98,18 +154,24 @@ def assemble(
 
     Without the request document (outcomes overtook RequestReceived) the result has no
     `received`, so the views keep the request hidden, as they did with one document.
+    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`.
     """
     if doc is None and not pages:
         return None
     merged: dict[str, Any] = doc if doc is not None else {"_id": request_id}
     images: dict[str, Any] = dict(merged.get("images") or {})  # the previous layout's
+    rounds: dict[str, dict[str, Any]] = {}
     times = [merged["updated_at"]] if merged.get("updated_at") else []
     for page in pages:
         images.update(page.get("images") or {})
+        for name, outcomes in (page.get("rounds") or {}).items():
+            rounds.setdefault(name, {}).update(outcomes)
         if page.get("updated_at"):
             times.append(page["updated_at"])
     if images:
         merged["images"] = images
+    if rounds:
+        merged["rounds"] = rounds
     if times:
         merged["updated_at"] = max(times)
     return merged
