@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 Status = Literal["received", "processing", "completed", "error"]
+# The list takes (and shows) `cancelled` too: requests can be cancelled at ingest.
+ListedStatus = Literal["received", "processing", "completed", "error", "cancelled"]
 
 
 class Progress(BaseModel):
@@ -62,6 +64,22 @@ class StatusResponse(BaseModel):
     error_message: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class RequestSummary(BaseModel):
+    request_id: str
+    status: ListedStatus
+    progress: Progress
+    created_at: datetime
+    updated_at: datetime  # the latest event that changed the request
+    product_count: int
+
+
+class RequestList(BaseModel):
+    items: list[RequestSummary]  # newest first
+    next: str | None = Field(
+        description="opaque cursor: pass it as `before` for the next page; null at the end"
+    )
 
 
 class ErrorBody(BaseModel):
