@@ -19,7 +19,7 @@ from imgpipe.contracts.service import service_app
 from imgpipe.contracts.settings import Settings
 from imgpipe.ingest.bootstrap import Runtime
 from imgpipe.ingest.config import OutboxConfig
-from imgpipe.ingest.domain import StoreUnavailable, UploadRejected
+from imgpipe.ingest.domain import IdempotencyConflict, StoreUnavailable, UploadRejected
 from imgpipe.ingest.routes import upload_router
 from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport
 
@@ -60,6 +60,10 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
         log.error("upload refused, database unavailable: %s", exc)
         body = ErrorOut(detail="database unavailable: nothing was stored, try again later")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(IdempotencyConflict)
+    async def key_conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail=exc.detail).model_dump(), status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_form(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,6 +20,7 @@ from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.ingest import handlers
+from imgpipe.ingest.adapters.idempotency import IdempotencyKeys
 from imgpipe.ingest.adapters.publisher import EventPublisher
 from imgpipe.ingest.adapters.repository import IngestRepository
 from imgpipe.ingest.config import OutboxConfig
@@ -33,6 +34,7 @@ class Runtime:
     repository: IngestRepository
     publisher: EventPublisher
     resources: Resources
+    keys: IdempotencyKeys
 
     @classmethod
     async def start(cls, settings: Settings, config: OutboxConfig) -> Runtime:
@@ -40,7 +42,9 @@ class Runtime:
         try:
             mongo = connect(settings)
             resources.push("closing the database client", mongo.close)
-            repository = IngestRepository(service_database(mongo, settings, "ingest"))
+            database = service_database(mongo, settings, "ingest")
+            repository = IngestRepository(database)
+            keys = IdempotencyKeys(database)
             topology = Topology(settings.namespace, settings.delivery_limit)
             link = BusLink(
                 lambda: Bus.connect(
@@ -55,6 +59,7 @@ class Runtime:
             publisher = EventPublisher(link, publish_timeout=config.publish_timeout)
             # Uploads create the indexes too before they write; this gets it done early.
             resources.task(keep_trying(repository.ensure_indexes, "creating ingest indexes"))
+            resources.task(keep_trying(keys.ensure_indexes, "creating idempotency key indexes"))
             relay = handlers.run_relay(
                 repository,
                 publisher,
@@ -66,7 +71,7 @@ class Runtime:
         except BaseException:
             await resources.close()
             raise
-        return cls(mongo, repository, publisher, resources)
+        return cls(mongo, repository, publisher, resources, keys)
 
     async def readiness(self) -> dict[str, bool]:
         return {"broker": self.publisher.is_connected, "database": await ping(self.mongo)}

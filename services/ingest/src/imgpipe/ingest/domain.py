@@ -71,3 +71,11 @@ class StoreUnavailable(Exception):
 
 class PublishFailed(Exception):
     """The broker did not confirm the event; the outbox relay will send it later."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key is taken by another upload (HTTP 409); nothing was stored."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
