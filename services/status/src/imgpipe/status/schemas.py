@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 # `cancelled` is final, like `completed` and `error`; a retry of a finished request's
 # failed images makes it `processing` again (`round` says which run).
 Status = Literal["received", "processing", "completed", "error", "cancelled"]
+# The list takes (and shows) the same values.
+ListedStatus = Status
 
 
 class Progress(BaseModel):
@@ -67,6 +69,22 @@ class StatusResponse(BaseModel):
     error_message: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class RequestSummary(BaseModel):
+    request_id: str
+    status: ListedStatus
+    progress: Progress
+    created_at: datetime
+    updated_at: datetime  # the latest event that changed the request
+    product_count: int
+
+
+class RequestList(BaseModel):
+    items: list[RequestSummary]  # newest first
+    next: str | None = Field(
+        description="opaque cursor: pass it as `before` for the next page; null at the end"
+    )
 
 
 class ErrorBody(BaseModel):

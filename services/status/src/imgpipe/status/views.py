@@ -162,6 +162,20 @@ def shown_images(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return images
 
 
+def list_item(doc: dict[str, Any]) -> dict[str, Any]:
+    """One request in `GET /requests` (fields in `RequestSummary` order): its status and
+    progress as its status answer gives them, from a document of `list_requests`."""
+    images, run = shown_images(doc), current_run(doc)
+    return {
+        "request_id": doc["_id"],
+        "status": _status(run, images),
+        "progress": _progress(doc, run, images),
+        "created_at": doc["created_at"],
+        "updated_at": doc.get("updated_at") or doc["created_at"],
+        "product_count": doc["product_count"],
+    }
+
+
 def output_csv(body: dict[str, Any]) -> str:
     """The seed's output format; a failed or pending image leaves its place empty.
 

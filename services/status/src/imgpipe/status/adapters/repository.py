@@ -1,9 +1,11 @@
 """The read model in MongoDB: a request's own document, and its image outcomes in pages.
 
 - `requests`, `_id` = request id: what RequestReceived and RequestCompleted carry (rows,
-  total, created_at, final status and counts, completed_at). Written about twice.
-  Also, per retry round N: its start (`retries.r<N>`), its end (`finals.r<N>`), and a
-  cancel (`cancelled.r<N>`), see `handlers.py`.
+  total, created_at, final status and counts, completed_at), `phase` (handlers.PHASES)
+  and `updated_at`, the time of the latest event that changed it. Written about three
+  times: received, first outcome (phase), completed. Also, per retry round N: its start
+  (`retries.r<N>`), its end (`finals.r<N>`), and a cancel (`cancelled.r<N>`), see
+  `handlers.py`.
 - `image_pages`, `_id` = "<request id>:<page>": the outcomes of `ROWS_PER_PAGE` rows
   under `images.<key>` (round 0) and `rounds.r<N>.<key>` (retry N), with `request_id`
   and `updated_at`.
@@ -25,10 +27,11 @@ whatever the request's size. Documents written before pages existed hold outcome
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo import UpdateOne
+from pymongo import DESCENDING, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.mongo import Once
@@ -39,6 +42,22 @@ REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
 DELETED = "deleted"
 KNOWN_DELETED = 4096  # deleted ids remembered in memory, not looked up again
+# The list's two orders, newest first (the _id breaks ties of one millisecond). Named, so
+# that the list can hint them: each page is then a walk of a range of the index, on
+# MongoDB and on SecantusDB (whose planner picks an index only for exact filters).
+BY_CREATED = "list_by_created"
+BY_PHASE = "list_by_phase"
+LIST_ORDER = [("created_at", DESCENDING), ("_id", DESCENDING)]
+# The list never shows the rows; a request's rows may be megabytes.
+LIST_PROJECTION = {"rows": 0}
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page of the list ends: the last request's creation time and id."""
+
+    created_at: datetime
+    request_id: str
 
 
 class StatusRepository:
@@ -51,7 +70,12 @@ class StatusRepository:
         # it from start, `write` before its first page write. The read filters on
         # `request_id` alone, as the index does (SecantusDB uses an index only when the
         # filter's fields are exactly its fields).
-        self.ensure_indexes = Once(lambda: self.pages.create_index("request_id"))
+        self.ensure_indexes = Once(self._create_indexes)
+
+    async def _create_indexes(self) -> None:
+        await self.pages.create_index("request_id")
+        await self.requests.create_index(LIST_ORDER, name=BY_CREATED)
+        await self.requests.create_index([("phase", DESCENDING), *LIST_ORDER], name=BY_PHASE)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         """The request's document with every known outcome under `images`, or None.
@@ -80,8 +104,8 @@ class StatusRepository:
         if deletions:
             await self.delete(deletions)
         requests, pages = merge([change for change in changes if change.request_id not in gone])
+        await self.ensure_indexes()
         if pages:
-            await self.ensure_indexes()
             await self.pages.bulk_write(pages, ordered=True)
         if requests:
             await self.requests.bulk_write(requests, ordered=True)
@@ -120,6 +144,50 @@ class StatusRepository:
             self.pages.delete_many({"request_id": {"$in": ids}}),
         )
 
+    async def list_requests(
+        self, phase: str | None, before: Position | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` visible requests, newest first, created before `before`, each as
+        `get` would give it (with its outcomes only while it is not final: a final
+        request's counts are in its own document).
+
+        Keyset paging: a page starts strictly after the previous page's last request, so
+        requests that arrive meanwhile (newer) never shift a later page. Two ranges of
+        the index, no `$or`: the rest of `before`'s millisecond, then everything older.
+        """
+        await self.ensure_indexes()
+        scope: dict[str, Any] = {} if phase is None else {"phase": phase}
+        if before is None:
+            # Only requests whose RequestReceived arrived have a creation time.
+            ranges = [{**scope, "created_at": {"$type": "date"}}]
+        else:
+            ranges = [
+                {**scope, "created_at": before.created_at, "_id": {"$lt": before.request_id}},
+                {**scope, "created_at": {"$lt": before.created_at}},
+            ]
+        docs: list[dict[str, Any]] = []
+        for query in ranges:
+            if len(docs) >= limit:
+                break
+            cursor = self.requests.find(
+                query,
+                LIST_PROJECTION,
+                sort=LIST_ORDER,
+                limit=limit - len(docs),
+                hint=BY_CREATED if phase is None else BY_PHASE,
+            )
+            docs += await cursor.to_list(None)
+        return list(await asyncio.gather(*(self._with_outcomes(doc) for doc in docs)))
+
+    async def _with_outcomes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        if doc.get("product_count") is None:  # stored before the list existed
+            rows = await self.requests.find_one({"_id": doc["_id"]}, {"rows": 1})
+            doc["product_count"] = len((rows or {}).get("rows") or [])
+        if doc.get("final_counts") and not (doc.get("retries") or doc.get("cancelled")):
+            return doc  # final, never retried: its counts are in its own document
+        pages = await self.pages.find({"request_id": doc["_id"]}).to_list(None)
+        return assemble(doc["_id"], doc, pages) or doc
+
 
 def page_id(request_id: str, page: int) -> str:
     return f"{request_id}:{page}"
@@ -129,21 +197,44 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     """(updates of request documents, updates of image pages), one per document touched."""
     fields: dict[tuple[str, int | None], dict[str, Any]] = {}
     latest: dict[tuple[str, int | None], datetime] = {}
+    phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
     for change in changes:  # dicts keep first-seen order: documents stay in delivery order
-        target = (change.request_id, change.page)
-        fields.setdefault(target, {}).update(change.fields)
-        seen = latest.get(target)
-        latest[target] = change.at if seen is None else max(seen, change.at)
+        targets = [(change.request_id, change.page)]
+        if change.phase is not None:  # the request document changes too
+            targets.append((change.request_id, None))
+            phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
+        fields.setdefault(targets[0], {}).update(change.fields)
+        for target in targets:
+            fields.setdefault(target, {})
+            seen = latest.get(target)
+            latest[target] = change.at if seen is None else max(seen, change.at)
     requests: list[UpdateOne] = []
     pages: list[UpdateOne] = []
     for (request_id, page), own in fields.items():
-        at = {"updated_at": latest[(request_id, page)]}
+        at: dict[str, Any] = {"updated_at": latest[(request_id, page)]}
         if page is None:
-            requests.append(UpdateOne({"_id": request_id}, {"$set": own, "$max": at}, upsert=True))
+            update: dict[str, Any] = {"$max": at}
+            if request_id in phases:
+                phase, reset = phases[request_id]
+                own, at = ({**own, "phase": phase}, at) if reset else (own, {**at, "phase": phase})
+                update["$max"] = at
+            if own:  # MongoDB refuses an empty $set
+                update["$set"] = own
+            requests.append(UpdateOne({"_id": request_id}, update, upsert=True))
         else:
             update = {"$set": own, "$setOnInsert": {"request_id": request_id}, "$max": at}
             pages.append(UpdateOne({"_id": page_id(request_id, page)}, update, upsert=True))
     return requests, pages
+
+
+def _next_phase(known: tuple[str, bool] | None, change: Change) -> tuple[str, bool]:
+    """The phase after `change`, in delivery order: a reset replaces it, anything else
+    only moves it forward; and whether a reset happened in the batch ($set, not $max)."""
+    assert change.phase is not None
+    if change.phase_reset:
+        return change.phase, True
+    phase, reset = known or ("", False)
+    return max(phase, change.phase), reset
 
 
 def assemble(
