@@ -124,6 +124,7 @@ def manage(client: ImgpipeClient, request_id: str, command: Command, wait: bool 
         return _report(error)
     return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
 
+
 def list_requests(
     client: ImgpipeClient, status: str | None, limit: int | None, before: str | None
 ) -> int:

@@ -87,7 +87,7 @@ class Runtime:
             resources.task(asyncio.create_task(relay, name="ingest-outbox-relay"))
             if retention is not None and retention.days is not None:
                 sweep = commands.run_retention(
-                    repository, publisher, days=retention.days, interval=retention.interval
+                    repository, publisher, keys, days=retention.days, interval=retention.interval
                 )
                 resources.task(asyncio.create_task(sweep, name="ingest-retention"))
         except BaseException:

@@ -192,7 +192,7 @@ def requests_router(settings: Settings) -> APIRouter:
     ) -> CommandAccepted:
         """Delete the request everywhere, its stored images included; its status then
         answers 404. A running request stops first."""
-        await commands.delete(request_id, service.repository, service.publisher)
+        await commands.delete(request_id, service.repository, service.publisher, service.keys)
         return accepted(request_id, "delete")
 
     return router

@@ -36,6 +36,7 @@ class IdempotencyKeys:
         await self.keys.create_index(
             "created_at", expireAfterSeconds=int(KEY_LIFETIME.total_seconds())
         )
+        await self.keys.create_index("request_id")  # forget's filter
 
     async def claim(self, key_id: str, fingerprint: str, token: str, now: datetime) -> bool:
         """Take the key for this upload; False if another upload holds it."""
@@ -65,6 +66,12 @@ class IdempotencyKeys:
         """The claim's request is stored: later uploads with the key get `answer`."""
         update = {"$set": {"request_id": request_id, "answer": answer}}
         await _guarded(lambda: self.keys.update_one({"_id": key_id, "token": token}, update))
+
+    async def forget(self, request_id: str) -> None:
+        """Drop the keys that answer with a request (it was deleted): an upload with one
+        of them is then a new upload."""
+        await self.ensure_indexes()
+        await _guarded(lambda: self.keys.delete_many({"request_id": request_id}))
 
     async def release(self, key_id: str, token: str) -> None:
         """Give the key up (only the claim `token` made): the next upload may take it."""
