@@ -139,6 +139,7 @@ async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> Non
         "output_url": "http://out/0.jpg",
         "error": None,
         "attempts": None,
+        "round": 0,  # the first run's outcome; a retry's replaces it
         "bytes_in": 1000,  # for the final webhook's byte totals
         "bytes_out": 300,
     }
