@@ -13,13 +13,19 @@ from imgpipe.contracts.events import (
     ImageError,
     ImageProcessed,
     Options,
+    RequestCancelled,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryStarted,
     Row,
+    cancelled_event_id,
     completed_event_id,
+    deleted_event_id,
     image_key,
     processed_event_id,
     received_event_id,
+    retry_started_event_id,
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -114,3 +120,55 @@ def completed(
         completed_at=at,
     )
     return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id))
+
+
+def in_round(event: CloudEvent, round: int) -> CloudEvent:
+    """An ImageProcessed or RequestCompleted of retry round `round` (its id as the
+    processor gives it, suffixed `:rN`); the event itself is left as it was."""
+    data = event.data.model_copy(update={"round": round})
+    if isinstance(data, ImageProcessed):
+        event_id = processed_event_id(data.request_id, data.image_key, round)
+    elif isinstance(data, RequestCompleted):
+        event_id = completed_event_id(data.request_id, round)
+    else:
+        raise TypeError(f"{type(data).__name__} has no round of its own")
+    return event.model_copy(update={"data": data, "id": event_id})
+
+
+def cancelled(
+    request_id: str,
+    ok: int,
+    failed: int = 0,
+    *,
+    total: int | None = None,
+    round: int = 0,
+    at: datetime = T0 + timedelta(seconds=30),
+) -> CloudEvent[RequestCancelled]:
+    """`total` defaults to ok + failed (every image had ended when it stopped)."""
+    data = RequestCancelled(
+        request_id=request_id,
+        counts=Counts(total=total if total is not None else ok + failed, ok=ok, failed=failed),
+        cancelled_at=at,
+        round=round,
+    )
+    return CloudEvent.wrap(data, source="test", id=cancelled_event_id(request_id))
+
+
+def retry_started(
+    request_id: str,
+    round: int,
+    image_keys: Sequence[str],
+    *,
+    at: datetime = T0 + timedelta(minutes=5),
+) -> CloudEvent[RetryStarted]:
+    data = RetryStarted(
+        request_id=request_id, round=round, image_keys=list(image_keys), started_at=at
+    )
+    return CloudEvent.wrap(data, source="test", id=retry_started_event_id(request_id, round))
+
+
+def deleted(
+    request_id: str, *, at: datetime = T0 + timedelta(hours=1)
+) -> CloudEvent[RequestDeleted]:
+    data = RequestDeleted(request_id=request_id, deleted_at=at)
+    return CloudEvent.wrap(data, source="test", id=deleted_event_id(request_id))
