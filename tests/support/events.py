@@ -163,6 +163,19 @@ def completed_in_round(
     return CloudEvent.wrap(data, source="test", id=completed_event_id(request_id, round))
 
 
+def in_round(event: CloudEvent, round: int) -> CloudEvent:
+    """An ImageProcessed or RequestCompleted of retry round `round` (its id as the
+    processor gives it, suffixed `:rN`); the event itself is left as it was."""
+    data = event.data.model_copy(update={"round": round})
+    if isinstance(data, ImageProcessed):
+        event_id = processed_event_id(data.request_id, data.image_key, round)
+    elif isinstance(data, RequestCompleted):
+        event_id = completed_event_id(data.request_id, round)
+    else:
+        raise TypeError(f"{type(data).__name__} has no round of its own")
+    return event.model_copy(update={"data": data, "id": event_id})
+
+
 def cancelled(
     request_id: str,
     total: int,
