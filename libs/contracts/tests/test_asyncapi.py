@@ -32,9 +32,19 @@ def test_every_reference_resolves_and_every_event_is_described() -> None:
         "io.imgpipe.request.received.v1",
         "io.imgpipe.image.processed.v1",
         "io.imgpipe.request.completed.v1",
+        "io.imgpipe.request.cancel_requested.v1",
+        "io.imgpipe.request.cancelled.v1",
+        "io.imgpipe.request.retry_requested.v1",
+        "io.imgpipe.request.retry_started.v1",
+        "io.imgpipe.request.deleted.v1",
     }
     assert {channel["address"] for channel in document["channels"].values()} == {
         "request.received",
         "image.processed",
         "request.completed",
+        "request.cancel_requested",
+        "request.cancelled",
+        "request.retry_requested",
+        "request.retry_started",
+        "request.deleted",
     }

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-FINAL_STATUSES = frozenset({"completed", "error"})
+FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
+Command = Literal["cancel", "retry", "delete"]
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,37 @@ class ImgpipeClient:
         csv_path: Path,
         webhook_url: str | None = None,
         options: OutputOptions | None = None,
+        idempotency_key: str | None = None,
     ) -> Submitted:
+        """Upload once per call: the call's Idempotency-Key (a fresh UUID unless given)
+        makes an upload sent again (a retry, a resend after a lost answer) answer the
+        first one's request instead of starting a second."""
         data = (options or OutputOptions()).form()
         if webhook_url:
             data["webhook_url"] = webhook_url
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         with csv_path.open("rb") as handle:
             files = {"file": (csv_path.name, handle, "text/csv")}
-            response = self._send("POST", f"{self.ingest_url}/upload", "ingest", files, data)
+            response = self._send(
+                "POST", f"{self.ingest_url}/upload", "ingest", files, data, headers
+            )
         body = response.json()
         return Submitted(body["request_id"], body.get("status", "received"), body["status_url"])
+
+    def command(self, request_id: str, command: Command) -> dict[str, Any]:
+        """Cancel, retry or delete a request; the ingest service's 202 answer."""
+        url = f"{self.ingest_url}/requests/{request_id}"
+        if command == "delete":
+            return self._send("DELETE", url, "ingest").json()
+        return self._send("POST", f"{url}/{command}", "ingest").json()
+
+    def list_requests(
+        self, status: str | None = None, limit: int | None = None, before: str | None = None
+    ) -> dict[str, Any]:
+        """One page of `GET /requests`: `{"items": [...], "next": cursor or None}`."""
+        given = {"status": status, "limit": limit, "before": before}
+        params = {name: str(value) for name, value in given.items() if value is not None}
+        return self._send("GET", f"{self.status_url}/requests", "status", params=params).json()
 
     def status(self, request_id: str) -> dict[str, Any]:
         return self._send("GET", self.status_endpoint(request_id), "status").json()
@@ -109,8 +133,10 @@ class ImgpipeClient:
         on_update: Callable[[dict[str, Any]], None] = lambda _: None,
         interval: float = 0.5,
         not_found_grace: float = 60.0,
+        round: int = 0,
     ) -> dict[str, Any]:
-        """Poll the status until it is final; `on_update` sees every answer."""
+        """Poll the status until it is final in `round` (a retry's) or a later one;
+        `on_update` sees every answer."""
         give_up = time.monotonic() + not_found_grace
         while True:
             try:
@@ -121,7 +147,7 @@ class ImgpipeClient:
                     raise
             else:
                 on_update(current)
-                if current.get("status") in FINAL_STATUSES:
+                if current.get("status") in FINAL_STATUSES and current.get("round", 0) >= round:
                     return current
             time.sleep(interval)
 
@@ -132,9 +158,13 @@ class ImgpipeClient:
         service: str,
         files: dict[str, Any] | None = None,
         data: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         try:
-            response = self._http.request(method, url, files=files, data=data)
+            response = self._http.request(
+                method, url, files=files, data=data, headers=headers, params=params
+            )
         except httpx.ConnectError as error:
             raise ServiceUnreachable(
                 f"cannot reach the {service} service at {url}: is `imgpipe up` running?"

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.launcher.client import ClientError, ImgpipeClient, OutputOptions
+from imgpipe.launcher.client import ClientError, Command, ImgpipeClient, OutputOptions
 from imgpipe.launcher.supervisor import Console as SupervisorConsole
 from imgpipe.launcher.supervisor import Supervisor, local_host
 
@@ -20,6 +20,7 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_LISTED_FAILURES = 20
+LIST_ROW = "{:<32}  {:<10}  {:<16}  {:<19}  {}"
 
 
 def up(
@@ -102,12 +103,60 @@ def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
     return EXIT_OK
 
 
+def manage(client: ImgpipeClient, request_id: str, command: Command, wait: bool = False) -> int:
+    """Cancel, retry or delete a request; with `wait`, follow a retry to its end."""
+    try:
+        accepted = client.command(request_id, command)
+        round = accepted.get("round") or 0
+        done = {
+            "cancel": "cancel requested",
+            "retry": f"retry {round} started",
+            "delete": "deleted",
+        }
+        console.print(f"request {request_id}: {done[command]}")
+        if command == "delete":
+            console.print("its status answers 404 once every service has dropped it")
+        if not (wait and command == "retry"):
+            return EXIT_OK
+        final = _wait_with_progress(client, request_id, round)
+        _print_final(final)
+    except ClientError as error:
+        return _report(error)
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
+
+
+def list_requests(
+    client: ImgpipeClient, status: str | None, limit: int | None, before: str | None
+) -> int:
+    """A table of requests, newest first, and how to ask for the next page."""
+    try:
+        page = client.list_requests(status, limit, before)
+    except ClientError as error:
+        return _report(error)
+    console.print(LIST_ROW.format("REQUEST ID", "STATUS", "PROGRESS", "CREATED (UTC)", "PRODUCTS"))
+    for item in page["items"]:
+        created = str(item["created_at"])[:19].replace("T", " ")
+        cells = (item["request_id"], item["status"], _progress(item), created)
+        console.print(LIST_ROW.format(*cells, item["product_count"]))
+    if page["next"]:
+        again = [f"--status {status}"] * bool(status) + [f"--limit {limit}"] * bool(limit)
+        console.print(f"next page: imgpipe list {' '.join([*again, '--before', page['next']])}")
+    return EXIT_OK
+
+
+def _progress(item: dict[str, Any]) -> str:
+    counts = item.get("progress") or {}
+    done = counts.get("ok", 0) + counts.get("failed", 0)
+    failed = f" ({counts['failed']} failed)" if counts.get("failed") else ""
+    return f"{done}/{counts.get('total', 0)}{failed}"
+
+
 def webhook_secret(settings: Settings) -> int:
     print(settings.resolved_webhook_secret)
     return EXIT_OK
 
 
-def _wait_with_progress(client: ImgpipeClient, request_id: str) -> dict[str, Any]:
+def _wait_with_progress(client: ImgpipeClient, request_id: str, round: int = 0) -> dict[str, Any]:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -129,7 +178,7 @@ def _wait_with_progress(client: ImgpipeClient, request_id: str) -> dict[str, Any
                 detail=f"ok {ok}  failed {failed}",
             )
 
-        return client.wait(request_id, update)
+        return client.wait(request_id, update, round=round)
 
 
 def _print_final(final: dict[str, Any]) -> None:

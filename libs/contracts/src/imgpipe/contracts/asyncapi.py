@@ -11,11 +11,16 @@ from typing import Any, cast
 
 from imgpipe.contracts.events import (
     CONTENT_TYPE,
+    CancelRequested,
     CloudEvent,
     EventData,
     ImageProcessed,
+    RequestCancelled,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryRequested,
+    RetryStarted,
 )
 from imgpipe.contracts.topology import Topology
 
@@ -25,7 +30,26 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 DESCRIPTIONS: dict[type[EventData], str] = {
     RequestReceived: "A CSV was accepted: its rows, image count, options and webhook URL.",
     ImageProcessed: "One image has an outcome: its output URL and sizes, or why it failed.",
-    RequestCompleted: "Every image of a request has an outcome. Published once per request.",
+    RequestCompleted: (
+        "Every image of a request's run has an outcome. Published once per run: once, "
+        "and again after each retry (`round`)."
+    ),
+    RequestCancelled: (
+        "A running request was stopped: no image of it starts any more. Its final event "
+        "in place of RequestCompleted."
+    ),
+    RetryStarted: (
+        "The failed images of a finished request run again (`round`); a RequestCompleted "
+        "of the same round follows."
+    ),
+    RequestDeleted: (
+        "A request was deleted (by a user or the retention sweep): every service drops "
+        "what it holds of it, stored images included."
+    ),
+    CancelRequested: "A user asked to stop a running request (ingest to the processor).",
+    RetryRequested: (
+        "A user asked to run a finished request's failed images again (ingest to the processor)."
+    ),
 }
 
 

@@ -1,6 +1,8 @@
-"""The three public events, as CloudEvents 1.0 in JSON structured mode.
+"""The public events, as CloudEvents 1.0 in JSON structured mode.
 
-See docs/architecture.md, "Events".
+Three tell a request's life (RequestReceived, ImageProcessed, RequestCompleted); the
+rest manage it: ingest asks (CancelRequested, RetryRequested, RequestDeleted), the
+processor answers (RequestCancelled, RetryStarted). See docs/architecture.md, "Events".
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class ImageProcessed(EventData):
     # Download attempts made for the image (retries of transient failures included);
     # None when no download was tried.
     attempts: int | None = None
+    # 0 for the request's first run; N for the Nth retry of its failed images. A later
+    # round's outcome replaces an earlier one of the same image.
+    round: int = 0
 
 
 class Counts(BaseModel):
@@ -104,6 +109,62 @@ class RequestCompleted(EventData):
     status: Literal["completed", "error"]
     counts: Counts
     completed_at: datetime
+    round: int = 0  # the run that ended: 0 first, N after the Nth retry
+
+
+class CancelRequested(EventData):
+    """A user asked to stop a running request (ingest -> processor)."""
+
+    event_type: ClassVar[str] = "io.imgpipe.request.cancel_requested.v1"
+    routing_key: ClassVar[str] = "request.cancel_requested"
+
+    requested_at: datetime
+
+
+class RequestCancelled(EventData):
+    """The request was stopped: no image of it starts any more. Its final event, in
+    place of RequestCompleted. Images already in progress may still finish after it,
+    and keep their outputs; `counts` are those known when it stopped."""
+
+    event_type: ClassVar[str] = "io.imgpipe.request.cancelled.v1"
+    routing_key: ClassVar[str] = "request.cancelled"
+
+    counts: Counts
+    cancelled_at: datetime
+    round: int = 0
+
+
+class RetryRequested(EventData):
+    """A user asked to run a finished request's failed images again (ingest -> processor)."""
+
+    event_type: ClassVar[str] = "io.imgpipe.request.retry_requested.v1"
+    routing_key: ClassVar[str] = "request.retry_requested"
+
+    round: int  # 1 for the first retry, then 2, ...
+    requested_at: datetime
+
+
+class RetryStarted(EventData):
+    """The processor runs these images of a finished request again: the request is
+    processing again, until a RequestCompleted of the same round."""
+
+    event_type: ClassVar[str] = "io.imgpipe.request.retry_started.v1"
+    routing_key: ClassVar[str] = "request.retry_started"
+
+    round: int
+    image_keys: list[str]
+    started_at: datetime
+
+
+class RequestDeleted(EventData):
+    """A user (or the retention sweep) deleted the request: every service drops what it
+    holds of it, and the processor deletes its stored images."""
+
+    event_type: ClassVar[str] = "io.imgpipe.request.deleted.v1"
+    routing_key: ClassVar[str] = "request.deleted"
+
+    reason: Literal["user", "retention"] = "user"
+    deleted_at: datetime
 
 
 def image_key(row_index: int, position: int) -> str:
@@ -111,7 +172,17 @@ def image_key(row_index: int, position: int) -> str:
 
 
 EVENT_TYPES: dict[str, type[EventData]] = {
-    model.event_type: model for model in (RequestReceived, ImageProcessed, RequestCompleted)
+    model.event_type: model
+    for model in (
+        RequestReceived,
+        ImageProcessed,
+        RequestCompleted,
+        CancelRequested,
+        RequestCancelled,
+        RetryRequested,
+        RetryStarted,
+        RequestDeleted,
+    )
 }
 
 D = TypeVar("D", bound=EventData)
@@ -161,7 +232,16 @@ class CloudEvent(BaseModel, Generic[D]):
         return self.model_dump_json(exclude=absent).encode()
 
 
-AnyEvent = CloudEvent[RequestReceived] | CloudEvent[ImageProcessed] | CloudEvent[RequestCompleted]
+AnyEvent = (
+    CloudEvent[RequestReceived]
+    | CloudEvent[ImageProcessed]
+    | CloudEvent[RequestCompleted]
+    | CloudEvent[CancelRequested]
+    | CloudEvent[RequestCancelled]
+    | CloudEvent[RetryRequested]
+    | CloudEvent[RetryStarted]
+    | CloudEvent[RequestDeleted]
+)
 
 
 class UnknownEventType(ValueError):
@@ -182,9 +262,34 @@ def received_event_id(request_id: str) -> str:
     return f"{request_id}:received"
 
 
-def processed_event_id(request_id: str, key: str) -> str:
-    return f"{request_id}:image:{key}"
+def _in_round(event_id: str, round: int) -> str:
+    """Round 0 keeps the ids events had before retries existed."""
+    return f"{event_id}:r{round}" if round else event_id
 
 
-def completed_event_id(request_id: str) -> str:
-    return f"{request_id}:completed"
+def processed_event_id(request_id: str, key: str, round: int = 0) -> str:
+    return _in_round(f"{request_id}:image:{key}", round)
+
+
+def completed_event_id(request_id: str, round: int = 0) -> str:
+    return _in_round(f"{request_id}:completed", round)
+
+
+def cancel_requested_event_id(request_id: str) -> str:
+    return f"{request_id}:cancel-requested"
+
+
+def cancelled_event_id(request_id: str) -> str:
+    return f"{request_id}:cancelled"
+
+
+def retry_requested_event_id(request_id: str, round: int) -> str:
+    return f"{request_id}:retry-requested:r{round}"
+
+
+def retry_started_event_id(request_id: str, round: int) -> str:
+    return f"{request_id}:retry-started:r{round}"
+
+
+def deleted_event_id(request_id: str) -> str:
+    return f"{request_id}:deleted"

@@ -11,7 +11,16 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.events import (
+    CancelRequested,
+    ImageProcessed,
+    RequestCancelled,
+    RequestCompleted,
+    RequestDeleted,
+    RequestReceived,
+    RetryRequested,
+    RetryStarted,
+)
 
 # Delay queues of the processor's parked images, in seconds: a message waits its queue's
 # time, then goes back to "processor.jobs". A queue per delay, not a per-message TTL on
@@ -19,10 +28,23 @@ from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestRe
 # queued behind a long one would wait for it. Doubling steps reach any wait in a few hops.
 RETRY_DELAYS = (5, 10, 20, 40, 80, 160, 320)
 
-ALL_EVENT_KEYS = (
+# What a request's state is made of: the read side (status, notifier) follows these.
+LIFECYCLE_KEYS = (
     RequestReceived.routing_key,
     ImageProcessed.routing_key,
     RequestCompleted.routing_key,
+    RequestCancelled.routing_key,
+    RetryStarted.routing_key,
+    RequestDeleted.routing_key,
+)
+# Commands as events: ingest asks, the processor acts.
+COMMAND_KEYS = (CancelRequested.routing_key, RetryRequested.routing_key)
+ALL_EVENT_KEYS = LIFECYCLE_KEYS + COMMAND_KEYS
+# How a run ends or starts again: ingest follows these to answer cancel and retry.
+RUN_KEYS = (
+    RequestCompleted.routing_key,
+    RequestCancelled.routing_key,
+    RetryStarted.routing_key,
 )
 
 
@@ -56,8 +78,12 @@ class Topology:
 
     def __post_init__(self) -> None:
         specs = {
-            # processor: RequestReceived in, and its own per-image work queue (not public).
-            "processor.requests": QueueSpec("processor.requests", (RequestReceived.routing_key,)),
+            # processor: requests and what is asked of them in, and its own per-image
+            # work queue (not public).
+            "processor.requests": QueueSpec(
+                "processor.requests",
+                (RequestReceived.routing_key, *COMMAND_KEYS, RequestDeleted.routing_key),
+            ),
             "processor.jobs": QueueSpec("processor.jobs"),
             **{
                 retry_queue_key(seconds): QueueSpec(
@@ -65,8 +91,9 @@ class Topology:
                 )
                 for seconds in RETRY_DELAYS
             },
-            "status": QueueSpec("status", ALL_EVENT_KEYS),
-            "notifier": QueueSpec("notifier", ALL_EVENT_KEYS),
+            "status": QueueSpec("status", LIFECYCLE_KEYS),
+            "notifier": QueueSpec("notifier", LIFECYCLE_KEYS),
+            "ingest": QueueSpec("ingest", RUN_KEYS),
         }
         object.__setattr__(self, "queues", specs)
 

@@ -18,9 +18,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgpipe.contracts.service import service_app
 from imgpipe.contracts.settings import Settings
 from imgpipe.ingest.bootstrap import Runtime
-from imgpipe.ingest.config import OutboxConfig
-from imgpipe.ingest.domain import StoreUnavailable, UploadRejected
-from imgpipe.ingest.routes import upload_router
+from imgpipe.ingest.config import OutboxConfig, RetentionConfig
+from imgpipe.ingest.domain import (
+    Conflict,
+    IdempotencyConflict,
+    PublishFailed,
+    StoreUnavailable,
+    UnknownRequest,
+    UploadRejected,
+)
+from imgpipe.ingest.routes import requests_router, upload_router
 from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport
 
 log = logging.getLogger(__name__)
@@ -29,15 +36,22 @@ log = logging.getLogger(__name__)
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
-def create_app(settings: Settings | None = None, *, outbox: OutboxConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    outbox: OutboxConfig | None = None,
+    retention: RetentionConfig | None = None,
+) -> FastAPI:
     settings = settings or Settings()
     outbox = outbox or OutboxConfig()
+    retention = retention or RetentionConfig()
     app = service_app(
         title="imgpipe ingest",
-        summary="Takes a CSV of product image URLs and starts processing it.",
-        start=lambda: Runtime.start(settings, outbox),
+        summary="Takes a CSV of product image URLs and starts processing it, and takes "
+        "commands on submitted requests: cancel, retry, delete.",
+        start=lambda: Runtime.start(settings, outbox, retention),
         metrics=settings.metrics,
-        routers=[upload_router(settings, outbox)],
+        routers=[upload_router(settings, outbox), requests_router(settings)],
     )
     _add_error_handlers(app, settings)
     app.add_middleware(
@@ -60,6 +74,24 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
         log.error("upload refused, database unavailable: %s", exc)
         body = ErrorOut(detail="database unavailable: nothing was stored, try again later")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(UnknownRequest)
+    async def unknown(_: Request, exc: UnknownRequest) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail="no such request").model_dump(), status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail=str(exc)).model_dump(), status_code=409)
+
+    @app.exception_handler(PublishFailed)
+    async def broker_down(_: Request, exc: PublishFailed) -> JSONResponse:
+        log.error("command refused, broker unavailable: %s", exc)
+        body = ErrorOut(detail="message broker unavailable: nothing was done, try again later")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(IdempotencyConflict)
+    async def key_conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail=exc.detail).model_dump(), status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_form(_: Request, exc: RequestValidationError) -> JSONResponse:

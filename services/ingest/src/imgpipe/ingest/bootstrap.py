@@ -15,16 +15,21 @@ from datetime import timedelta
 from pymongo import AsyncMongoClient
 
 from imgpipe.contracts.bus import Bus, BusLink
+from imgpipe.contracts.events import AnyEvent
 from imgpipe.contracts.mongo import connect, ping, service_database
 from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
-from imgpipe.ingest import handlers
+from imgpipe.ingest import commands, handlers
+from imgpipe.ingest.adapters.idempotency import IdempotencyKeys
 from imgpipe.ingest.adapters.publisher import EventPublisher
 from imgpipe.ingest.adapters.repository import IngestRepository
-from imgpipe.ingest.config import OutboxConfig
+from imgpipe.ingest.config import OutboxConfig, RetentionConfig
 
 log = logging.getLogger(__name__)
+
+QUEUE_KEY = "ingest"  # the end and restart of runs, to answer cancel and retry
+DEFAULT_PREFETCH = 16
 
 
 @dataclass
@@ -33,20 +38,36 @@ class Runtime:
     repository: IngestRepository
     publisher: EventPublisher
     resources: Resources
+    keys: IdempotencyKeys
 
     @classmethod
-    async def start(cls, settings: Settings, config: OutboxConfig) -> Runtime:
+    async def start(
+        cls, settings: Settings, config: OutboxConfig, retention: RetentionConfig | None = None
+    ) -> Runtime:
         resources = Resources()
         try:
             mongo = connect(settings)
             resources.push("closing the database client", mongo.close)
-            repository = IngestRepository(service_database(mongo, settings, "ingest"))
+            database = service_database(mongo, settings, "ingest")
+            repository = IngestRepository(database)
+            keys = IdempotencyKeys(database)
             topology = Topology(settings.namespace, settings.delivery_limit)
+
+            async def follow_runs(bus: Bus) -> None:  # once the broker answers
+                async def on_event(event: AnyEvent) -> None:
+                    await commands.follow_run(event, repository)
+
+                await bus.consume_events(QUEUE_KEY, on_event)
+
             link = BusLink(
                 lambda: Bus.connect(
-                    settings.amqp_url, topology, prefetch=settings.prefetch or 1, service="ingest"
+                    settings.amqp_url,
+                    topology,
+                    prefetch=settings.prefetch or DEFAULT_PREFETCH,
+                    service="ingest",
                 ),
                 retry_interval=config.connect_retry,
+                on_connect=follow_runs,
             )
             resources.push("closing the broker connection", link.close)
             await link.start()
@@ -55,6 +76,7 @@ class Runtime:
             publisher = EventPublisher(link, publish_timeout=config.publish_timeout)
             # Uploads create the indexes too before they write; this gets it done early.
             resources.task(keep_trying(repository.ensure_indexes, "creating ingest indexes"))
+            resources.task(keep_trying(keys.ensure_indexes, "creating idempotency key indexes"))
             relay = handlers.run_relay(
                 repository,
                 publisher,
@@ -63,10 +85,15 @@ class Runtime:
                 batch=config.batch,
             )
             resources.task(asyncio.create_task(relay, name="ingest-outbox-relay"))
+            if retention is not None and retention.days is not None:
+                sweep = commands.run_retention(
+                    repository, publisher, keys, days=retention.days, interval=retention.interval
+                )
+                resources.task(asyncio.create_task(sweep, name="ingest-retention"))
         except BaseException:
             await resources.close()
             raise
-        return cls(mongo, repository, publisher, resources)
+        return cls(mongo, repository, publisher, resources, keys)
 
     async def readiness(self) -> dict[str, bool]:
         return {"broker": self.publisher.is_connected, "database": await ping(self.mongo)}

@@ -1,8 +1,10 @@
-"""Ingest's own settings: the outbox, its relay and its publishes (env `IMGPIPE_OUTBOX_*`);
-the settings every service shares are `imgpipe.contracts.settings.Settings`."""
+"""Ingest's own settings: the outbox, its relay and its publishes (env `IMGPIPE_OUTBOX_*`),
+and how long finished requests are kept (env `IMGPIPE_RETENTION_*`); the settings every
+service shares are `imgpipe.contracts.settings.Settings`."""
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,3 +17,11 @@ class OutboxConfig(BaseSettings):
     batch: int = 100  # requests per relay pass at most
     publish_timeout: float = 5.0  # an upload waits this long for the broker's confirm
     connect_retry: float = 2.0  # seconds between connection attempts while the broker is down
+
+
+class RetentionConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_RETENTION_", extra="ignore")
+
+    # Finished requests older than this many days are deleted; None keeps them for ever.
+    days: float | None = Field(default=None, gt=0)
+    interval: float = Field(default=600.0, gt=0)  # seconds between sweeps

@@ -4,8 +4,9 @@ upload can fail."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from typing import Any, Literal
 
 from imgpipe.contracts.events import CloudEvent, Options, RequestReceived, Row, received_event_id
 from imgpipe.contracts.tracing import trace_id_of
@@ -62,6 +63,45 @@ class IngestRequest:
         )
 
 
+RunState = Literal["processing", "completed", "error", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"completed", "error", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Run:
+    """What ingest knows of a request's progress, from the processor's events: enough to
+    answer cancel and retry. `version` orders what it learns (round N starting is 2N,
+    ending 2N+1), so a late event never undoes a newer one."""
+
+    state: RunState = "processing"
+    round: int = 0
+    failed: int = 0
+    version: int = 0
+    finished_at: datetime | None = None
+    # The request's trace, for the commands' events (not stored with the run).
+    traceparent: str | None = field(default=None, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any] | None, traceparent: str | None = None) -> Run:
+        return cls(**(doc or {}), traceparent=traceparent)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        del doc["traceparent"]
+        return doc
+
+    @classmethod
+    def ended(cls, state: RunState, failed: int, at: datetime, round: int) -> Run:
+        return cls(state, round, failed, 2 * round + 1, at)
+
+    def retrying(self, round: int) -> Run:
+        return replace(self, state="processing", round=round, version=2 * round, finished_at=None)
+
+
 class UploadRejected(Exception):
     """The upload is refused as a whole (HTTP 4xx); nothing was stored or published."""
 
@@ -82,3 +122,19 @@ class StoreUnavailable(Exception):
 
 class PublishFailed(Exception):
     """The broker did not confirm the event; the outbox relay will send it later."""
+
+
+class UnknownRequest(Exception):
+    """No such request (HTTP 404)."""
+
+
+class Conflict(Exception):
+    """The request is not in a state that allows the command (HTTP 409); says why."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key is taken by another upload (HTTP 409); nothing was stored."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)

@@ -16,6 +16,13 @@ class UploadAccepted(BaseModel):
     )
 
 
+class CommandAccepted(BaseModel):
+    request_id: str
+    command: Literal["cancel", "retry", "delete"]
+    round: int | None = Field(None, description="retry: the round it starts (1, 2, ...)")
+    status_url: str = Field(description="GET it to follow the effect (status service)")
+
+
 class ProblemOut(BaseModel):
     line: int | None = Field(None, description="CSV line the row starts on (header = 1)")
     column: str | None = Field(None, description="CSV column, when one is at fault")

@@ -27,13 +27,16 @@ from pydantic import ValidationError
 
 from imgpipe.contracts.events import (
     AnyEvent,
+    CancelRequested,
     CloudEvent,
     Counts,
     ImageError,
     ImageProcessed,
     Options,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryRequested,
     completed_event_id,
     processed_event_id,
 )
@@ -42,13 +45,21 @@ from imgpipe.contracts.metrics import DEAD_LETTERED
 from imgpipe.contracts.topology import Topology
 from imgpipe.contracts.tracing import current_traceparent, origin, span
 from imgpipe.processor import metrics
-from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
+from imgpipe.processor.adapters.download import (
+    Attempts,
+    Downloader,
+    FailedDownload,
+    NotWanted,
+    RetryLater,
+)
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.backlog import Backlog
+from imgpipe.processor.commands import Commands
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
+from imgpipe.processor.stops import Stops
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +139,28 @@ class Processor:
     instance: str = "processor"  # recorded with each outcome: which process did the work
     _completion_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _outcomes: OutcomeBatcher = field(init=False)
+    stops: Stops = field(init=False)
+    commands: Commands = field(init=False)
 
     def __post_init__(self) -> None:
         self._outcomes = OutcomeBatcher(self.repository, self.bus.publish_many)
+        self.stops = Stops(self.repository)
+        self.commands = Commands(
+            self.repository, self.bus, self.storage, self.stops, self._complete
+        )
 
-    # RequestReceived --------------------------------------------------------------
+    # Requests and what is asked of them ---------------------------------------------
 
     async def on_event(self, event: AnyEvent) -> None:
-        if isinstance(event.data, RequestReceived):
-            await self.request_received(event.data)
+        data = event.data
+        if isinstance(data, RequestReceived):
+            await self.request_received(data)
+        elif isinstance(data, CancelRequested):
+            await self.commands.cancel(data)
+        elif isinstance(data, RetryRequested):
+            await self.commands.retry(data)
+        elif isinstance(data, RequestDeleted):
+            await self.commands.delete(data)
 
     async def request_received(self, request: RequestReceived) -> None:
         jobs = jobs_for(request)
@@ -154,8 +178,8 @@ class Processor:
             options=request.options,
             traceparent=current_traceparent(),  # the consumer span, in the request's trace
         )
-        if doc["fanned_out"]:
-            return  # a redelivery of a request whose jobs are all sent
+        if doc.get("deleted") or doc["fanned_out"]:
+            return  # deleted, or a redelivery of a request whose jobs are all sent
         for start in range(0, len(jobs), FANOUT_BATCH):
             batch = jobs[start : start + FANOUT_BATCH]
             await asyncio.gather(
@@ -182,9 +206,12 @@ class Processor:
     async def process_job(self, job: Job) -> None:
         """Process each image of the job; each is recorded as soon as it is done, so an
         image that waits for its host holds neither the others nor a pool worker."""
-        if await self.repository.get_request(job.request_id) is None:
+        request = await self.repository.get_request(job.request_id)
+        if request is None:
             # Jobs are sent after their request is stored: retry, then dead-letter.
             raise LookupError(f"no request {job.request_id} for job {job.message_id}")
+        if self.stops.note(job.request_id, request) or job.round < request.get("round", 0):
+            return  # cancelled or deleted, or a stale job of an earlier run
         keys = [place.image_key for image in job.images for place in image.places]
         done = await self.repository.get_images(job.request_id, keys)
         if done:  # a redelivery or a duplicate job: repeat what is known
@@ -207,7 +234,7 @@ class Processor:
             return False
         known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
         if known is not None:  # a crash between two of its places' writes: copy the rest
-            return await self._record(job.request_id, image, missing, ImageOutcome.from_doc(known))
+            return await self._record(job, image, missing, ImageOutcome.from_doc(known))
         attributes = {
             "request_id": job.request_id,
             "image_key": image.image_key,
@@ -220,20 +247,29 @@ class Processor:
                 image_span.set_attribute("outcome", "parked")
                 await self._park(job, image, later)
                 return False
+            except RequestStopped:
+                image_span.set_attribute("outcome", "stopped")
+                return False
+            if await self.stops.reason(job.request_id) == "deleted":
+                # Deleted while this image was in progress: its file must not outlive it.
+                await self.storage.delete_request(job.request_id)
+                return False
             image_span.set_attributes(_span_attributes(outcome))
-            done_now = await self._record(job.request_id, image, missing, outcome)
+            done_now = await self._record(job, image, missing, outcome)
         metrics.count_outcome(outcome)
         return done_now
 
     async def _record(
-        self, request_id: str, image: JobImage, places: Sequence[Place], outcome: ImageOutcome
+        self, job: Job, image: JobImage, places: Sequence[Place], outcome: ImageOutcome
     ) -> bool:
+        request_id = job.request_id
         docs = [
             {
                 "request_id": request_id,
                 **place.model_dump(),
                 "input_url": image.input_url,
                 **outcome.to_doc(),
+                "round": job.round,
             }
             for place in places
         ]
@@ -279,7 +315,7 @@ class Processor:
         """The outcome of one image; RetryLater when it is to wait."""
         try:
             return await self._outcome(job, image)
-        except RetryLater:
+        except (RetryLater, RequestStopped):
             raise
         except Exception:
             # A bug met by one image must not fail its job's other images, nor, retried
@@ -293,12 +329,18 @@ class Processor:
         """Download, compress and store one image; every expected failure is an outcome."""
         earlier = Attempts(image.attempts, image.first_attempt_at)
         await self.backlog.room()
+
+        async def wanted() -> bool:  # asked as each download attempt is about to start
+            return await self.stops.reason(job.request_id) is None
+
         try:
             with span("download") as download:
-                downloaded = await self.download(image.input_url, earlier, image.not_before)
+                downloaded = await self.download(image.input_url, earlier, image.not_before, wanted)
                 download.set_attributes(
                     {"bytes": len(downloaded.body), "attempts": downloaded.attempts.count}
                 )
+        except NotWanted:
+            raise RequestStopped(job.request_id) from None
         except FailedDownload as exc:
             return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
         data, attempts = downloaded.body, downloaded.attempts.count
@@ -363,28 +405,36 @@ class Processor:
         The lock keeps this process's duplicate jobs from publishing it twice."""
         async with self._completion_lock:
             request = await self.repository.get_request(request_id)
-            if request is None or request["completed_published"]:
-                return
+            if request is None or request.get("completed_published", True):
+                return  # unknown, finished, or a tombstone
+            if request.get("cancelled"):
+                return  # RequestCancelled ended it
             ok, failed = await self.repository.count_outcomes(request_id)
             if ok + failed < request["total"]:
                 return  # the last image's own check will finish it
+            round = request.get("round", 0)
             data = RequestCompleted(
                 request_id=request_id,
                 status="completed" if ok >= 1 else "error",
                 counts=Counts(total=request["total"], ok=ok, failed=failed),
                 completed_at=datetime.now(UTC),
+                round=round,
             )
             # The request's trace, whichever job happens to finish it.
             event = CloudEvent.wrap(
                 data,
                 source=SOURCE,
-                id=completed_event_id(request_id),
+                id=completed_event_id(request_id, round),
                 traceparent=request.get("traceparent"),
             )
             await self.bus.publish(event)
             metrics.REQUESTS_COMPLETED.labels(status=data.status).inc()
             await self.repository.mark_completed(request_id, ok, failed)
             log.info("request %s: %s (%d ok, %d failed)", request_id, data.status, ok, failed)
+
+
+class RequestStopped(Exception):
+    """The image's request was cancelled or deleted before the image started."""
 
 
 def _shortened(message: str) -> str:
@@ -405,9 +455,9 @@ def _span_attributes(outcome: ImageOutcome) -> dict[str, str | int]:
 
 
 def _looks_done(request: Mapping[str, Any]) -> bool:
-    return (
-        request["ok"] + request["failed"] >= request["total"] and not request["completed_published"]
-    )
+    if request.get("completed_published", True):  # finished, or a deleted request's tombstone
+        return False
+    return bool(request["ok"] + request["failed"] >= request["total"])
 
 
 def processed_event(
@@ -432,10 +482,11 @@ def processed_event(
         kept_input=image.get("kept_input"),
         error=ImageError(**error) if error else None,
         attempts=image.get("attempts"),
+        round=image.get("round", 0),
     )
     return CloudEvent.wrap(
         data,
         source=SOURCE,
-        id=processed_event_id(data.request_id, data.image_key),
+        id=processed_event_id(data.request_id, data.image_key, data.round),
         traceparent=traceparent,
     )

@@ -16,6 +16,9 @@ before which it is not to be tried.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from imgpipe.contracts.events import Options, RequestReceived, image_key
@@ -56,13 +59,15 @@ class Job(BaseModel):
     request_id: str
     options: Options = Options()
     images: tuple[JobImage, ...]
+    round: int = 0  # 0 for the request's first run; N for its Nth retry of failed images
 
     @property
     def message_id(self) -> str:
         first, last = self.images[0], self.images[-1]
         suffix = f"..{last.image_key}" if last is not first else ""
         retry = f"#{first.attempts}" if len(self.images) == 1 and first.attempts else ""
-        return f"{self.request_id}:{first.image_key}{suffix}{retry}"
+        in_round = f":r{self.round}" if self.round else ""
+        return f"{self.request_id}{in_round}:{first.image_key}{suffix}{retry}"
 
     def parked(
         self, image: JobImage, attempts: int, first_attempt_at: float | None, not_before: float
@@ -77,6 +82,7 @@ class Job(BaseModel):
             request_id=self.request_id,
             options=self.options,
             images=(image.model_copy(update=update),),
+            round=self.round,
         )
 
     def to_bytes(self) -> bytes:
@@ -92,15 +98,36 @@ def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> list[Jo
                 image_key=image_key(row_index, position), row_index=row_index, position=position
             )
             places.setdefault(url, []).append(place)
+    return _jobs(request.request_id, request.options, places, 0, per_job)
+
+
+def retry_jobs(
+    request_id: str,
+    options: Options,
+    round: int,
+    failed: Iterable[Mapping[str, Any]],
+    per_job: int = IMAGES_PER_JOB,
+) -> list[Job]:
+    """Jobs of round `round` for the image records of failed images, one download per URL."""
+    places: dict[str, list[Place]] = {}
+    for doc in sorted(failed, key=lambda d: (d["row_index"], d["position"])):
+        places.setdefault(doc["input_url"], []).append(Place.model_validate(doc))
+    return _jobs(request_id, options, places, round, per_job)
+
+
+def _jobs(
+    request_id: str, options: Options, places: dict[str, list[Place]], round: int, per_job: int
+) -> list[Job]:
     images = [
         JobImage(**first.model_dump(), input_url=url, also=tuple(also))
         for url, (first, *also) in places.items()
     ]
     return [
         Job(
-            request_id=request.request_id,
-            options=request.options,
+            request_id=request_id,
+            options=options,
             images=tuple(images[start : start + per_job]),
+            round=round,
         )
         for start in range(0, len(images), per_job)
     ]

@@ -19,7 +19,7 @@ from pymongo.errors import PyMongoError
 
 from imgpipe.contracts.events import Options, Row
 from imgpipe.contracts.mongo import Once
-from imgpipe.ingest.domain import IngestRequest, StoreUnavailable
+from imgpipe.ingest.domain import IngestRequest, Run, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class IngestRepository:
     async def _create_indexes(self) -> None:
         await self.requests.create_index([("published_at", ASCENDING), ("relay_after", ASCENDING)])
         await self.rows.create_index([("request_id", ASCENDING), ("index", ASCENDING)])
+        # The retention sweep's filter, field for field.
+        await self.requests.create_index("run.finished_at")
 
     async def add(self, request: IngestRequest, *, relay_after: datetime) -> None:
         """Store a request as not yet published; the relay may send it after `relay_after`."""
@@ -57,6 +59,7 @@ class IngestRepository:
             "published_at": None,
             "relay_after": relay_after,
             "traceparent": request.traceparent,
+            "run": Run().to_doc(),
         }
         if len(chunks) <= 1:
             doc["rows"], doc["row_chunks"] = (chunks[0] if chunks else []), 0
@@ -87,6 +90,49 @@ class IngestRepository:
             )
         )
         return None if doc is None else await self._load(doc)
+
+    # Runs: what ingest knows of a request's state, from the processor's events ---------
+
+    async def get_run(self, request_id: str) -> Run | None:
+        """The request's run, or None when there is no such request."""
+        doc = await _guarded(
+            lambda: self.requests.find_one({"_id": request_id}, {"run": 1, "traceparent": 1})
+        )
+        if doc is None:
+            return None
+        return Run.from_doc(doc.get("run"), doc.get("traceparent"))
+
+    async def follow(self, request_id: str, run: Run) -> None:
+        """Take `run` if it is later than the one stored (events may come out of order)."""
+        known = await self.get_run(request_id)
+        if known is not None and known.version < run.version:
+            await _guarded(
+                lambda: self.requests.update_one(
+                    {"_id": request_id}, {"$set": {"run": run.to_doc()}}
+                )
+            )
+
+    async def replace_run(self, request_id: str, expected: Run, new: Run) -> bool:
+        """Compare and set: False when the run changed since `expected` was read (a
+        concurrent command or event), so two clicks cannot start two retries."""
+        result = await _guarded(
+            lambda: self.requests.update_one(
+                {"_id": request_id, "run.version": expected.version},
+                {"$set": {"run": new.to_doc()}},
+            )
+        )
+        return result.modified_count == 1
+
+    async def finished_before(self, before: datetime, limit: int) -> list[str]:
+        """Ids of requests whose run ended before `before` (the retention sweep's)."""
+        cursor = self.requests.find({"run.finished_at": {"$lt": before}}, {"_id": 1}).limit(limit)
+        docs = await _guarded(lambda: cursor.to_list(None))
+        return [doc["_id"] for doc in docs]
+
+    async def delete(self, request_id: str) -> None:
+        """Drop the request and its row chunks."""
+        await _guarded(lambda: self.requests.delete_one({"_id": request_id}))
+        await _guarded(lambda: self.rows.delete_many({"request_id": request_id}))
 
     async def _load(self, doc: dict[str, Any]) -> IngestRequest:
         rows = doc["rows"]

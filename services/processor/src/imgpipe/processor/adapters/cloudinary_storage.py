@@ -214,6 +214,25 @@ class CloudinaryStorage:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def delete_request(self, request_id: str) -> None:
+        """Delete the request's assets: every upload is tagged with its request id."""
+        object_name(request_id, "0-0", "jpeg")  # refuses an unsafe id
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._delete_tagged, request_id)
+
+    def _delete_tagged(self, tag: str) -> None:
+        import cloudinary.api
+        import cloudinary.exceptions
+
+        try:
+            # The Admin API deletes up to 1,000 assets a call and says `partial` if more.
+            while cloudinary.api.delete_resources_by_tag(tag, **self.config.sdk_options()).get(
+                "partial"
+            ):
+                pass
+        except cloudinary.exceptions.Error as exc:
+            raise StorageError(self.config.redact(str(exc))[:_MESSAGE_LIMIT]) from exc
+
     def _delay(self, attempt: int, retry_after: float | None) -> float | None:
         """Seconds before the next attempt; None when Retry-After asks for more than we wait."""
         if retry_after is not None:

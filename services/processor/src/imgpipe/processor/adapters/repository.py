@@ -1,5 +1,5 @@
 """The processor's own database: one `requests` doc per request, one `images` doc per
-image outcome.
+image outcome, and in `images_history` the failed outcomes a retry replaced.
 
 Round trips per image are counted (SecantusDB spends ~0.5 ms per round trip, ~0.1 ms
 per inserted document and ~0.5 ms per updated one): a job reads its images in one
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
@@ -46,10 +46,14 @@ class Outcome:
         return image_id(self.request_id, self.image_key)
 
 
+Stop = Literal["cancelled", "deleted"]
+
+
 class ProcessorRepository:
     def __init__(self, db: AsyncDatabase) -> None:
         self.requests = db["requests"]
         self.images = db["images"]
+        self.history = db["images_history"]
 
     async def ensure_indexes(self) -> None:
         await self.images.create_index(
@@ -57,6 +61,7 @@ class ProcessorRepository:
         )
         # count_outcomes' filter, field for field: counting walks one request's entries.
         await self.images.create_index([("request_id", ASCENDING), ("outcome", ASCENDING)])
+        await self.history.create_index("request_id")
 
     # Requests ---------------------------------------------------------------------
 
@@ -124,7 +129,78 @@ class ProcessorRepository:
             },
         )
 
+    async def stop(self, request_id: str, reason: Stop) -> Doc | None:
+        """Flag the request cancelled or deleted (no image of it starts any more); the
+        request after that, or None when it is unknown."""
+        return await self.requests.find_one_and_update(
+            {"_id": request_id},
+            {"$set": {reason: True, f"{reason}_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def open_round(self, request_id: str, round: int, retried: int) -> None:
+        """Start retry round `round` of `retried` failed images: they no longer count as
+        failed, and the request is running again."""
+        await self.requests.update_one(
+            {"_id": request_id},
+            {
+                "$set": {"round": round, "completed_published": False, "round_sent": False},
+                "$inc": {"failed": -retried},
+            },
+        )
+
+    async def mark_round_sent(self, request_id: str) -> None:
+        await self.requests.update_one({"_id": request_id}, {"$set": {"round_sent": True}})
+
+    async def leave_tombstone(self, request_id: str) -> None:
+        """Replace the request by the least that keeps late messages of it from doing
+        work: its id and when it was deleted."""
+        await self.requests.replace_one(
+            {"_id": request_id}, {"deleted": True, "deleted_at": utcnow()}, upsert=True
+        )
+
     # Images -----------------------------------------------------------------------
+
+    async def images_with_outcome(self, request_id: str, outcome: str) -> list[Doc]:
+        return await self.images.find({"request_id": request_id, "outcome": outcome}).to_list()
+
+    async def supersede(self, failed: Sequence[Doc], round: int) -> None:
+        """Keep the failed outcomes a retry round replaces (once each, however often
+        this runs)."""
+        if not failed:
+            return
+        copies = [
+            {**doc, "_id": f"{doc['_id']}:r{round}", "superseded_in": round} for doc in failed
+        ]
+        try:
+            await self.history.insert_many(copies, ordered=False)
+        except BulkWriteError as exc:
+            if duplicate_indexes(exc) is None:
+                raise
+
+    async def superseded(self, request_id: str, round: int) -> list[Doc]:
+        """The failed outcomes round `round` retries."""
+        docs = await self.history.find({"request_id": request_id}).to_list()
+        return [doc for doc in docs if doc["superseded_in"] == round]
+
+    async def drop_superseded(self, request_id: str, image_keys: Sequence[str], round: int) -> None:
+        """Remove the replaced outcomes from `images`, so the round's own can be recorded;
+        outcomes the round already recorded stay."""
+        ids = [image_id(request_id, key) for key in image_keys]
+        await self.images.delete_many({"_id": {"$in": ids}, "round": {"$ne": round}})
+
+    async def drop_images(self, request_id: str) -> None:
+        """Every outcome of the request, current and replaced."""
+        ids = [
+            doc["_id"]
+            for outcome in ("ok", "failed")
+            for doc in await self.images.find(
+                {"request_id": request_id, "outcome": outcome}, {"_id": 1}
+            ).to_list()
+        ]
+        if ids:
+            await self.images.delete_many({"_id": {"$in": ids}})
+        await self.history.delete_many({"request_id": request_id})
 
     async def get_images(self, request_id: str, image_keys: Sequence[str]) -> dict[str, Doc]:
         """The images among `image_keys` whose outcome is recorded, by image key."""

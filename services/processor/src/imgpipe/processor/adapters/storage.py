@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ class StoredImage:
 class Storage(Protocol):
     async def save(self, request_id: str, image_key: str, data: bytes, fmt: str) -> StoredImage:
         """Store (or overwrite: a retry must not duplicate) one output image."""
+        ...
+
+    async def delete_request(self, request_id: str) -> None:
+        """Delete every stored image of the request (nothing stored is not an error)."""
         ...
 
     async def aclose(self) -> None:
@@ -65,6 +70,15 @@ class LocalStorage:
         return StoredImage(
             url=f"{self.base_url}/{folder}/{name}", location=str(path), size=len(data)
         )
+
+    async def delete_request(self, request_id: str) -> None:
+        folder, _ = object_name(request_id, "0-0", "jpeg")
+        try:
+            await asyncio.to_thread(shutil.rmtree, self.root / folder, ignore_errors=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self.root / folder}: {exc}") from exc
 
     async def aclose(self) -> None:
         """Nothing to release: each write is a thread of asyncio's own pool."""
