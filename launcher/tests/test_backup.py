@@ -152,12 +152,15 @@ def test_a_backup_of_a_running_system_restores_into_a_new_data_directory(
             )
         finally:
             assert again.stop() == 0, again.output
-    retried = {d["webhook_id"]: d for d in delivered if d["id"] in {p["id"] for p in pending}}
-    assert len(retried) == len(pending) >= 1, (pending, delivered)
-    for delivery in retried.values():  # answered 500 before the backup, 200 after the restore
-        outcomes = [attempt["outcome"] for attempt in delivery["attempts"]]
-        assert outcomes[0] == "retry" and outcomes[-1] == "delivered", delivery["attempts"]
-    assert set(retried) <= set(hooks.ids())
+    # Pending at backup time: the first webhook, tried and due for a retry, and the later ones
+    # waiting for it (one endpoint gets a request's webhooks in order).
+    tried = [d["id"] for d in pending if d["attempts"]]
+    assert len(tried) == 1, pending
+    after = {d["id"]: d for d in delivered}
+    assert {d["id"] for d in pending} <= set(after), (pending, delivered)
+    outcomes = [attempt["outcome"] for attempt in after[tried[0]]["attempts"]]
+    assert outcomes[0] == "retry" and outcomes[-1] == "delivered", outcomes  # 500, then 200
+    assert {d["webhook_id"] for d in delivered} <= set(hooks.ids())
     assert {d["event_type"] for d in delivered} >= {"request.received", "request.completed"}
     secret = (dump / "webhook_secret").read_text()
     assert secret.startswith("whsec_") and (new_data / "webhook_secret").read_text() == secret

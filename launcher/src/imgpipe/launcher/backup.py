@@ -63,6 +63,7 @@ FORMAT = 1
 DUMP_ORDER = ("notifier", "status", "processor", "ingest")
 COLLECTION_ORDER = {"ingest": ("requests", "request_rows"), "processor": ("requests", "images")}
 INSERT_BATCH = 1000
+EMBEDDED_START = 120.0  # seconds: a busy machine may take a while to open the storage
 RAW = CodecOptions(document_class=RawBSONDocument)
 
 Counts = dict[str, int]
@@ -107,7 +108,8 @@ def database_url(settings: Settings) -> Iterator[str]:
         yield url
     else:
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with embedded_mongo(data_dir / "mongo", log_file=data_dir / "logs" / "mongo.log") as url:
+        log = data_dir / "logs" / "mongo.log"
+        with embedded_mongo(data_dir / "mongo", log_file=log, timeout=EMBEDDED_START) as url:
             yield url
 
 

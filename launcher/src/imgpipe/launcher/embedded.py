@@ -77,7 +77,7 @@ def _server_command() -> str:
 
 @contextmanager
 def embedded_mongo(
-    storage: Path, port: int | None = None, log_file: Path | None = None
+    storage: Path, port: int | None = None, log_file: Path | None = None, timeout: float = 30.0
 ) -> Iterator[str]:
     """Run SecantusDB as a child process; yields its mongodb:// URL."""
     storage.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def embedded_mongo(
         process_group=0,
     )
     try:
-        wait_for_port(port, process=process)
+        wait_for_port(port, timeout, process=process)
         # No retryable writes on the embedded server: SecantusDB keeps each one's reply for
         # 30 minutes and scans (past 10,000, sorts) them on every write, ~5 ms a write after
         # a few thousand images. imgpipe's writes are idempotent or checked and the bus
