@@ -119,10 +119,10 @@ def database_url(settings: Settings) -> Iterator[str]:
 def backup(settings: Settings, target: Path) -> dict[str, Any]:
     """Write the copy to `target` (new or empty); returns the manifest."""
     partial = _fresh_partial(target)
-    created_at = datetime.now(UTC)
     databases: dict[str, dict[str, Any]] = {}
     media: dict[str, int] = {}
     with database(settings) as client:
+        created_at = datetime.now(UTC)  # the copy starts now
         for service in DUMP_ORDER:
             if service == "ingest":  # after processor: see the docstring
                 media = copy_media(settings.media_dir, partial / MEDIA)
