@@ -120,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(listing)
 
     commands_.add_parser("webhook-secret", help="print the key that signs webhooks")
+
+    backup = commands_.add_parser(
+        "backup",
+        help="copy every database, the media files and the webhook secret to DIR",
+        description="Copy each service's database (mongodump's layout: <db>/<collection>.bson "
+        "and .metadata.json), IMGPIPE_DATA_DIR/media, the generated webhook secret and a "
+        "manifest.json to DIR, while imgpipe runs. Reaches MONGODB_URL, else the embedded "
+        "database of a running `imgpipe up`, else starts it on IMGPIPE_DATA_DIR.",
+    )
+    backup.add_argument("dir", type=Path, help="a new or empty directory")
+
+    restore = commands_.add_parser(
+        "restore",
+        help="put a backup back into empty databases and an empty data directory",
+        description="Restore what `imgpipe backup` wrote: documents, indexes, media, the "
+        "webhook secret; checks the manifest's version and counts. Refuses to overwrite a "
+        "non-empty collection, media directory or another webhook secret without --force.",
+    )
+    restore.add_argument("dir", type=Path, help="the backup directory")
+    restore.add_argument(
+        "--force", action="store_true", help="drop the databases and media there first"
+    )
     return parser
 
 
@@ -172,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "webhook-secret":
         return commands.webhook_secret(settings)
+    if args.command == "backup":
+        return commands.backup(settings, args.dir)
+    if args.command == "restore":
+        return commands.restore(settings, args.dir, args.force)
     if args.command == "submit" and args.output and not args.wait:
         print("imgpipe: --output needs --wait", file=sys.stderr)
         return commands.EXIT_USAGE

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts.settings import Settings
+from imgpipe.launcher import backup as backups
 from imgpipe.launcher.client import ClientError, Command, ImgpipeClient, OutputOptions
 from imgpipe.launcher.supervisor import Console as SupervisorConsole
 from imgpipe.launcher.supervisor import Supervisor, local_host
@@ -154,6 +155,43 @@ def _progress(item: dict[str, Any]) -> str:
 def webhook_secret(settings: Settings) -> int:
     print(settings.resolved_webhook_secret)
     return EXIT_OK
+
+
+def backup(settings: Settings, target: Path) -> int:
+    try:
+        manifest = backups.backup(settings, target)
+    except (backups.BackupError, OSError, RuntimeError) as error:
+        errors.print(f"error: backup failed: {error}")
+        return EXIT_FAILED
+    console.print(f"backup of imgpipe {manifest['imgpipe_version']} written to {target}")
+    for name, info in manifest["databases"].items():
+        console.print(f"  {name}: {_collections(info['collections'])}")
+    media = manifest["media"]
+    console.print(f"  media: {media['files']} files, {media['bytes']:,} bytes")
+    console.print(f"  webhook secret: {'copied' if manifest['webhook_secret'] else 'none kept'}")
+    return EXIT_OK
+
+
+def restore(settings: Settings, source: Path, force: bool) -> int:
+    try:
+        report = backups.restore(settings, source, force)
+    except (backups.BackupError, OSError, RuntimeError) as error:
+        errors.print(f"error: restore failed: {error}")
+        return EXIT_FAILED
+    console.print(
+        f"restored the backup of {report.created_at} (imgpipe {report.version}) "
+        f"into {settings.data_dir.resolve()}"
+    )
+    for name, counts in report.databases.items():
+        console.print(f"  {name}: {_collections(counts)}")
+    console.print(f"  media: {report.media_files} files, {report.media_bytes:,} bytes")
+    console.print(f"  webhook secret: {'restored' if report.webhook_secret else 'none in backup'}")
+    console.print("counts match the manifest")
+    return EXIT_OK
+
+
+def _collections(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items()) or "no collections"
 
 
 def _wait_with_progress(client: ImgpipeClient, request_id: str, round: int = 0) -> dict[str, Any]:

@@ -10,12 +10,38 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from imgpipe.launcher.tethered import tethered_command
+
+# Where `imgpipe up` says which URL its embedded database answers on, while it runs, so that
+# `imgpipe backup` (another process) reaches the same server instead of starting a second one
+# on the same storage.
+URL_FILE = "embedded-mongo.url"
 
 
 class EmbeddedMongoUnavailable(RuntimeError):
     pass
+
+
+def announce_url(data_dir: Path, url: str) -> Path:
+    path = data_dir / URL_FILE
+    path.write_text(url + "\n")
+    return path
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded database `imgpipe up` runs on `data_dir`, if one answers."""
+    try:
+        url = (data_dir / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    port = urlsplit(url).port
+    if port is None:
+        return None
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return url if sock.connect_ex(("127.0.0.1", port)) == 0 else None
 
 
 def free_port() -> int:
@@ -51,7 +77,7 @@ def _server_command() -> str:
 
 @contextmanager
 def embedded_mongo(
-    storage: Path, port: int | None = None, log_file: Path | None = None
+    storage: Path, port: int | None = None, log_file: Path | None = None, timeout: float = 30.0
 ) -> Iterator[str]:
     """Run SecantusDB as a child process; yields its mongodb:// URL."""
     storage.mkdir(parents=True, exist_ok=True)
@@ -68,7 +94,7 @@ def embedded_mongo(
         process_group=0,
     )
     try:
-        wait_for_port(port, process=process)
+        wait_for_port(port, timeout, process=process)
         # No retryable writes on the embedded server: SecantusDB keeps each one's reply for
         # 30 minutes and scans (past 10,000, sorts) them on every write, ~5 ms a write after
         # a few thousand images. imgpipe's writes are idempotent or checked and the bus

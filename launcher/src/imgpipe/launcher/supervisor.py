@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from imgpipe.contracts.settings import Settings
-from imgpipe.launcher.embedded import embedded_mongo, free_port
+from imgpipe.launcher.embedded import announce_url, embedded_mongo, free_port
 from imgpipe.launcher.restarts import CrashHistory, RestartPolicy, describe_exit
 from imgpipe.launcher.tethered import tethered_command
 
@@ -248,6 +248,8 @@ class Supervisor:
                 f"embedded SecantusDB did not start: {error} (log: {self.log_dir / 'mongo.log'})"
             ) from error
         self.mongo_description = f"embedded SecantusDB at {url} (data: {storage})"
+        # For `imgpipe backup` while this runs; gone before the database stops.
+        stack.callback(announce_url(self.settings.data_dir.resolve(), url).unlink, missing_ok=True)
         env["MONGODB_URL"] = url
         return env
 
