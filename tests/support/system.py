@@ -157,8 +157,11 @@ class System:
 
 
 @contextmanager
-def running_system(settings: Settings, processors: int = 1, **env: str) -> Iterator[System]:
-    """Start every service as its own process; stop them all (SIGTERM) on exit."""
+def running_system(
+    settings: Settings, processors: int = 1, ready_timeout: float = 60, **env: str
+) -> Iterator[System]:
+    """Start every service as its own process; stop them all (SIGTERM) on exit.
+    `ready_timeout`: seconds each service may take to answer `/readyz`."""
     settings = with_free_ports(settings)
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -170,7 +173,7 @@ def running_system(settings: Settings, processors: int = 1, **env: str) -> Itera
         for service in system.services.values():
             service.start()
         for service in system.services.values():
-            service.wait_ready()
+            service.wait_ready(ready_timeout)
         yield system
     finally:
         for service in system.services.values():
