@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from imgpipe.contracts.settings import Settings
+from imgpipe.launcher.client import ImgpipeClient
 from imgpipe.launcher.embedded import free_port
 from tests.support.http_server import LoopbackServer, Response, loopback_server
 from tests.support.images import jpeg_bytes, png_with_alpha_bytes
@@ -199,6 +201,70 @@ def test_submit_names_each_problem_of_a_bad_csv_with_its_line(running: Up, tmp_p
     assert result.returncode == 1
     assert "error: ingest answered HTTP 4" in result.stderr
     assert "line 3" in result.stderr
+
+
+def client_of(up: Up) -> ImgpipeClient:
+    s = up.settings
+    return ImgpipeClient(f"http://127.0.0.1:{s.ingest_port}", f"http://127.0.0.1:{s.status_port}")
+
+
+def test_submit_sends_one_idempotency_key_per_call(
+    running: Up, images: LoopbackServer, tmp_path: Path
+) -> None:
+    shoe = images.add("/key.jpg", Response(jpeg_bytes(seed=4), content_type="image/jpeg"))
+    products = write_csv(tmp_path / "p.csv", [["1", "Shoe", shoe]])
+    with client_of(running) as client:
+        first = client.submit(products, idempotency_key="cli-test-key")
+        resent = client.submit(products, idempotency_key="cli-test-key")  # as a retry would
+        second_call = client.submit(products)
+        third_call = client.submit(products)
+    assert resent.request_id == first.request_id
+    assert len({first.request_id, second_call.request_id, third_call.request_id}) == 3
+
+
+def test_list_pages_through_requests_newest_first(
+    running: Up, images: LoopbackServer, tmp_path: Path
+) -> None:
+    hat = images.add("/list.jpg", Response(jpeg_bytes(seed=5), content_type="image/jpeg"))
+    products = write_csv(tmp_path / "p.csv", [["1", "Hat", hat], ["2", "Cap", hat]])
+    submitted = []
+    for _ in range(3):
+        result = imgpipe(running.env, "submit", str(products))
+        assert result.returncode == 0, result.stderr
+        submitted.append(result.stdout.split("request id: ", 1)[1].split()[0])
+    with client_of(running) as client:  # the status service hears of them a moment later
+        for _ in range(200):
+            listed = [item["request_id"] for item in client.list_requests(limit=200)["items"]]
+            if set(submitted) <= set(listed):
+                break
+            time.sleep(0.1)
+
+    rows: list[list[str]] = []
+    args = ["list", "--limit", "2"]
+    for _ in range(100):
+        result = imgpipe(running.env, *args)
+        assert result.returncode == 0, result.stderr
+        header, *lines = result.stdout.splitlines()
+        assert header.split() == [
+            "REQUEST",
+            "ID",
+            "STATUS",
+            "PROGRESS",
+            "CREATED",
+            "(UTC)",
+            "PRODUCTS",
+        ]
+        rows += [line.split() for line in lines if not line.startswith("next page")]
+        if not lines[-1].startswith("next page: imgpipe list --limit 2 --before "):
+            break
+        args = lines[-1].removeprefix("next page: imgpipe ").split()
+    seen = [row[0] for row in rows]
+    assert len(seen) == len(set(seen))  # each once
+    assert [request_id for request_id in seen if request_id in submitted] == submitted[::-1]
+    newest = rows[seen.index(submitted[-1])]
+    assert newest[-1] == "2"  # products
+    assert newest[1] in ("received", "processing", "completed")
+    assert newest[2].endswith("/2")  # progress: done of 2 images
 
 
 def test_status_of_an_unknown_request_is_an_error(running: Up) -> None:

@@ -23,6 +23,7 @@ from imgpipe.contracts.events import (
     image_key,
 )
 from imgpipe.contracts.settings import Settings
+from imgpipe.notifier.adapters.deliveries import OLD_UNIQUE_INDEX, Deliveries
 from imgpipe.notifier.adapters.repository import NotifierRepository
 from imgpipe.notifier.adapters.requests import Requests
 from imgpipe.notifier.config import NotifierConfig
@@ -139,6 +140,7 @@ async def test_a_duplicate_image_is_stored_once(repo: CountingRepository) -> Non
         "output_url": "http://out/0.jpg",
         "error": None,
         "attempts": None,
+        "round": 0,  # the first run's outcome; a retry's replaces it
         "bytes_in": 1000,  # for the final webhook's byte totals
         "bytes_out": 300,
     }
@@ -215,3 +217,50 @@ async def test_with_a_prefetch_of_one_an_image_does_not_wait_for_company(
     request_id = uuid.uuid4().hex
     await asyncio.wait_for(handle_event(event(image(request_id, 0)), deps), 5.0)
     assert await repo.requests.image_counts(request_id) == (1, 0)
+
+
+def failed_image(request_id: str, row: int) -> ImageProcessed:
+    return image(request_id, row).model_copy(
+        update={"outcome": "failed", "output_url": None, "bytes_in": None, "bytes_out": None}
+    )
+
+
+async def test_a_later_rounds_outcome_replaces_an_earlier_one_never_the_reverse(
+    repo: CountingRepository,
+) -> None:
+    request_id = uuid.uuid4().hex
+    first = failed_image(request_id, 0)
+    retried = image(request_id, 0).model_copy(update={"round": 1})
+    again = failed_image(request_id, 0).model_copy(update={"round": 2})
+    await repo.requests.store_images([first])
+    await repo.requests.store_images([retried, first])  # round 1, and round 0 redelivered
+    [doc] = await repo.requests.load_images(request_id)
+    assert (doc["round"], doc["outcome"]) == (1, "ok")
+    await repo.requests.store_images([again, retried])  # either order in one batch
+    await repo.requests.store_images([retried, first])
+    [doc] = await repo.requests.load_images(request_id)
+    assert (doc["round"], doc["outcome"]) == (2, "failed")
+    assert await repo.requests.round_image_total(request_id, 2) == 1
+
+
+async def test_deliveries_made_before_rounds_become_round_0s(settings: Settings) -> None:
+    """The unique index before rounds would refuse a retry's webhooks: it is replaced,
+    and the deliveries already there are round 0's."""
+    client = mongo.connect(settings)
+    try:
+        db = mongo.service_database(client, settings, "notifier-legacy")
+        old = [("request_id", 1), ("endpoint", 1), ("event_type", 1)]
+        await db["deliveries"].create_index(old, unique=True)
+        legacy = {"_id": "dlv_old", "request_id": "r", "endpoint": "e", "event_type": "t"}
+        await db["deliveries"].insert_one(legacy)
+        deliveries = Deliveries(db)
+        await deliveries.ensure_indexes()
+        await deliveries.ensure_indexes()  # a second start finds nothing to do
+        assert OLD_UNIQUE_INDEX not in await db["deliveries"].index_information()
+        assert (await deliveries.get("dlv_old") or {}).get("round") == 0
+        same = {**legacy, "round": 0}
+        assert not await deliveries.add({**same, "_id": "dlv_again"})  # type: ignore[typeddict-item]
+        assert await deliveries.add({**same, "_id": "dlv_r1", "round": 1})  # type: ignore[typeddict-item]
+    finally:
+        await client.drop_database(db.name)
+        await client.close()

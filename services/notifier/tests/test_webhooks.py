@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from imgpipe.contracts import mongo
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import CloudEvent, Row
 from imgpipe.contracts.products import byte_totals
@@ -456,7 +457,7 @@ async def test_subscriptions_crud_and_event_type_filter(
         assert created.status_code == 201
         sub = created.json()
         assert sub["id"] and sub["url"] == every
-        assert sub["event_types"] == [*LIFECYCLE, "request.error"]
+        assert sub["event_types"] == [*LIFECYCLE, "request.error", "request.cancelled"]
         only_final = await client.post(
             "/subscriptions",
             json={"url": finals, "event_types": ["request.completed", "request.error"]},
@@ -766,3 +767,204 @@ async def test_webhook_attempts_are_counted_in_the_metrics(
     assert moved(before, after, "imgpipe_webhook_attempts_total", outcome="delivered") == 3
     assert moved(before, after, "imgpipe_webhook_duration_seconds_count") == 3
     promtool_check(text)
+
+
+# Managing requests: cancel, retry rounds, deletion ------------------------------------
+
+
+async def _sentinel(bus: Bus, receiver: Receiver, path: str) -> None:
+    """With prefetch 1, once a later request's webhook arrives every event published
+    before it has been handled."""
+    await publish(bus, received(new_id(), receiver.endpoint(path)))
+    await wait_until(lambda: receiver.types(path), "the sentinel webhook")
+
+
+async def test_a_cancelled_request_gets_a_cancelled_webhook_after_the_others(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"prefetch": 1})  # events handled in queue order
+    hook = receiver.endpoint("/hook")
+    cancels = receiver.endpoint("/cancels")
+    request_id = new_id()
+    # Two images ended, the third never started: the processor counts what it knows.
+    stop = events.cancelled(request_id, ok=1, failed=1, total=3)
+    async with run_notifier(settings) as (_, client):
+        only = {"url": cancels, "event_types": ["request.cancelled"]}
+        assert (await client.post("/subscriptions", json=only)).status_code == 201
+        await publish(
+            bus,
+            received(request_id, hook),
+            processed(request_id, 0, 0),
+            processed(request_id, 0, 1, ok=False),
+            stop,
+            stop,  # redelivered
+        )
+        expected = [*LIFECYCLE[:2], "request.cancelled"]
+        await wait_until(lambda: receiver.types("/hook") == expected, "three webhooks")
+        await _sentinel(bus, receiver, "/sentinel")
+        log = await deliveries(client, request_id)
+
+    assert receiver.bad_signatures == []
+    assert receiver.types("/hook") == expected  # nothing twice
+    assert receiver.types("/cancels") == ["request.cancelled"]
+    assert [(d["event_type"], d["round"]) for d in log if d["endpoint"] == hook] == [
+        (kind, 0) for kind in expected
+    ]
+    final = receiver.to("/hook")[-1].payload
+    assert final["status"] == "cancelled" and final["round"] == 0
+    assert final["counts"] == {"total": 3, "ok": 1, "failed": 1}
+    assert final["timestamp"] == "2026-01-02T03:04:35Z"  # cancelled_at
+    assert final["output_csv_url"].endswith(f"/status/{request_id}/output.csv")
+    assert final["bytes"] == {"images": 1, "input": 1000, "output": 300, "ratio": 0.3}
+    shoe, hat = final["products"]
+    assert shoe["output_urls"] == [f"http://media/{request_id}/0-0.jpg", None]
+    assert shoe["errors"][1] == {"code": "download_failed", "message": "HTTP 404"}
+    assert hat["output_urls"] == [None] and hat["errors"] == [None]  # never started
+
+
+async def test_a_retry_round_sends_processing_and_its_final_again_once_each(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"prefetch": 1})  # events handled in queue order
+    hook = receiver.endpoint("/hook")
+    request_id = new_id()
+    first_run = [
+        received(request_id, hook),
+        processed(request_id, 0, 0, ok=False),
+        processed(request_id, 0, 1, ok=False),
+        processed(request_id, 1, 0, ok=False),
+        completed(request_id, ok=0, failed=3),
+    ]
+    retry = events.retry_started(request_id, 1, ["0-0", "0-1"])
+    second_run = [
+        events.in_round(processed(request_id, 0, 0), 1),
+        events.in_round(processed(request_id, 0, 1), 1),
+    ]
+    done_again = events.in_round(completed(request_id, ok=2, failed=1), 1)
+    async with run_notifier(settings) as (_, client):
+        # Every event twice, and the first run's events once more after the retry began,
+        # as redeliveries would bring them: none of that may send anything twice.
+        await publish(bus, *first_run, *first_run, retry, retry)
+        await publish(bus, *first_run[1:], *second_run, first_run[1], *second_run, done_again)
+        await publish(bus, done_again, retry, first_run[-1])
+        expected = [*LIFECYCLE[:2], "request.error", "request.processing", "request.completed"]
+        await wait_until(lambda: receiver.types("/hook") == expected, "five webhooks")
+        await _sentinel(bus, receiver, "/sentinel")
+        log = await deliveries(client, request_id)
+
+    assert receiver.bad_signatures == []
+    got = receiver.to("/hook")
+    assert [d.payload["type"] for d in got] == expected  # nothing twice, in order
+    assert [d.payload["round"] for d in got] == [0, 0, 0, 1, 1]
+    assert [(d["event_type"], d["round"]) for d in log] == list(zip(expected, [0, 0, 0, 1, 1]))
+    # A receiver deduping on webhook-id gets every one of them.
+    assert len({d.headers["webhook-id"] for d in got}) == 5
+
+    error, processing_again, final = (d.payload for d in got[2:])
+    assert error["counts"] == {"total": 3, "ok": 0, "failed": 3}
+    assert error["products"][0]["output_urls"] == [None, None]
+    assert processing_again["status"] == "processing"
+    assert processing_again["timestamp"] == "2026-01-02T03:09:05Z"  # the retry's start
+    assert processing_again["counts"] == {"total": 3, "ok": 0, "failed": 3}  # before it
+    assert final["counts"] == {"total": 3, "ok": 2, "failed": 1}
+    # The retried images' new outcomes, though the first run's came again after them.
+    shoe, hat = final["products"]
+    assert shoe["output_urls"] == [
+        f"http://media/{request_id}/0-0.jpg",
+        f"http://media/{request_id}/0-1.jpg",
+    ]
+    assert shoe["errors"] == [None, None]
+    assert hat["output_urls"] == [None] and hat["errors"][0]["code"] == "download_failed"
+    assert final["bytes"] == {"images": 2, "input": 2000, "output": 600, "ratio": 0.3}
+
+
+async def test_a_late_first_run_completion_after_a_retry_started_sends_nothing(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = settings.model_copy(update={"prefetch": 1})  # events handled in queue order
+    hook = receiver.endpoint("/hook")
+    request_id = new_id()
+    *first_run, done = lifecycle(request_id, hook)
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, *first_run, done)
+        await wait_until(lambda: receiver.types("/hook") == LIFECYCLE, "three webhooks")
+        await publish(bus, events.retry_started(request_id, 1, ["0-1"]))
+        retrying = [*LIFECYCLE, "request.processing"]
+        await wait_until(lambda: receiver.types("/hook") == retrying, "processing again")
+
+        # Round 0's end again (and one saying otherwise): the request is in round 1.
+        await publish(bus, done, completed(request_id, ok=0, failed=3))
+        await _sentinel(bus, receiver, "/sentinel")
+        assert receiver.types("/hook") == retrying
+        assert len(await deliveries(client, request_id)) == 4
+
+        # Round 1's end still goes out.
+        await publish(bus, events.in_round(processed(request_id, 0, 1), 1))
+        await publish(bus, events.in_round(completed(request_id, ok=3), 1))
+        await wait_until(
+            lambda: receiver.types("/hook") == [*retrying, "request.completed"], "round 1's end"
+        )
+    final = receiver.to("/hook")[-1].payload
+    assert final["round"] == 1 and final["counts"] == {"total": 3, "ok": 3, "failed": 0}
+
+
+def _mentions(doc: Any, request_id: str) -> bool:
+    return request_id in repr(doc)
+
+
+async def _documents_mentioning(settings: Settings, request_id: str) -> dict[str, int]:
+    """Per collection of the notifier's database, the documents holding the request id."""
+    client = mongo.connect(settings)
+    try:
+        db = mongo.service_database(client, settings, "notifier")
+        counts: dict[str, int] = {}
+        for name in sorted(await db.list_collection_names()):
+            docs = await db[name].find().to_list()
+            counts[name] = sum(_mentions(doc, request_id) for doc in docs)
+        return counts
+    finally:
+        await client.close()
+
+
+async def test_deleting_a_request_drops_its_pending_retries_and_every_document_of_it(
+    settings, receiver, bus, run_notifier
+) -> None:
+    settings = quick_retries(quick_prefetch_1(settings), 5.0, 5.0)
+    hook = receiver.endpoint("/down", default=Response(status=500))
+    request_id = new_id()
+    async with run_notifier(settings) as (_, client):
+        await publish(bus, *lifecycle(request_id, hook))
+
+        async def held() -> list | None:  # all three planned, the first waiting to retry
+            log = await deliveries(client, request_id)
+            return log if len(log) == 3 and log[0]["attempts"] else None
+
+        log = await wait_until(held, "a failed first attempt, the others behind it")
+        assert [d["status"] for d in log] == ["pending"] * 3
+        before = await _documents_mentioning(settings, request_id)
+        for name in ("requests", "rows", "images", "deliveries"):
+            assert before[name] > 0, (name, before)
+
+        await publish(bus, events.deleted(request_id))
+        await wait_until(
+            lambda: _nothing_left(settings, request_id), "every document of the request gone"
+        )
+        receiver.set_default("/down", Response(status=200))
+        # A redelivered event of the deleted request does not bring it back.
+        await publish(bus, received(request_id, hook), processed(request_id, 0, 0))
+        await _sentinel(bus, receiver, "/sentinel")
+        await asyncio.sleep(5.0 * 1.2 + 1)  # past the retry's time
+        after = await _documents_mentioning(settings, request_id)
+        assert await deliveries(client, request_id) == []
+
+    assert set(after) >= set(before)
+    assert all(count == 0 for count in after.values()), after
+    assert [d.status for d in receiver.to("/down")] == [500]  # the retry never went
+
+
+async def _nothing_left(settings: Settings, request_id: str) -> bool:
+    return not any((await _documents_mentioning(settings, request_id)).values())
+
+
+def quick_prefetch_1(settings: Settings) -> Settings:
+    return settings.model_copy(update={"prefetch": 1})  # events handled in queue order

@@ -238,7 +238,7 @@ async def test_images_over_several_pages_read_back_complete_and_in_order(
     assert doc["updated_at"] == T0 + timedelta(hours=1)
 
     rendered = render(doc)
-    assert rendered.settled
+    assert not rendered.settled  # two images failed: a retry may still reopen it
     body = json.loads(rendered.body)
     assert body["products"] == expected_products(request_id)
     assert body["progress"] == {"total": len(KEYS), "ok": len(KEYS) - 2, "failed": 2}

@@ -102,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("request_id")
     _add_client_options(delete)
 
+    listing = commands_.add_parser(
+        "list",
+        help="list requests, newest first",
+        description="A page of requests, newest first; the last line gives the command "
+        "for the next page.",
+    )
+    listing.add_argument(
+        "--status",
+        choices=("received", "processing", "completed", "error", "cancelled"),
+        help="only requests in this status",
+    )
+    listing.add_argument(
+        "--limit", type=_page_size, metavar="N", help="requests per page, 1 to 200 (default 50)"
+    )
+    listing.add_argument("--before", metavar="CURSOR", help="the page after the one that gave it")
+    _add_client_options(listing)
+
     commands_.add_parser("webhook-secret", help="print the key that signs webhooks")
     return parser
 
@@ -116,6 +133,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError("must be between 1 and 200")
     return value
 
 
@@ -160,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("cancel", "retry", "delete"):
             wait = getattr(args, "wait", False)
             return commands.manage(client, args.request_id, args.command, wait)
+
+        if args.command == "list":
+            return commands.list_requests(client, args.status, args.limit, args.before)
         return commands.status(client, args.request_id, args.full)
 
 

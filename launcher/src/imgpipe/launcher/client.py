@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +80,20 @@ class ImgpipeClient:
         csv_path: Path,
         webhook_url: str | None = None,
         options: OutputOptions | None = None,
+        idempotency_key: str | None = None,
     ) -> Submitted:
+        """Upload once per call: the call's Idempotency-Key (a fresh UUID unless given)
+        makes an upload sent again (a retry, a resend after a lost answer) answer the
+        first one's request instead of starting a second."""
         data = (options or OutputOptions()).form()
         if webhook_url:
             data["webhook_url"] = webhook_url
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         with csv_path.open("rb") as handle:
             files = {"file": (csv_path.name, handle, "text/csv")}
-            response = self._send("POST", f"{self.ingest_url}/upload", "ingest", files, data)
+            response = self._send(
+                "POST", f"{self.ingest_url}/upload", "ingest", files, data, headers
+            )
         body = response.json()
         return Submitted(body["request_id"], body.get("status", "received"), body["status_url"])
 
@@ -95,6 +103,14 @@ class ImgpipeClient:
         if command == "delete":
             return self._send("DELETE", url, "ingest").json()
         return self._send("POST", f"{url}/{command}", "ingest").json()
+
+    def list_requests(
+        self, status: str | None = None, limit: int | None = None, before: str | None = None
+    ) -> dict[str, Any]:
+        """One page of `GET /requests`: `{"items": [...], "next": cursor or None}`."""
+        given = {"status": status, "limit": limit, "before": before}
+        params = {name: str(value) for name, value in given.items() if value is not None}
+        return self._send("GET", f"{self.status_url}/requests", "status", params=params).json()
 
     def status(self, request_id: str) -> dict[str, Any]:
         return self._send("GET", self.status_endpoint(request_id), "status").json()
@@ -142,9 +158,13 @@ class ImgpipeClient:
         service: str,
         files: dict[str, Any] | None = None,
         data: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         try:
-            response = self._http.request(method, url, files=files, data=data)
+            response = self._http.request(
+                method, url, files=files, data=data, headers=headers, params=params
+            )
         except httpx.ConnectError as error:
             raise ServiceUnreachable(
                 f"cannot reach the {service} service at {url}: is `imgpipe up` running?"

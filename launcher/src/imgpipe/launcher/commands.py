@@ -20,6 +20,7 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_LISTED_FAILURES = 20
+LIST_ROW = "{:<32}  {:<10}  {:<16}  {:<19}  {}"
 
 
 def up(
@@ -122,6 +123,32 @@ def manage(client: ImgpipeClient, request_id: str, command: Command, wait: bool 
     except ClientError as error:
         return _report(error)
     return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
+
+
+def list_requests(
+    client: ImgpipeClient, status: str | None, limit: int | None, before: str | None
+) -> int:
+    """A table of requests, newest first, and how to ask for the next page."""
+    try:
+        page = client.list_requests(status, limit, before)
+    except ClientError as error:
+        return _report(error)
+    console.print(LIST_ROW.format("REQUEST ID", "STATUS", "PROGRESS", "CREATED (UTC)", "PRODUCTS"))
+    for item in page["items"]:
+        created = str(item["created_at"])[:19].replace("T", " ")
+        cells = (item["request_id"], item["status"], _progress(item), created)
+        console.print(LIST_ROW.format(*cells, item["product_count"]))
+    if page["next"]:
+        again = [f"--status {status}"] * bool(status) + [f"--limit {limit}"] * bool(limit)
+        console.print(f"next page: imgpipe list {' '.join([*again, '--before', page['next']])}")
+    return EXIT_OK
+
+
+def _progress(item: dict[str, Any]) -> str:
+    counts = item.get("progress") or {}
+    done = counts.get("ok", 0) + counts.get("failed", 0)
+    failed = f" ({counts['failed']} failed)" if counts.get("failed") else ""
+    return f"{done}/{counts.get('total', 0)}{failed}"
 
 
 def webhook_secret(settings: Settings) -> int:

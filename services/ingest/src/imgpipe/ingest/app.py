@@ -21,6 +21,7 @@ from imgpipe.ingest.bootstrap import Runtime
 from imgpipe.ingest.config import OutboxConfig, RetentionConfig
 from imgpipe.ingest.domain import (
     Conflict,
+    IdempotencyConflict,
     PublishFailed,
     StoreUnavailable,
     UnknownRequest,
@@ -92,6 +93,10 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
         log.error("command refused, broker unavailable: %s", exc)
         body = ErrorOut(detail="message broker unavailable: nothing was done, try again later")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(IdempotencyConflict)
+    async def key_conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail=exc.detail).model_dump(), status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_form(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -21,6 +21,7 @@ from imgpipe.contracts.service import Resources, keep_trying
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.topology import Topology
 from imgpipe.ingest import commands, handlers
+from imgpipe.ingest.adapters.idempotency import IdempotencyKeys
 from imgpipe.ingest.adapters.publisher import EventPublisher
 from imgpipe.ingest.adapters.repository import IngestRepository
 from imgpipe.ingest.config import OutboxConfig, RetentionConfig
@@ -37,6 +38,7 @@ class Runtime:
     repository: IngestRepository
     publisher: EventPublisher
     resources: Resources
+    keys: IdempotencyKeys
 
     @classmethod
     async def start(
@@ -46,7 +48,9 @@ class Runtime:
         try:
             mongo = connect(settings)
             resources.push("closing the database client", mongo.close)
-            repository = IngestRepository(service_database(mongo, settings, "ingest"))
+            database = service_database(mongo, settings, "ingest")
+            repository = IngestRepository(database)
+            keys = IdempotencyKeys(database)
             topology = Topology(settings.namespace, settings.delivery_limit)
 
             async def follow_runs(bus: Bus) -> None:  # once the broker answers
@@ -72,6 +76,7 @@ class Runtime:
             publisher = EventPublisher(link, publish_timeout=config.publish_timeout)
             # Uploads create the indexes too before they write; this gets it done early.
             resources.task(keep_trying(repository.ensure_indexes, "creating ingest indexes"))
+            resources.task(keep_trying(keys.ensure_indexes, "creating idempotency key indexes"))
             relay = handlers.run_relay(
                 repository,
                 publisher,
@@ -82,13 +87,13 @@ class Runtime:
             resources.task(asyncio.create_task(relay, name="ingest-outbox-relay"))
             if retention is not None and retention.days is not None:
                 sweep = commands.run_retention(
-                    repository, publisher, days=retention.days, interval=retention.interval
+                    repository, publisher, keys, days=retention.days, interval=retention.interval
                 )
                 resources.task(asyncio.create_task(sweep, name="ingest-retention"))
         except BaseException:
             await resources.close()
             raise
-        return cls(mongo, repository, publisher, resources)
+        return cls(mongo, repository, publisher, resources, keys)
 
     async def readiness(self) -> dict[str, bool]:
         return {"broker": self.publisher.is_connected, "database": await ping(self.mongo)}

@@ -28,6 +28,7 @@ from imgpipe.contracts.events import (
     retry_requested_event_id,
     utcnow,
 )
+from imgpipe.ingest.adapters.idempotency import IdempotencyKeys
 from imgpipe.ingest.adapters.repository import IngestRepository
 from imgpipe.ingest.domain import (
     SOURCE,
@@ -111,6 +112,7 @@ async def delete(
     request_id: str,
     repository: IngestRepository,
     publisher: Publisher,
+    keys: IdempotencyKeys,
     reason: Literal["user", "retention"] = "user",
     clock: Callable[[], datetime] = utcnow,
 ) -> None:
@@ -120,6 +122,7 @@ async def delete(
     data = RequestDeleted(request_id=request_id, reason=reason, deleted_at=clock())
     await _publish(publisher, data, deleted_event_id(request_id))
     await repository.delete(request_id)
+    await keys.forget(request_id)
     log.info("request %s: deleted (%s)", request_id, reason)
 
 
@@ -135,6 +138,7 @@ async def _publish(
 async def sweep_retention(
     repository: IngestRepository,
     publisher: Publisher,
+    keys: IdempotencyKeys,
     days: float,
     clock: Callable[[], datetime] = utcnow,
 ) -> int:
@@ -143,19 +147,24 @@ async def sweep_retention(
     deleted = 0
     while ids := await repository.finished_before(before, RETENTION_BATCH):
         for request_id in ids:
-            await delete(request_id, repository, publisher, reason="retention", clock=clock)
+            await delete(request_id, repository, publisher, keys, "retention", clock)
             deleted += 1
     return deleted
 
 
 async def run_retention(
-    repository: IngestRepository, publisher: Publisher, *, days: float, interval: float
+    repository: IngestRepository,
+    publisher: Publisher,
+    keys: IdempotencyKeys,
+    *,
+    days: float,
+    interval: float,
 ) -> None:
     """The sweep loop the Runtime runs when IMGPIPE_RETENTION_DAYS is set."""
     while True:
         try:
             if publisher.is_connected and (
-                count := await sweep_retention(repository, publisher, days)
+                count := await sweep_retention(repository, publisher, keys, days)
             ):
                 log.info("retention: %d requests older than %g days deleted", count, days)
         except (StoreUnavailable, PublishFailed) as exc:

@@ -115,3 +115,11 @@ class UnknownRequest(Exception):
 
 class Conflict(Exception):
     """The request is not in a state that allows the command (HTTP 409); says why."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key is taken by another upload (HTTP 409); nothing was stored."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from imgpipe.contracts.events import CloudEvent, Options, utcnow
 from imgpipe.contracts.logs import request_context
@@ -15,6 +19,7 @@ from imgpipe.contracts.urls import url_problem
 from imgpipe.ingest import metrics
 from imgpipe.ingest.csv_input import CsvLimits, CsvRejected, parse_csv
 from imgpipe.ingest.domain import (
+    IdempotencyConflict,
     IngestRequest,
     Problem,
     PublishFailed,
@@ -30,6 +35,15 @@ class Repository(Protocol):
     async def add(self, request: IngestRequest, *, relay_after: datetime) -> None: ...
     async def mark_published(self, request_id: str, at: datetime) -> None: ...
     async def claim_unpublished(self, now: datetime, lease: timedelta) -> IngestRequest | None: ...
+
+
+class KeyStore(Protocol):
+    async def claim(self, key_id: str, fingerprint: str, token: str, now: datetime) -> bool: ...
+    async def find(self, key_id: str) -> dict[str, Any] | None: ...
+    async def complete(
+        self, key_id: str, token: str, request_id: str, answer: dict[str, Any]
+    ) -> None: ...
+    async def release(self, key_id: str, token: str) -> None: ...
 
 
 class Publisher(Protocol):
@@ -62,6 +76,95 @@ async def accept_upload(
         metrics.IMAGES_RECEIVED.inc(request.image_count)
         await publish_received(request, repository, publisher, clock)
     return request
+
+
+MAX_KEY_CHARS = 255
+KEY_LIFETIME = timedelta(hours=24)
+# A second upload with a key waits this long for the first to be stored, then gets 409.
+CLAIM_WAIT = 10.0
+CLAIM_POLL = 0.05
+# A claim with no answer this old was left by an upload that died (or could not release
+# it while the database was down): a new upload with the key may take it over.
+STALE_CLAIM = timedelta(minutes=2)
+
+
+def key_id(key: str, api_key: str | None) -> str:
+    """Where a key is stored: scoped by the caller's API key (hashed: the database never
+    holds a key), so two clients using the same Idempotency-Key never meet."""
+    scope = "open" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()[:32]
+    return f"{scope}/{key}"
+
+
+def fingerprint(upload: Upload) -> str:
+    """SHA-256 over the file's bytes and the form fields; the file is read and rewound."""
+    digest = hashlib.sha256()
+    while chunk := upload.file.read(1 << 20):
+        digest.update(chunk)
+    upload.file.seek(0)
+    fields = {
+        "options": upload.options.model_dump(),
+        "webhook_url": (upload.webhook_url or "").strip() or None,
+    }
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+async def accept_once(
+    upload: Upload,
+    key_id: str,
+    *,
+    keys: KeyStore,
+    accept: Callable[[], Awaitable[IngestRequest]],
+    answer: Callable[[str], dict[str, Any]],
+    clock: Callable[[], datetime] = utcnow,
+) -> dict[str, Any]:
+    """`accept` the upload once per key: the first upload with a key is accepted and its
+    202 body kept; the same upload again gets that body back, unchanged. A different
+    upload with the key, or the same one while the first is still being stored past
+    `CLAIM_WAIT`, raises IdempotencyConflict. A refused or unstored upload gives the key
+    up, so the client may retry with it."""
+    mine = await asyncio.to_thread(fingerprint, upload)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + CLAIM_WAIT
+    while not await keys.claim(key_id, mine, token, clock()):
+        held = await keys.find(key_id)
+        if held is None:
+            continue  # given up meanwhile: claim it again
+        now = clock()
+        expired = held["created_at"] + KEY_LIFETIME <= now
+        if expired or (held["answer"] is None and held["created_at"] + STALE_CLAIM <= now):
+            await keys.release(key_id, held["token"])  # only that claim, if still there
+            continue
+        if held["fingerprint"] != mine:
+            raise IdempotencyConflict(
+                "Idempotency-Key was already used for a different upload (another file or "
+                "other form fields) within 24 hours: use a new key for a new upload"
+            )
+        if held["answer"] is not None:
+            return dict(held["answer"])
+        if time.monotonic() >= deadline:
+            raise IdempotencyConflict(
+                "an upload with this Idempotency-Key is still being accepted: retry shortly"
+            )
+        await asyncio.sleep(CLAIM_POLL)
+    try:
+        request = await accept()
+    except BaseException:
+        await _give_up(keys, key_id, token)
+        raise
+    body = answer(request.request_id)
+    try:
+        await keys.complete(key_id, token, request.request_id, body)
+    except StoreUnavailable as exc:  # the request stands; a retry waits for STALE_CLAIM
+        log.warning("request %s accepted but its key not recorded: %s", request.request_id, exc)
+    return body
+
+
+async def _give_up(keys: KeyStore, key_id: str, token: str) -> None:
+    try:
+        await keys.release(key_id, token)
+    except StoreUnavailable as exc:  # the claim goes stale and is taken over then
+        log.warning("could not release an idempotency key: %s", exc)
 
 
 async def parse_upload(

@@ -7,7 +7,18 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    HTTPException,
+    Request,
+    UploadFile,
+    status,
+)
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from imgpipe.contracts.events import MAX_SIDE, Options, OutputFormat
 from imgpipe.contracts.settings import Settings
@@ -23,6 +34,10 @@ def runtime(request: Request) -> Runtime:
     """The running service, for `Depends`."""
     running: Runtime = request.app.state.runtime
     return running
+
+
+# The caller's API key, to scope Idempotency-Keys; require_api_key has checked it.
+_bearer = HTTPBearer(auto_error=False)
 
 
 def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
@@ -41,6 +56,12 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         status_code=status.HTTP_202_ACCEPTED,
         response_model=UploadAccepted,
         responses={
+            400: {"model": ErrorOut, "description": "Idempotency-Key longer than 255 characters"},
+            409: {
+                "model": ErrorOut,
+                "description": "Idempotency-Key already used for a different upload, "
+                "or its first upload is still being accepted",
+            },
             413: {"model": ProblemReport, "description": "file, rows or images over the limit"},
             422: {"model": ProblemReport, "description": "every problem, with its CSV line"},
             503: {"model": ErrorOut, "description": "database unavailable; nothing stored"},
@@ -65,22 +86,51 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
             Form(ge=1, le=MAX_SIDE, description="longest side in pixels; never enlarges"),
         ] = None,
         progressive: Annotated[bool, Form(description="progressive JPEG")] = False,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="the same key and upload within 24 h answer the first 202 again",
+            ),
+        ] = None,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
     ) -> UploadAccepted:
         """Accept a CSV; images are processed in the background. Poll `status_url`."""
         options = Options(
             quality=quality, format=format, max_side=max_side, progressive=progressive
         )
-        accepted = await handlers.accept_upload(
-            handlers.Upload(file=file.file, options=options, webhook_url=webhook_url),
-            limits=limits,
-            repository=service.repository,
-            publisher=service.publisher,
-            relay_grace=relay_grace,
+        upload = handlers.Upload(file=file.file, options=options, webhook_url=webhook_url)
+
+        async def accept() -> handlers.IngestRequest:
+            return await handlers.accept_upload(
+                upload,
+                limits=limits,
+                repository=service.repository,
+                publisher=service.publisher,
+                relay_grace=relay_grace,
+            )
+
+        def answer(request_id: str) -> dict[str, str]:
+            status_url = f"{settings.status_base_url}/status/{request_id}"
+            return UploadAccepted(request_id=request_id, status_url=status_url).model_dump()
+
+        if idempotency_key is None:
+            return UploadAccepted.model_validate(answer((await accept()).request_id))
+        if not 0 < len(idempotency_key) <= handlers.MAX_KEY_CHARS:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                detail=f"Idempotency-Key must be 1 to {handlers.MAX_KEY_CHARS} characters",
+            )
+        # Scoped by API key only when keys are set: without them every client is one.
+        api_key = credentials.credentials if settings.api_keys and credentials else None
+        body = await handlers.accept_once(
+            upload,
+            handlers.key_id(idempotency_key, api_key),
+            keys=service.keys,
+            accept=accept,
+            answer=answer,
         )
-        return UploadAccepted(
-            request_id=accepted.request_id,
-            status_url=f"{settings.status_base_url}/status/{accepted.request_id}",
-        )
+        return UploadAccepted.model_validate(body)
 
     return router
 
@@ -142,7 +192,7 @@ def requests_router(settings: Settings) -> APIRouter:
     ) -> CommandAccepted:
         """Delete the request everywhere, its stored images included; its status then
         answers 404. A running request stops first."""
-        await commands.delete(request_id, service.repository, service.publisher)
+        await commands.delete(request_id, service.repository, service.publisher, service.keys)
         return accepted(request_id, "delete")
 
     return router

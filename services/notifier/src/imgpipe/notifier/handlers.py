@@ -1,9 +1,14 @@
 """Event handlers: record what each event says, then plan the webhooks it makes due.
 
 Handlers only write to MongoDB (so the message is acked quickly); the dispatcher
-sends. Planning is idempotent: a webhook type is planned once per request (the
-`planned` list), and a delivery is unique per (request, endpoint, type), so
-duplicate or concurrent events never double-send.
+sends. Planning is idempotent: a webhook type is planned once per request and round
+(the `planned` list), and a delivery is unique per (request, endpoint, type, round),
+so duplicate or concurrent events never double-send.
+
+Rounds: a retry (RetryStarted, round N) makes the request processing again, and its
+RequestCompleted of round N final again. A request's round only goes up, so an event
+of an earlier round arriving late (a redelivery) changes nothing. RequestDeleted
+drops everything the notifier holds of the request, pending deliveries included.
 
 ImageProcessed events are stored in batches (imgpipe.contracts.batching). Once a
 request's processing webhook is planned, an image of it changes nothing until
@@ -28,8 +33,11 @@ from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.events import (
     AnyEvent,
     ImageProcessed,
+    RequestCancelled,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryStarted,
     utcnow,
 )
 from imgpipe.contracts.products import byte_totals
@@ -40,7 +48,14 @@ from imgpipe.notifier.adapters.deliveries import DeliveryDoc
 from imgpipe.notifier.adapters.repository import NotifierRepository
 from imgpipe.notifier.adapters.requests import RequestDoc
 from imgpipe.notifier.config import NotifierConfig
-from imgpipe.notifier.webhooks import FINAL_TYPES, PENDING, PROCESSING, RECEIVED, SEQUENCE
+from imgpipe.notifier.webhooks import (
+    FINAL_TYPES,
+    PENDING,
+    PROCESSING,
+    RECEIVED,
+    planned_key,
+    sequence,
+)
 
 log = logging.getLogger(__name__)
 # Requests whose processing webhook this process knows is planned; a forgotten one
@@ -92,6 +107,9 @@ class Deps:
     _processing_planned: RecentIds = field(
         default_factory=lambda: RecentIds(KNOWN_REQUESTS), init=False
     )
+    # Requests deleted through this process: a plan of one, from an event handled at the
+    # same time as its RequestDeleted, drops what that event wrote instead.
+    _deleted: RecentIds = field(default_factory=lambda: RecentIds(KNOWN_REQUESTS), init=False)
 
     def image_batcher(self) -> Batcher[ImageArrival, None]:
         if self._images is None:
@@ -110,17 +128,43 @@ class Deps:
 async def handle_event(event: AnyEvent, deps: Deps) -> None:
     data = event.data
     now = utcnow()
-    if isinstance(data, RequestReceived):
-        request = await deps.repo.requests.mark_received(data)
-    elif isinstance(data, ImageProcessed):
+    if isinstance(data, ImageProcessed):
         await deps.image_batcher().submit(ImageArrival(data, event.time))
         return
+    if isinstance(data, RequestDeleted):
+        await forget(data.request_id, deps)
+        return
+    if await deps.repo.requests.deleted_among([data.request_id]):
+        return  # a late or redelivered event of a deleted request
+    if isinstance(data, RequestReceived):
+        request = await deps.repo.requests.mark_received(data)
     elif isinstance(data, RequestCompleted):
         deps.image_batcher().hurry()  # its last images may be waiting in the batch window
         request = await deps.repo.requests.mark_completed(data, now)
-    else:  # pragma: no cover - parse_event only yields the three types
+    elif isinstance(data, RequestCancelled):
+        deps.image_batcher().hurry()
+        request = await deps.repo.requests.mark_cancelled(data, now)
+    elif isinstance(data, RetryStarted):
+        request = await deps.repo.requests.start_retry(data)
+    else:  # commands (CancelRequested, RetryRequested) are not bound to the queue
         return
     await plan_in_turn(request, deps)
+
+
+async def forget(request_id: str, deps: Deps) -> None:
+    """RequestDeleted: the request's state, image outcomes, rows and deliveries (sent,
+    pending or waiting to retry) go. In turn with planning, so no plan of it running
+    here adds a delivery after. An attempt already in flight ends, but is not logged
+    and not retried (its delivery is gone)."""
+    async with deps._planning.hold(request_id):
+        deps._deleted.add(request_id)
+        deleted = await _drop(request_id, deps)
+    log.info("request %s deleted: %d deliveries dropped", request_id, deleted)
+
+
+async def _drop(request_id: str, deps: Deps) -> int:
+    await deps.repo.requests.forget(request_id, utcnow())
+    return await deps.repo.deliveries.delete_for_request(request_id)
 
 
 async def plan_in_turn(request: RequestDoc, deps: Deps) -> set[str]:
@@ -131,6 +175,9 @@ async def plan_in_turn(request: RequestDoc, deps: Deps) -> set[str]:
     later webhook type earlier than the one before it; taking turns, and the time then,
     keeps the stamps in lifecycle order."""
     async with deps._planning.hold(request["_id"]):
+        if request["_id"] in deps._deleted:
+            await _drop(request["_id"], deps)
+            return set()
         return await plan(request, deps, utcnow())
 
 
@@ -142,6 +189,9 @@ async def images_processed(batch: list[ImageArrival], deps: Deps) -> None:
     images. Reading after storing closes the race with a RequestCompleted handled at the
     same time, here or in another instance: it sets `final_pending` before counting
     images, so either its count sees these images or this read sees the flag."""
+    deleted = await deps.repo.requests.deleted_among(list({a.data.request_id for a in batch}))
+    if deleted:
+        batch = [arrival for arrival in batch if arrival.data.request_id not in deleted]
     await deps.repo.requests.store_images([arrival.data for arrival in batch])
     first_at = _first_arrivals(batch)
     known = [request_id for request_id in first_at if request_id in deps._processing_planned]
@@ -165,47 +215,68 @@ def _first_arrivals(batch: list[ImageArrival]) -> dict[str, datetime]:
 
 async def plan(request: RequestDoc, deps: Deps, now: datetime) -> set[str]:
     """Create the deliveries for every status change that is due and not yet planned;
-    returns the webhook types planned by now.
+    returns the webhook types planned by now (`planned_key`s: round N's are marked).
 
     Nothing goes out before RequestReceived: it carries the webhook URL and the rows.
-    Types are planned in lifecycle order, so a later webhook's deliveries always
-    exist after the earlier ones' (the dispatcher relies on that for ordering).
+    Types are planned in lifecycle order, round after round, so a later webhook's
+    deliveries always exist after the earlier ones' (the dispatcher relies on that for
+    ordering). Only the current round's processing and final are planned, and an
+    earlier round's final still held back (for images, see _final_ready) goes first.
     """
     if not request.get("received"):
         return set()
     planned = set(request.get("planned") or [])
+    current = request.get("round", 0)
+    ended = ended_round(request)
     created = False
     if RECEIVED not in planned:
         created |= await _emit(RECEIVED, payloads.received(request), request, deps, now)
         planned.add(RECEIVED)
-    started = request.get("first_processed_at") or request.get("completed")
-    if PROCESSING not in planned and started:
+    if ended is not None and ended < current:  # a retry started: that final waits no more
+        created |= await _plan_final(request, planned, deps, now, ended, force=True)
+    started = current > 0 or request.get("first_processed_at") or ended is not None
+    if planned_key(PROCESSING, current) not in planned and started:
         ok, failed = await deps.repo.requests.image_counts(request["_id"])
-        created |= await _emit(
-            PROCESSING, payloads.processing(request, ok, failed), request, deps, now
-        )
-        planned.add(PROCESSING)
-    if request.get("completed"):
-        created |= await _plan_final(request, planned, deps, now)
+        payload = payloads.processing(request, ok, failed, current)
+        created |= await _emit(PROCESSING, payload, request, deps, now, current)
+        planned.add(planned_key(PROCESSING, current))
+    if ended == current:
+        created |= await _plan_final(request, planned, deps, now, current)
     if created:
         deps.wake()
     return planned
 
 
-async def _plan_final(request: RequestDoc, planned: set[str], deps: Deps, now: datetime) -> bool:
-    """The completed or error webhook, once every image is stored (or the grace is over)."""
+def ended_round(request: RequestDoc) -> int | None:
+    """The round whose end is stored (None: no run ended yet)."""
+    if "completed" not in request:
+        return None
+    return request.get("completed_round", 0)  # documents older than rounds: round 0
+
+
+async def _plan_final(
+    request: RequestDoc,
+    planned: set[str],
+    deps: Deps,
+    now: datetime,
+    round: int,
+    *,
+    force: bool = False,
+) -> bool:
+    """The completed, error or cancelled webhook of `round`, once every image is stored
+    (or the grace is over, or `force`)."""
     final_type = f"request.{request['completed']['status']}"
-    if planned & FINAL_TYPES:
+    if any(planned_key(kind, round) in planned for kind in FINAL_TYPES):
         if request.get("final_pending"):  # a duplicate RequestCompleted
-            await deps.repo.requests.mark_planned(request["_id"], final_type)
+            await deps.repo.requests.mark_planned(request["_id"], final_type, round)
         return False
-    if not await _final_ready(request, deps, now):
+    if not force and not await _final_ready(request, deps, now, round):
         return False
     products = await _products(request, deps)
     sizes = byte_totals(await deps.repo.requests.image_bytes(request["_id"]))
-    payload = payloads.final(final_type, request, products, sizes, deps.settings)
-    planned.add(final_type)
-    return await _emit(final_type, payload, request, deps, now)
+    payload = payloads.final(final_type, request, products, sizes, deps.settings, round)
+    planned.add(planned_key(final_type, round))
+    return await _emit(final_type, payload, request, deps, now, round)
 
 
 async def plan_overdue(deps: Deps) -> None:
@@ -230,13 +301,22 @@ async def sweep_overdue_forever(deps: Deps) -> None:
                 log.exception("sweep of held-back final webhooks failed")
 
 
-async def _final_ready(request: RequestDoc, deps: Deps, now: datetime) -> bool:
-    """Wait for every image outcome (events may overtake each other), at most the grace."""
+async def _final_ready(request: RequestDoc, deps: Deps, now: datetime, round: int) -> bool:
+    """Wait for every image outcome (events may overtake each other), at most the grace:
+    all of the request's; a retry's, all of its images'; a cancelled request's, as many
+    as it counted when it stopped."""
     seen_at = request["completed_seen_at"]
     if seen_at <= now - timedelta(seconds=deps.config.completion_grace):
         return True
-    total = request["completed"]["counts"]["total"]
-    return await deps.repo.requests.image_total(request["_id"]) >= total
+    completion = request["completed"]
+    counts = completion["counts"]
+    retry = request.get("retry")
+    if completion["status"] != "cancelled" and round and retry and retry["round"] == round:
+        return await deps.repo.requests.round_image_total(request["_id"], round) >= retry["images"]
+    wanted = counts["total"]
+    if completion["status"] == "cancelled":
+        wanted = counts["ok"] + counts["failed"]
+    return await deps.repo.requests.image_total(request["_id"]) >= wanted
 
 
 async def _products(request: RequestDoc, deps: Deps) -> list[payloads.Product] | None:
@@ -248,7 +328,12 @@ async def _products(request: RequestDoc, deps: Deps) -> list[payloads.Product] |
 
 
 async def _emit(
-    event_type: str, payload: payloads.Payload, request: RequestDoc, deps: Deps, now: datetime
+    event_type: str,
+    payload: payloads.Payload,
+    request: RequestDoc,
+    deps: Deps,
+    now: datetime,
+    round: int = 0,
 ) -> bool:
     """One delivery per endpoint (the request's webhook URL, then matching subscriptions)."""
     targets: dict[str, str | None] = {}
@@ -259,15 +344,17 @@ async def _emit(
     body = payloads.dumps(payload)
     created = False
     for endpoint, subscription_id in targets.items():
-        doc = new_delivery(request["_id"], event_type, endpoint, subscription_id, body, now)
+        doc = new_delivery(request["_id"], event_type, endpoint, subscription_id, body, now, round)
         created |= await deps.repo.deliveries.add(doc)
-    await deps.repo.requests.mark_planned(request["_id"], event_type)
+    await deps.repo.requests.mark_planned(request["_id"], event_type, round)
     return created
 
 
-def webhook_id(request_id: str, event_type: str) -> str:
-    """The `webhook-id`: stable for the same fact, so receivers can dedupe retries."""
-    digest = hashlib.sha256(f"{request_id}\n{event_type}".encode()).hexdigest()
+def webhook_id(request_id: str, event_type: str, round: int = 0) -> str:
+    """The `webhook-id`: stable for the same fact, so receivers can dedupe retries; a
+    retry round's status changes are new facts (round 0 keeps the ids it always had)."""
+    fact = f"{request_id}\n{event_type}" + (f"\nr{round}" if round else "")
+    digest = hashlib.sha256(fact.encode()).hexdigest()
     return f"msg_{digest[:32]}"
 
 
@@ -278,13 +365,15 @@ def new_delivery(
     subscription_id: str | None,
     body: str,
     now: datetime,
+    round: int = 0,
 ) -> DeliveryDoc:
     return {
         "_id": f"dlv_{uuid.uuid4().hex}",
-        "webhook_id": webhook_id(request_id, event_type),
+        "webhook_id": webhook_id(request_id, event_type, round),
         "request_id": request_id,
         "event_type": event_type,
-        "seq": SEQUENCE[event_type],
+        "round": round,
+        "seq": sequence(event_type, round),
         "endpoint": endpoint,
         "subscription_id": subscription_id,
         "body": body,

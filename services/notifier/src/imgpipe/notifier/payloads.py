@@ -19,6 +19,7 @@ class Payload(TypedDict):
     status: str
     counts: dict[str, int]  # total, ok, failed
     timestamp: str
+    round: int  # 0 for the first run, N for the Nth retry of the failed images
     # The final webhook's only:
     products: NotRequired[list[Product] | None]  # None: too many images, see the CSV
     output_csv_url: NotRequired[str]
@@ -38,13 +39,16 @@ def output_csv_url(settings: Settings, request_id: str) -> str:
     return f"{settings.status_base_url}/status/{request_id}/output.csv"
 
 
-def _payload(event_type: str, request: RequestDoc, counts: dict[str, int], at: datetime) -> Payload:
+def _payload(
+    event_type: str, request: RequestDoc, counts: dict[str, int], at: datetime, round: int = 0
+) -> Payload:
     return {
         "type": event_type,
         "request_id": request["_id"],
         "status": event_type.removeprefix("request."),
         "counts": counts,
         "timestamp": iso(at),
+        "round": round,
     }
 
 
@@ -53,10 +57,16 @@ def received(request: RequestDoc) -> Payload:
     return _payload(RECEIVED, request, counts, request["received_at"])
 
 
-def processing(request: RequestDoc, ok: int, failed: int) -> Payload:
+def processing(request: RequestDoc, ok: int, failed: int, round: int = 0) -> Payload:
+    """Round 0: from the first image outcome. Round N: from RetryStarted, with the
+    outcomes known before the retry (its images' new ones replace them)."""
     counts = {"total": request["image_count"], "ok": ok, "failed": failed}
-    at = request.get("first_processed_at") or request["completed"]["completed_at"]
-    return _payload(PROCESSING, request, counts, at)
+    retry = request.get("retry")
+    if round and retry and retry["round"] == round:
+        at = retry["started_at"]
+    else:
+        at = request.get("first_processed_at") or request["completed"]["completed_at"]
+    return _payload(PROCESSING, request, counts, at, round)
 
 
 def final(
@@ -65,9 +75,12 @@ def final(
     products: list[Product] | None,
     sizes: ByteTotals,
     settings: Settings,
+    round: int = 0,
 ) -> Payload:
+    """request.completed, request.error or request.cancelled: the counts the processor
+    gave, the products as stored (a cancelled request's unfinished images are null)."""
     completed = request["completed"]
-    payload = _payload(event_type, request, completed["counts"], completed["completed_at"])
+    payload = _payload(event_type, request, completed["counts"], completed["completed_at"], round)
     payload["products"] = products
     payload["output_csv_url"] = output_csv_url(settings, request["_id"])
     payload["bytes"] = sizes

@@ -186,7 +186,8 @@ async def retry_delivery(delivery_id: str, runtime: RuntimeDep) -> Delivery:
     owner = await _owner_or_conflict(doc, runtime)
     now = datetime.now(UTC)
     replayed = await runtime.repo.deliveries.replay(delivery_id, now, owner)
-    assert replayed is not None  # deliveries are never deleted
+    if replayed is None:  # its request was deleted meanwhile (RequestDeleted)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
     if owner is not None:  # the owner may have been deleted since we looked
         await settle_orphans(runtime.repo, doc["endpoint"], [(owner, [doc["event_type"]])], now)
     runtime.dispatcher.wake()

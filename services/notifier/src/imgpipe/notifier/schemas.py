@@ -78,6 +78,7 @@ class Delivery(BaseModel):
     id: str
     request_id: str
     event_type: WebhookType
+    round: int = Field(0, description="0 for the first run, N for the Nth retry")
     endpoint: str
     subscription_id: str | None
     webhook_id: str = Field(description="the `webhook-id` header, the same on every retry")

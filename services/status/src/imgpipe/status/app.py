@@ -16,7 +16,7 @@ from imgpipe.contracts.settings import Settings
 from imgpipe.status.bootstrap import Runtime
 from imgpipe.status.config import ReadCacheConfig
 from imgpipe.status.read_cache import Clock
-from imgpipe.status.routes import status_router
+from imgpipe.status.routes import requests_router, status_router
 
 
 def create_app(
@@ -33,7 +33,7 @@ def create_app(
         summary="Request status, output CSV and local media, from events alone.",
         start=lambda: Runtime.start(settings, cache_config, clock),
         metrics=settings.metrics,
-        routers=[status_router(settings)],
+        routers=[status_router(settings), requests_router(settings)],
     )
     # Media is public on purpose: its URLs are handed out in status answers and webhooks.
     settings.media_dir.mkdir(parents=True, exist_ok=True)

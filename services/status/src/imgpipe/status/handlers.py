@@ -1,12 +1,31 @@
 """Event -> read-model update. Every update is idempotent and commutes with the others.
 
-The read model keeps, per request, one document for what RequestReceived and
-RequestCompleted carry (`_id` = request id) and the image outcomes in small page
-documents, one per `ROWS_PER_PAGE` rows (`adapters/repository.py`). Each event only
-`$set`s the fields it owns (an image's outcome lives under `images.<key>` of its page)
-and `$max`es `updated_at`, so duplicates change nothing and any delivery order converges
-on the same documents. Updates upsert: an ImageProcessed that overtakes its
-RequestReceived is kept.
+The read model keeps, per request, one document for what RequestReceived,
+RequestCompleted, RequestCancelled and RetryStarted carry (`_id` = request id) and the
+image outcomes in small page documents, one per `ROWS_PER_PAGE` rows
+(`adapters/repository.py`). Each event only `$set`s the fields it owns and `$max`es
+`updated_at` (and the request's `phase`, for the list's status filter), so duplicates
+change nothing and any delivery order converges on the same documents. Updates upsert:
+an ImageProcessed that overtakes its RequestReceived is kept.
+
+Rounds (retries of a request's failed images) never overwrite each other: each round's
+events go to paths of their own, and the views pick the highest round (`views.py`).
+
+| event | document | path |
+|---|---|---|
+| ImageProcessed, round 0 | page | `images.<key>` |
+| ImageProcessed, round N | page | `rounds.r<N>.<key>` |
+| RequestCompleted, round 0 | request | `final_status`, `final_counts`, `completed_at` |
+| RequestCompleted, round N | request | `finals.r<N>` (`status`, `counts`, `completed_at`) |
+| RequestCancelled, round N | request | `cancelled.r<N>` (`counts`, `cancelled_at`) |
+| RetryStarted, round N | request | `retries.r<N>` (`image_keys`, `started_at`) |
+
+Round 0 keeps the paths it had before rounds existed. RequestDeleted is no `$set`: it
+deletes the request's documents and leaves a tombstone (`Change.delete`).
+
+A retry makes a finished request `processing` again: RetryStarted `$set`s the phase
+(the one move back, ordered by the processor, which starts a round only after the
+previous one ended); within a round the phase only moves forward.
 """
 
 from __future__ import annotations
@@ -19,8 +38,11 @@ from typing import Any
 from imgpipe.contracts.events import (
     AnyEvent,
     ImageProcessed,
+    RequestCancelled,
     RequestCompleted,
+    RequestDeleted,
     RequestReceived,
+    RetryStarted,
     image_key,
 )
 from imgpipe.contracts.recent import RecentIds
@@ -30,19 +52,38 @@ from imgpipe.contracts.recent import RecentIds
 # 20 rows write for ~25% less CPU than 50; fewer rows add pages to read for little gain.
 ROWS_PER_PAGE = 20
 
+# The request document's `phase`, which `GET /requests?status=` filters on through an
+# index. A request only moves forward, so it is `$max`ed: the rank prefix makes the
+# strings sort in lifecycle order, and a late RequestReceived cannot move a finished
+# request back. (The status answer itself still derives the status from the outcomes.)
+PHASES = {
+    "received": "0-received",
+    "processing": "1-processing",
+    "completed": "2-completed",
+    "error": "2-error",
+    "cancelled": "2-cancelled",
+}
+
 
 @dataclass(frozen=True)
 class Change:
     """One event's effect on a document: fields to `$set`, a time to `$max`.
     `page`: the request's image page it goes to, None for the request's own document.
     `urgent`: a reader is waiting for it (the request appears, or is final), so the
-    batch writer writes it without resting."""
+    batch writer writes it without resting.
+    `delete`: the request was deleted; `fields` is empty and `at` the time of deletion.
+    `phase`: the request document's phase moves to at least this (a `PHASES` value),
+    whatever document the change itself goes to; with `phase_reset`, to exactly this
+    (a retry reopening a finished request)."""
 
     request_id: str
     fields: dict[str, Any]
     at: datetime
     urgent: bool = False
     page: int | None = None
+    delete: bool = False
+    phase: str | None = None
+    phase_reset: bool = False
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -51,20 +92,63 @@ Submit = Callable[[Change], Awaitable[None]]
 def change_for(event: AnyEvent) -> Change:
     data = event.data
     if isinstance(data, RequestReceived):
-        return Change(data.request_id, _received_fields(data), data.received_at, urgent=True)
+        return Change(
+            data.request_id,
+            _received_fields(data),
+            data.received_at,
+            urgent=True,
+            phase=PHASES["received"],
+        )
     if isinstance(data, ImageProcessed):
         # Build the key from the integers, never from the event's string: a "." or "$"
         # in a field path would address something else.
         key = image_key(data.row_index, data.position)
-        fields: dict[str, Any] = {f"images.{key}": _image_fields(data)}
+        path = f"images.{key}" if data.round == 0 else f"{round_path('rounds', data.round)}.{key}"
+        fields: dict[str, Any] = {path: _image_fields(data)}
         return Change(data.request_id, fields, event.time, page=data.row_index // ROWS_PER_PAGE)
     if isinstance(data, RequestCompleted):
-        completed: dict[str, Any] = {
-            "final_status": data.status,
-            "final_counts": data.counts.model_dump(),
-            "completed_at": data.completed_at,
-        }
-        return Change(data.request_id, completed, data.completed_at, urgent=True)
+        counts = data.counts.model_dump()
+        completed: dict[str, Any] = (
+            {"final_status": data.status, "final_counts": counts, "completed_at": data.completed_at}
+            if data.round == 0
+            else {
+                round_path("finals", data.round): {
+                    "status": data.status,
+                    "counts": counts,
+                    "completed_at": data.completed_at,
+                }
+            }
+        )
+        return Change(
+            data.request_id,
+            completed,
+            data.completed_at,
+            urgent=True,
+            phase=PHASES[data.status],
+        )
+    if isinstance(data, RequestCancelled):
+        cancelled = {"counts": data.counts.model_dump(), "cancelled_at": data.cancelled_at}
+        fields = {round_path("cancelled", data.round): cancelled}
+        return Change(
+            data.request_id,
+            fields,
+            data.cancelled_at,
+            urgent=True,
+            phase=PHASES["cancelled"],
+        )
+    if isinstance(data, RetryStarted):
+        retry = {"image_keys": list(data.image_keys), "started_at": data.started_at}
+        fields = {round_path("retries", data.round): retry}
+        return Change(
+            data.request_id,
+            fields,
+            data.started_at,
+            urgent=True,
+            phase=PHASES["processing"],
+            phase_reset=True,
+        )
+    if isinstance(data, RequestDeleted):
+        return Change(data.request_id, {}, data.deleted_at, urgent=True, delete=True)
     raise TypeError(f"no read-model update for {type(data).__name__}")
 
 
@@ -72,12 +156,23 @@ async def handle_event(event: AnyEvent, submit: Submit, started: RecentIds | Non
     """Store the event's effect; returns once it is written (the bus acks after that).
 
     `started` remembers requests whose first outcome this process has written: that one
-    moves a request to `processing`, a change readers wait for, so it is urgent."""
+    moves a request to `processing`, a change readers wait for, so it is urgent, and
+    it moves the request document's phase too (only the first: the request document
+    may be large, and rewriting it for every outcome is what pages avoid). Without
+    `started` every outcome moves the phase, which is right but costs more."""
     change = change_for(event)
-    if started is not None and change.page is not None and change.request_id not in started:
-        started.add(change.request_id)
-        change = replace(change, urgent=True)
+    first = change.page is not None and (started is None or change.request_id not in started)
+    if first:
+        change = replace(change, urgent=True, phase=PHASES["processing"])
     await submit(change)
+    if first and started is not None:
+        # Only once written: a failed write is redelivered, and must move the phase then.
+        started.add(change.request_id)
+
+
+def round_path(field: str, round: int) -> str:
+    """`<field>.r<N>`: built from the integer, so never a path of something else."""
+    return f"{field}.r{int(round)}"
 
 
 def _received_fields(data: RequestReceived) -> dict[str, Any]:
@@ -86,6 +181,7 @@ def _received_fields(data: RequestReceived) -> dict[str, Any]:
         "rows": [row.model_dump() for row in data.rows],
         "total": data.image_count,
         "options": data.options.model_dump(),
+        "product_count": len(data.rows),  # for the list, which does not read the rows
         "created_at": data.received_at,
     }
 

@@ -1,4 +1,4 @@
-"""The status API: GET /status/{id} and GET /status/{id}/output.csv.
+"""The status API: GET /status/{id}, GET /status/{id}/output.csv and GET /requests.
 
 Both answer from the read cache (`read_cache.py`): rendered bytes, served as they are,
 with a strong ETag so that a poller sending `If-None-Match` gets a bodiless 304 while
@@ -10,13 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.web import require_api_key
+from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.bootstrap import Runtime
+from imgpipe.status.listing import BadCursor, list_page
 from imgpipe.status.read_cache import ReadCache
-from imgpipe.status.schemas import ErrorBody, StatusResponse
+from imgpipe.status.schemas import ErrorBody, ListedStatus, RequestList, StatusResponse
 from imgpipe.status.views import Rendered
 
 Responses = dict[int | str, dict[str, Any]]
@@ -33,6 +35,16 @@ def read_cache(request: Request) -> ReadCache:
 
 
 Cache = Annotated[ReadCache, Depends(read_cache)]
+
+
+def repository(request: Request) -> StatusRepository:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.repository
+
+
+Repository = Annotated[StatusRepository, Depends(repository)]
+DEFAULT_PAGE = 50
+MAX_PAGE = 200  # a page reads the outcomes of its unfinished requests: keep it bounded
 
 
 def status_router(settings: Settings) -> APIRouter:
@@ -92,6 +104,39 @@ def status_router(settings: Settings) -> APIRouter:
                 "X-Imgpipe-Status": rendered.status,
             },
         )
+
+    return router
+
+
+def requests_router(settings: Settings) -> APIRouter:
+    router = APIRouter(
+        tags=["requests"],
+        dependencies=[Depends(require_api_key(settings))],
+        responses=_UNAUTHORIZED,
+    )
+
+    # Read from the database, not the read cache: a list is not worth an entry per page.
+    @router.get(
+        "/requests",
+        response_model=RequestList,
+        responses={422: {"model": ErrorBody, "description": "bad cursor, status or limit"}},
+    )
+    async def list_requests(
+        repository: Repository,
+        status_filter: Annotated[
+            ListedStatus | None, Query(alias="status", description="only requests in it")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        before: Annotated[
+            str | None, Query(description="the `next` cursor of the previous page")
+        ] = None,
+    ) -> dict[str, Any]:
+        """Requests, newest first, a page at a time."""
+        try:
+            return await list_page(repository, status_filter, before, limit)
+        except BadCursor as exc:
+            detail = f"before: not a cursor from GET /requests ({exc}); start again without it"
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=detail) from None
 
     return router
 

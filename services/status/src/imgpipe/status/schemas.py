@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-Status = Literal["received", "processing", "completed", "error"]
+# `cancelled` is final, like `completed` and `error`; a retry of a finished request's
+# failed images makes it `processing` again (`round` says which run).
+Status = Literal["received", "processing", "completed", "error", "cancelled"]
+# The list takes (and shows) the same values.
+ListedStatus = Status
 
 
 class Progress(BaseModel):
@@ -55,6 +59,9 @@ class BytesOut(BaseModel):
 class StatusResponse(BaseModel):
     request_id: str
     status: Status
+    # The run shown: 0 for the request's first, N once its failed images were retried N
+    # times. A retried image is pending again until its outcome of that round arrives.
+    round: int = 0
     progress: Progress
     options: OptionsOut
     bytes: BytesOut
@@ -62,6 +69,22 @@ class StatusResponse(BaseModel):
     error_message: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class RequestSummary(BaseModel):
+    request_id: str
+    status: ListedStatus
+    progress: Progress
+    created_at: datetime
+    updated_at: datetime  # the latest event that changed the request
+    product_count: int
+
+
+class RequestList(BaseModel):
+    items: list[RequestSummary]  # newest first
+    next: str | None = Field(
+        description="opaque cursor: pass it as `before` for the next page; null at the end"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -24,7 +24,7 @@ from imgpipe.contracts.events import Options, image_key
 from imgpipe.contracts.products import byte_totals, products
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
-FINAL_STATUSES = frozenset({"completed", "error"})
+FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
 GZIP_LEVEL = 6  # level 9 takes four times as long for 1% less
 GZIP_MIN_BYTES = 1024  # below this the headers outweigh the saving
 # Spreadsheet apps run cells starting with these as formulas (OWASP "CSV Injection").
@@ -88,16 +88,27 @@ def render(doc: dict[str, Any]) -> Rendered:
 
 
 def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The answer as dicts (fields in `StatusResponse` order), and whether it is settled."""
-    images: dict[str, dict[str, Any]] = doc.get("images") or {}
-    progress = _progress(doc, images)
-    status = _status(doc, images)
+    """The answer as dicts (fields in `StatusResponse` order), and whether it is settled.
+
+    Settled: final, every image's outcome known, and none failed. A failed image may
+    still be retried (RetryStarted reopens the request), and another instance's write
+    drops nothing from this instance's cache, so such an answer is kept only the short
+    TTL, like one still changing."""
+    images = shown_images(doc)
+    run = current_run(doc)
+    status = _status(run, images)
+    progress = _progress(doc, run, images)
     rows = doc["rows"]
     places = [image_key(r, p) for r, row in enumerate(rows) for p in range(len(row["input_urls"]))]
-    settled = status in FINAL_STATUSES and all(key in images for key in places)
+    settled = (
+        status in FINAL_STATUSES
+        and all(key in images for key in places)
+        and not any(image.get("outcome") == "failed" for image in images.values())
+    )
     body = {
         "request_id": doc["_id"],
         "status": status,
+        "round": run.round,
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
         "bytes": byte_totals(images.values()),
@@ -107,6 +118,62 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         "updated_at": doc.get("updated_at") or doc["created_at"],
     }
     return body, settled
+
+
+@dataclass(frozen=True)
+class Run:
+    """The request's latest run: round 0 first, N after the Nth retry. `completion` is
+    its RequestCompleted (`status`, `counts`), `cancelled` its RequestCancelled."""
+
+    round: int
+    completion: dict[str, Any] | None
+    cancelled: dict[str, Any] | None
+
+
+def rounds_of(doc: dict[str, Any], field: str) -> dict[int, Any]:
+    """`{N: value}` of a field stored per round as `<field>.r<N>`."""
+    return {int(name[1:]): value for name, value in (doc.get(field) or {}).items()}
+
+
+def current_run(doc: dict[str, Any]) -> Run:
+    """The highest round any event told of. A run's end counts only for the latest run:
+    a RequestCompleted of round N-1 delivered after RetryStarted(N) is history."""
+    finals, cancels = rounds_of(doc, "finals"), rounds_of(doc, "cancelled")
+    latest = max([0, *finals, *cancels, *rounds_of(doc, "retries"), *rounds_of(doc, "rounds")])
+    completion = finals.get(latest)
+    if latest == 0 and doc.get("final_status"):
+        completion = {"status": doc["final_status"], "counts": doc.get("final_counts")}
+    return Run(latest, completion, cancels.get(latest))
+
+
+def shown_images(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each image's outcome of its highest round. An image a retry runs again has none
+    (pending) until an outcome of that round arrives."""
+    images: dict[str, dict[str, Any]] = dict(doc.get("images") or {})
+    round_of: dict[str, int] = {}
+    for number, outcomes in sorted(rounds_of(doc, "rounds").items()):
+        for key, outcome in outcomes.items():
+            images[key] = outcome
+            round_of[key] = number
+    for number, retry in rounds_of(doc, "retries").items():
+        for key in retry.get("image_keys") or ():
+            if round_of.get(key, 0) < number:
+                images.pop(key, None)
+    return images
+
+
+def list_item(doc: dict[str, Any]) -> dict[str, Any]:
+    """One request in `GET /requests` (fields in `RequestSummary` order): its status and
+    progress as its status answer gives them, from a document of `list_requests`."""
+    images, run = shown_images(doc), current_run(doc)
+    return {
+        "request_id": doc["_id"],
+        "status": _status(run, images),
+        "progress": _progress(doc, run, images),
+        "created_at": doc["created_at"],
+        "updated_at": doc.get("updated_at") or doc["created_at"],
+        "product_count": doc["product_count"],
+    }
 
 
 def output_csv(body: dict[str, Any]) -> str:
@@ -140,25 +207,39 @@ def _etag(data: bytes) -> str:
     return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
 
 
-def _status(doc: dict[str, Any], images: dict[str, Any]) -> str:
-    if doc.get("final_status"):
-        return doc["final_status"]
-    return "processing" if images else "received"
+def _status(run: Run, images: dict[str, Any]) -> str:
+    # A round that both completed and was cancelled (the two crossed) shows completed:
+    # every image of it has an outcome.
+    if run.completion is not None:
+        return str(run.completion["status"])
+    if run.cancelled is not None:
+        return "cancelled"
+    return "processing" if images or run.round else "received"
 
 
-def _progress(doc: dict[str, Any], images: dict[str, dict[str, Any]]) -> dict[str, int]:
+def _progress(doc: dict[str, Any], run: Run, images: dict[str, dict[str, Any]]) -> dict[str, int]:
     # Once RequestCompleted arrived its counts are the processor's final tally; they win
     # over the map, which may still miss an ImageProcessed that the completion overtook.
-    if final := doc.get("final_counts"):
+    # A retry's counts win only if they tally the whole request. A cancel's counts are
+    # what was known when it stopped: images finishing later count, so the map decides.
+    total = int(doc.get("total", len(images)))
+    final = run.completion["counts"] if run.completion is not None else None
+    if final and (run.round == 0 or int(final["total"]) == total):
         return {name: int(final[name]) for name in ("total", "ok", "failed")}
     ok = sum(1 for image in images.values() if image.get("outcome") == "ok")
     failed = len(images) - ok
-    return {"total": int(doc.get("total", len(images))), "ok": ok, "failed": failed}
+    return {"total": total, "ok": ok, "failed": failed}
 
 
 def _error_message(status: str, progress: dict[str, int]) -> str | None:
+    total, failed = progress["total"], progress["failed"]
     if status == "error":
-        return f"no image could be processed ({progress['failed']} of {progress['total']} failed)"
-    if status == "completed" and progress["failed"]:
-        return f"{progress['failed']} of {progress['total']} images failed"
+        return f"no image could be processed ({failed} of {total} failed)"
+    if status == "completed" and failed:
+        return f"{failed} of {total} images failed"
+    if status == "cancelled":
+        unprocessed = total - progress["ok"] - failed
+        parts = [f"{unprocessed} of {total} images not processed"] if unprocessed else []
+        parts += [f"{failed} of {total} failed"] if failed else []
+        return "cancelled" + (": " + ", ".join(parts) if parts else "")
     return None

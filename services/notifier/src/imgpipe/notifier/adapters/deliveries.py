@@ -1,15 +1,16 @@
 """The delivery log (collection `deliveries`): one document per (request, endpoint,
-webhook type), unique, with its attempts. `status`, `next_attempt_at` and the lease
+webhook type, round), unique, with its attempts. `status`, `next_attempt_at` and the lease
 live here, so retries survive restarts and instances share the work."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any, TypedDict
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from imgpipe.notifier.webhooks import CANCELLED, PENDING, DeliveryStatus
 
@@ -17,6 +18,9 @@ Query = dict[str, Any]
 # Newest first; seq keeps one planning pass's webhooks (same created_at) in lifecycle
 # order, _id makes the order total so a cursor never skips or repeats a delivery.
 LOG_ORDER = [("created_at", DESCENDING), ("seq", DESCENDING), ("_id", DESCENDING)]
+UNIQUE_KEY = ("request_id", "endpoint", "event_type", "round")
+# The unique index before rounds: a retry's webhooks would collide with the first run's.
+OLD_UNIQUE_INDEX = "request_id_1_endpoint_1_event_type_1"
 
 
 class AttemptDoc(TypedDict):
@@ -36,7 +40,8 @@ class DeliveryDoc(TypedDict, total=False):
     webhook_id: str  # the `webhook-id` header: the same on every retry
     request_id: str
     event_type: str
-    seq: int  # the type's place in the request's lifecycle (webhooks.SEQUENCE)
+    round: int  # the run it tells of: 0, or N after the Nth retry
+    seq: int  # its place in the request's lifecycle (webhooks.sequence)
     endpoint: str
     subscription_id: str | None  # None: the request's own webhook URL
     body: str  # the exact JSON sent, so every retry sends the same bytes
@@ -56,18 +61,25 @@ class Deliveries:
         self.collection = db["deliveries"]
 
     async def ensure_indexes(self) -> None:
-        await self.collection.create_index(
-            [("request_id", ASCENDING), ("endpoint", ASCENDING), ("event_type", ASCENDING)],
-            unique=True,
-        )
+        if OLD_UNIQUE_INDEX in await self.collection.index_information():
+            # Deliveries made before rounds are round 0's.
+            await self.collection.update_many({"round": {"$exists": False}}, {"$set": {"round": 0}})
+            with contextlib.suppress(OperationFailure):  # another instance dropped it
+                await self.collection.drop_index(OLD_UNIQUE_INDEX)
+        await self.collection.create_index([(k, ASCENDING) for k in UNIQUE_KEY], unique=True)
         await self.collection.create_index([("status", ASCENDING), ("next_attempt_at", 1)])
         await self.collection.create_index("subscription_id")
         # The delivery log is listed newest first, in this order (see list_page).
         await self.collection.create_index(LOG_ORDER)
 
     async def add(self, doc: DeliveryDoc) -> bool:
-        """Insert unless this (request, endpoint, type) exists; True when it is new."""
-        key = {k: doc[k] for k in ("request_id", "endpoint", "event_type")}
+        """Insert unless this (request, endpoint, type, round) exists; True when it is new."""
+        key = {
+            "request_id": doc["request_id"],
+            "endpoint": doc["endpoint"],
+            "event_type": doc["event_type"],
+            "round": doc["round"],
+        }
         try:
             result = await self.collection.update_one(key, {"$setOnInsert": doc}, upsert=True)
         except DuplicateKeyError:  # a concurrent upsert of the same key won
@@ -180,6 +192,11 @@ class Deliveries:
         await self.collection.update_one(
             {"_id": delivery_id, "lease_owner": owner}, {"$set": {"lease_until": now}}
         )
+
+    async def delete_for_request(self, request_id: str) -> int:
+        """A deleted request's deliveries, log and pending retries alike; how many."""
+        result = await self.collection.delete_many({"request_id": request_id})
+        return result.deleted_count
 
     # Replays and deleted subscriptions -----------------------------------------------
 

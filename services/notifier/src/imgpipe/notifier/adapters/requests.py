@@ -1,33 +1,58 @@
-"""What the notifier learned about each request from events, in three collections.
+"""What the notifier learned about each request from events, in three collections,
+and what it forgot on purpose in a fourth.
 
-- `requests`: one document per request, and which webhook types it has already
-  planned (so a duplicate event never plans again).
+- `requests`: one document per request, its current round (0, then N after the Nth
+  retry), how its latest run ended, and which webhook types of which round it has
+  already planned (so a duplicate event never plans again).
 - `rows`: the request's CSV rows from RequestReceived, in chunks (a 100k-row request
   would not fit one document).
-- `images`: one document per image (inserted once, from its first ImageProcessed), to
-  count outcomes and build the final product list.
+- `images`: one document per image, to count outcomes and build the final product
+  list: inserted from its first ImageProcessed, replaced only by a later round's.
+- `deleted`: a tombstone per deleted request (RequestDeleted), named by a hash of its
+  id, so late or redelivered events of it are dropped instead of bringing it back.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from imgpipe.contracts.events import ImageProcessed, RequestCompleted, RequestReceived
+from imgpipe.contracts.events import (
+    ImageProcessed,
+    RequestCancelled,
+    RequestCompleted,
+    RequestReceived,
+    RetryStarted,
+)
 from imgpipe.contracts.mongo import duplicate_indexes
-from imgpipe.notifier.webhooks import FINAL_TYPES
+from imgpipe.notifier.webhooks import FINAL_TYPES, planned_key
 
 ROWS_PER_CHUNK = 1000
+# How long a deleted request's events are dropped: longer than any redelivery takes.
+TOMBSTONE_DAYS = 30
+
+Query = dict[str, Any]
 
 
 class Completion(TypedDict):
-    status: Literal["completed", "error"]
+    """How a run ended: RequestCompleted, or RequestCancelled (status `cancelled`)."""
+
+    status: Literal["completed", "error", "cancelled"]
     counts: dict[str, int]  # total, ok, failed
-    completed_at: datetime
+    completed_at: datetime  # or cancelled_at
+
+
+class Retry(TypedDict):
+    """The latest RetryStarted."""
+
+    round: int
+    images: int  # how many images run again
+    started_at: datetime
 
 
 class RequestDoc(TypedDict):
@@ -40,7 +65,10 @@ class RequestDoc(TypedDict):
     image_count: NotRequired[int]
     received_at: NotRequired[datetime]
     first_processed_at: NotRequired[datetime]  # the earliest ImageProcessed's time
-    completed: NotRequired[Completion]
+    round: NotRequired[int]  # the latest run: 0, or N after RetryStarted / end of round N
+    retry: NotRequired[Retry]
+    completed: NotRequired[Completion]  # how the run `completed_round` ended
+    completed_round: NotRequired[int]  # absent on documents older than rounds: 0
     final_pending: NotRequired[bool]  # completed, final webhook not planned yet
     completed_seen_at: NotRequired[datetime]
 
@@ -59,6 +87,7 @@ class ImageDoc(TypedDict):
     output_url: str | None
     error: dict[str, str] | None  # code, message
     attempts: int | None
+    round: NotRequired[int]  # the run that gave this outcome (absent: 0)
     # Sizes of an ok image; absent from images stored before the notifier kept them.
     bytes_in: NotRequired[int | None]
     bytes_out: NotRequired[int | None]
@@ -77,9 +106,12 @@ class Requests:
         self.requests = db["requests"]
         self.rows = db["rows"]
         self.images = db["images"]
+        self.deleted = db["deleted"]
 
     async def ensure_indexes(self) -> None:
         await self.images.create_index("request_id")
+        await self.images.create_index([("request_id", ASCENDING), ("round", ASCENDING)])
+        await self.deleted.create_index("deleted_at", expireAfterSeconds=TOMBSTONE_DAYS * 86400)
         # image_counts' filter, field for field (SecantusDB uses an index only then).
         await self.images.create_index([("request_id", ASCENDING), ("outcome", ASCENDING)])
         await self.rows.create_index([("request_id", ASCENDING), ("chunk", ASCENDING)])
@@ -122,53 +154,105 @@ class Requests:
         )
 
     async def store_images(self, batch: list[ImageProcessed]) -> None:
-        """Insert the images of a batch of ImageProcessed in one round trip.
+        """Store the images of a batch of ImageProcessed in few round trips.
 
-        An image's outcome never changes (a redelivered ImageProcessed carries the stored
-        one), so one already here is skipped: inserts cost SecantusDB a fifth of upserts."""
-        docs: list[ImageDoc] = [
-            {
-                "_id": f"{data.request_id}:{data.image_key}",
-                "request_id": data.request_id,
-                "key": data.image_key,
-                "outcome": data.outcome,
-                "output_url": data.output_url,
-                "error": data.error.model_dump() if data.error else None,
-                "attempts": data.attempts,
-                "bytes_in": data.bytes_in,
-                "bytes_out": data.bytes_out,
-            }
-            for data in batch
-        ]
-        if not docs:
-            return
-        try:
-            await self.images.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            if duplicate_indexes(exc) is None:  # duplicates: redeliveries, already stored
-                raise
+        Within a round an image's outcome never changes (a redelivered ImageProcessed
+        carries the stored one), so a first-run image already here is skipped: inserts
+        cost SecantusDB a fifth of upserts. A retry's outcome replaces the image's unless
+        one of the same or a later round is stored: the highest round wins."""
+        first = [_image_doc(data) for data in batch if not data.round]
+        again = [data for data in batch if data.round]
+        if first:
+            try:
+                await self.images.insert_many(first, ordered=False)
+            except BulkWriteError as exc:
+                if duplicate_indexes(exc) is None:  # duplicates: redeliveries, already stored
+                    raise
+        if again:
+            # Unordered: the filter alone keeps the highest round, whatever runs first.
+            writes = [
+                ReplaceOne(
+                    {"_id": doc["_id"], "round": {"$not": {"$gte": doc["round"]}}},
+                    doc,
+                    upsert=True,
+                )
+                for doc in map(_image_doc, again)
+            ]
+            try:
+                await self.images.bulk_write(writes, ordered=False)
+            except BulkWriteError as exc:
+                # A duplicate key: that round or a later one is stored already.
+                if duplicate_indexes(exc) is None:
+                    raise
 
     async def note_processing(self, request_id: str, at: datetime) -> RequestDoc:
         return await self._upsert(request_id, {"$min": {"first_processed_at": at}})
 
     async def mark_completed(self, data: RequestCompleted, seen_at: datetime) -> RequestDoc:
-        return await self._upsert(
-            data.request_id,
-            {
-                "$set": {
-                    "completed": {
-                        "status": data.status,
-                        "counts": data.counts.model_dump(),
-                        "completed_at": data.completed_at,
-                    },
-                    "final_pending": True,
-                },
-                "$min": {"completed_seen_at": seen_at},
-            },
+        completion: Completion = {
+            "status": data.status,
+            "counts": data.counts.model_dump(),
+            "completed_at": data.completed_at,
+        }
+        return await self._end_round(data.request_id, data.round, completion, seen_at)
+
+    async def mark_cancelled(self, data: RequestCancelled, seen_at: datetime) -> RequestDoc:
+        completion: Completion = {
+            "status": "cancelled",
+            "counts": data.counts.model_dump(),
+            "completed_at": data.cancelled_at,
+        }
+        return await self._end_round(data.request_id, data.round, completion, seen_at)
+
+    async def _end_round(
+        self, request_id: str, round: int, completion: Completion, seen_at: datetime
+    ) -> RequestDoc:
+        """The run `round` ended: unless a later round is known, or this round's end is
+        already stored (a redelivery changes nothing, not even the grace's start)."""
+        newer: Query = {
+            "$or": [
+                {"round": {"$not": {"$gte": round}}},
+                {"round": round, "completed_round": {"$ne": round}},
+            ]
+        }
+        update = {
+            "$set": {
+                "round": round,
+                "completed": completion,
+                "completed_round": round,
+                "final_pending": True,
+                "completed_seen_at": seen_at,
+            }
+        }
+        return await self._advance(request_id, newer, update)
+
+    async def start_retry(self, data: RetryStarted) -> RequestDoc:
+        """Round N runs: unless round N (or a later one) is known already."""
+        retry: Retry = {
+            "round": data.round,
+            "images": len(set(data.image_keys)),
+            "started_at": data.started_at,
+        }
+        newer: Query = {"round": {"$not": {"$gte": data.round}}}
+        update = {"$set": {"round": data.round, "retry": retry}}
+        return await self._advance(data.request_id, newer, update)
+
+    async def _advance(self, request_id: str, newer: Query, update: Query) -> RequestDoc:
+        """Apply `update` if the request document matches `newer`; the document either way.
+        One round trip when the request is known (the usual case), three at most."""
+        doc = await self.requests.find_one_and_update(
+            {"_id": request_id, **newer}, update, return_document=ReturnDocument.AFTER
         )
+        if doc is not None:
+            return doc
+        known = await self._upsert(request_id, {})
+        doc = await self.requests.find_one_and_update(
+            {"_id": request_id, **newer}, update, return_document=ReturnDocument.AFTER
+        )
+        return doc if doc is not None else known
 
     async def _upsert(self, request_id: str, update: dict[str, Any]) -> RequestDoc:
-        on_insert: dict[str, Any] = {"planned": []}
+        on_insert: dict[str, Any] = {"planned": [], "round": 0}
         if "received" not in update.get("$set", {}):
             on_insert["received"] = False
         doc = await self.requests.find_one_and_update(
@@ -180,11 +264,15 @@ class Requests:
         assert doc is not None  # upsert with AFTER always returns the document
         return doc
 
-    async def mark_planned(self, request_id: str, event_type: str) -> None:
-        update: dict[str, Any] = {"$addToSet": {"planned": event_type}}
-        if event_type in FINAL_TYPES:
-            update["$set"] = {"final_pending": False}
-        await self.requests.update_one({"_id": request_id}, update)
+    async def mark_planned(self, request_id: str, event_type: str, round: int = 0) -> None:
+        await self.requests.update_one(
+            {"_id": request_id}, {"$addToSet": {"planned": planned_key(event_type, round)}}
+        )
+        if event_type in FINAL_TYPES:  # unless a later round has ended meanwhile
+            await self.requests.update_one(
+                {"_id": request_id, "completed_round": {"$not": {"$gt": round}}},
+                {"$set": {"final_pending": False}},
+            )
 
     async def pending_finals(self, request_ids: list[str]) -> list[RequestDoc]:
         """Those of these requests whose final webhook is not planned yet."""
@@ -209,6 +297,10 @@ class Requests:
     async def image_total(self, request_id: str) -> int:
         return await self.images.count_documents({"request_id": request_id})
 
+    async def round_image_total(self, request_id: str, round: int) -> int:
+        """Outcomes stored from run `round` (a retry's images)."""
+        return await self.images.count_documents({"request_id": request_id, "round": round})
+
     async def load_rows(self, request_id: str) -> list[Row]:
         cursor = self.rows.find({"request_id": request_id}).sort("chunk", ASCENDING)
         return [row for chunk in await cursor.to_list() for row in chunk["rows"]]
@@ -224,3 +316,43 @@ class Requests:
 
     async def load_images(self, request_id: str) -> list[ImageDoc]:
         return await self.images.find({"request_id": request_id}).to_list()
+
+    # Deletion --------------------------------------------------------------------------
+
+    async def forget(self, request_id: str, at: datetime) -> None:
+        """Drop what is stored of the request; its tombstone first, so an event of it
+        handled meanwhile is dropped too."""
+        await self.deleted.update_one(
+            {"_id": tombstone_id(request_id)}, {"$set": {"deleted_at": at}}, upsert=True
+        )
+        await self.images.delete_many({"request_id": request_id})
+        await self.rows.delete_many({"request_id": request_id})
+        await self.requests.delete_one({"_id": request_id})
+
+    async def deleted_among(self, request_ids: list[str]) -> set[str]:
+        """Those of these requests that were deleted."""
+        if not request_ids:
+            return set()
+        by_tombstone = {tombstone_id(request_id): request_id for request_id in request_ids}
+        cursor = self.deleted.find({"_id": {"$in": list(by_tombstone)}}, {"_id": 1})
+        return {by_tombstone[doc["_id"]] for doc in await cursor.to_list()}
+
+
+def tombstone_id(request_id: str) -> str:
+    """A deleted request's tombstone does not hold its id, only this hash of it."""
+    return "del_" + hashlib.sha256(request_id.encode()).hexdigest()
+
+
+def _image_doc(data: ImageProcessed) -> ImageDoc:
+    return {
+        "_id": f"{data.request_id}:{data.image_key}",
+        "request_id": data.request_id,
+        "key": data.image_key,
+        "outcome": data.outcome,
+        "output_url": data.output_url,
+        "error": data.error.model_dump() if data.error else None,
+        "attempts": data.attempts,
+        "round": data.round,
+        "bytes_in": data.bytes_in,
+        "bytes_out": data.bytes_out,
+    }

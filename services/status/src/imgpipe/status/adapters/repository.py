@@ -1,9 +1,21 @@
 """The read model in MongoDB: a request's own document, and its image outcomes in pages.
 
 - `requests`, `_id` = request id: what RequestReceived and RequestCompleted carry (rows,
-  total, created_at, final status and counts, completed_at). Written about twice.
+  total, created_at, final status and counts, completed_at), `phase` (handlers.PHASES)
+  and `updated_at`, the time of the latest event that changed it. Written about three
+  times: received, first outcome (phase), completed. Also, per retry round N: its start
+  (`retries.r<N>`), its end (`finals.r<N>`), and a cancel (`cancelled.r<N>`), see
+  `handlers.py`.
 - `image_pages`, `_id` = "<request id>:<page>": the outcomes of `ROWS_PER_PAGE` rows
-  under `images.<key>`, with `request_id` and `updated_at`.
+  under `images.<key>` (round 0) and `rounds.r<N>.<key>` (retry N), with `request_id`
+  and `updated_at`.
+- `deleted`, `_id` = request id: `{deleted: True, deleted_at}` and nothing else, a
+  tombstone per deleted request. RequestDeleted deletes the request's document and
+  pages; a later event of it (an image that was still in flight, a redelivery) would
+  upsert them again, so a batch first drops the changes of ids known to be deleted:
+  those this process deleted lately (in memory), and those the collection names (one
+  find by `_id` per batch). Another instance deleting the request while this one writes
+  may still leave a page behind: without the request document it is never shown.
 
 Outcomes used to go into the request document, but the database rewrites (and diffs, for
 its oplog) a whole document on every update, so each outcome cost more the larger the
@@ -15,28 +27,55 @@ whatever the request's size. Documents written before pages existed hold outcome
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo import UpdateOne
+from pymongo import DESCENDING, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.mongo import Once
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.status.handlers import Change
 
 REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
+DELETED = "deleted"
+KNOWN_DELETED = 4096  # deleted ids remembered in memory, not looked up again
+# The list's two orders, newest first (the _id breaks ties of one millisecond). Named, so
+# that the list can hint them: each page is then a walk of a range of the index, on
+# MongoDB and on SecantusDB (whose planner picks an index only for exact filters).
+BY_CREATED = "list_by_created"
+BY_PHASE = "list_by_phase"
+LIST_ORDER = [("created_at", DESCENDING), ("_id", DESCENDING)]
+# The list never shows the rows; a request's rows may be megabytes.
+LIST_PROJECTION = {"rows": 0}
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page of the list ends: the last request's creation time and id."""
+
+    created_at: datetime
+    request_id: str
 
 
 class StatusRepository:
     def __init__(self, database: AsyncDatabase) -> None:
         self.requests = database[REQUESTS]
         self.pages = database[IMAGE_PAGES]
+        self.deleted = database[DELETED]
+        self._known_deleted = RecentIds(KNOWN_DELETED)
         # Pages by request, once, before this process writes a page: the Runtime tries
         # it from start, `write` before its first page write. The read filters on
         # `request_id` alone, as the index does (SecantusDB uses an index only when the
         # filter's fields are exactly its fields).
-        self.ensure_indexes = Once(lambda: self.pages.create_index("request_id"))
+        self.ensure_indexes = Once(self._create_indexes)
+
+    async def _create_indexes(self) -> None:
+        await self.pages.create_index("request_id")
+        await self.requests.create_index(LIST_ORDER, name=BY_CREATED)
+        await self.requests.create_index([("phase", DESCENDING), *LIST_ORDER], name=BY_PHASE)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         """The request's document with every known outcome under `images`, or None.
@@ -56,13 +95,98 @@ class StatusRepository:
         document into a single update, in delivery order, gives the same document as
         applying them one by one. Pages go first: a final status seldom shows before the
         outcomes that came with it (either order converges).
+
+        Changes of deleted requests are dropped: of those deleted in this batch, and of
+        those deleted before (`deleted_among`, one find unless all are known).
         """
-        requests, pages = merge(changes)
+        deletions = {change.request_id: change.at for change in changes if change.delete}
+        gone = await self.deleted_among({change.request_id for change in changes}) | set(deletions)
+        if deletions:
+            await self.delete(deletions)
+        requests, pages = merge([change for change in changes if change.request_id not in gone])
+        await self.ensure_indexes()
         if pages:
-            await self.ensure_indexes()
             await self.pages.bulk_write(pages, ordered=True)
         if requests:
             await self.requests.bulk_write(requests, ordered=True)
+
+    async def deleted_among(self, request_ids: set[str]) -> set[str]:
+        """Which of `request_ids` were deleted (have a tombstone)."""
+        known = {request_id for request_id in request_ids if request_id in self._known_deleted}
+        unknown = sorted(request_ids - known)
+        if not unknown:
+            return known
+        found = await self.deleted.find({"_id": {"$in": unknown}}, {"_id": 1}).to_list(None)
+        for doc in found:
+            self._known_deleted.add(doc["_id"])
+        return known | {doc["_id"] for doc in found}
+
+    async def delete(self, deletions: dict[str, datetime]) -> None:
+        """Tombstones first (from then on other instances skip the ids' events too), then
+        the request documents and their pages. Each step is idempotent: a redelivered
+        RequestDeleted finishes what a crash interrupted."""
+        await self.deleted.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": request_id},
+                    {"$setOnInsert": {"deleted": True, "deleted_at": at}},
+                    upsert=True,
+                )
+                for request_id, at in deletions.items()
+            ],
+            ordered=False,
+        )
+        for request_id in deletions:
+            self._known_deleted.add(request_id)
+        ids = list(deletions)
+        await asyncio.gather(
+            self.requests.delete_many({"_id": {"$in": ids}}),
+            self.pages.delete_many({"request_id": {"$in": ids}}),
+        )
+
+    async def list_requests(
+        self, phase: str | None, before: Position | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` visible requests, newest first, created before `before`, each as
+        `get` would give it (with its outcomes only while it is not final: a final
+        request's counts are in its own document).
+
+        Keyset paging: a page starts strictly after the previous page's last request, so
+        requests that arrive meanwhile (newer) never shift a later page. Two ranges of
+        the index, no `$or`: the rest of `before`'s millisecond, then everything older.
+        """
+        await self.ensure_indexes()
+        scope: dict[str, Any] = {} if phase is None else {"phase": phase}
+        if before is None:
+            # Only requests whose RequestReceived arrived have a creation time.
+            ranges = [{**scope, "created_at": {"$type": "date"}}]
+        else:
+            ranges = [
+                {**scope, "created_at": before.created_at, "_id": {"$lt": before.request_id}},
+                {**scope, "created_at": {"$lt": before.created_at}},
+            ]
+        docs: list[dict[str, Any]] = []
+        for query in ranges:
+            if len(docs) >= limit:
+                break
+            cursor = self.requests.find(
+                query,
+                LIST_PROJECTION,
+                sort=LIST_ORDER,
+                limit=limit - len(docs),
+                hint=BY_CREATED if phase is None else BY_PHASE,
+            )
+            docs += await cursor.to_list(None)
+        return list(await asyncio.gather(*(self._with_outcomes(doc) for doc in docs)))
+
+    async def _with_outcomes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        if doc.get("product_count") is None:  # stored before the list existed
+            rows = await self.requests.find_one({"_id": doc["_id"]}, {"rows": 1})
+            doc["product_count"] = len((rows or {}).get("rows") or [])
+        if doc.get("final_counts") and not (doc.get("retries") or doc.get("cancelled")):
+            return doc  # final, never retried: its counts are in its own document
+        pages = await self.pages.find({"request_id": doc["_id"]}).to_list(None)
+        return assemble(doc["_id"], doc, pages) or doc
 
 
 def page_id(request_id: str, page: int) -> str:
@@ -73,21 +197,44 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     """(updates of request documents, updates of image pages), one per document touched."""
     fields: dict[tuple[str, int | None], dict[str, Any]] = {}
     latest: dict[tuple[str, int | None], datetime] = {}
+    phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
     for change in changes:  # dicts keep first-seen order: documents stay in delivery order
-        target = (change.request_id, change.page)
-        fields.setdefault(target, {}).update(change.fields)
-        seen = latest.get(target)
-        latest[target] = change.at if seen is None else max(seen, change.at)
+        targets = [(change.request_id, change.page)]
+        if change.phase is not None:  # the request document changes too
+            targets.append((change.request_id, None))
+            phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
+        fields.setdefault(targets[0], {}).update(change.fields)
+        for target in targets:
+            fields.setdefault(target, {})
+            seen = latest.get(target)
+            latest[target] = change.at if seen is None else max(seen, change.at)
     requests: list[UpdateOne] = []
     pages: list[UpdateOne] = []
     for (request_id, page), own in fields.items():
-        at = {"updated_at": latest[(request_id, page)]}
+        at: dict[str, Any] = {"updated_at": latest[(request_id, page)]}
         if page is None:
-            requests.append(UpdateOne({"_id": request_id}, {"$set": own, "$max": at}, upsert=True))
+            update: dict[str, Any] = {"$max": at}
+            if request_id in phases:
+                phase, reset = phases[request_id]
+                own, at = ({**own, "phase": phase}, at) if reset else (own, {**at, "phase": phase})
+                update["$max"] = at
+            if own:  # MongoDB refuses an empty $set
+                update["$set"] = own
+            requests.append(UpdateOne({"_id": request_id}, update, upsert=True))
         else:
             update = {"$set": own, "$setOnInsert": {"request_id": request_id}, "$max": at}
             pages.append(UpdateOne({"_id": page_id(request_id, page)}, update, upsert=True))
     return requests, pages
+
+
+def _next_phase(known: tuple[str, bool] | None, change: Change) -> tuple[str, bool]:
+    """The phase after `change`, in delivery order: a reset replaces it, anything else
+    only moves it forward; and whether a reset happened in the batch ($set, not $max)."""
+    assert change.phase is not None
+    if change.phase_reset:
+        return change.phase, True
+    phase, reset = known or ("", False)
+    return max(phase, change.phase), reset
 
 
 def assemble(
@@ -98,18 +245,24 @@ def assemble(
 
     Without the request document (outcomes overtook RequestReceived) the result has no
     `received`, so the views keep the request hidden, as they did with one document.
+    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`.
     """
     if doc is None and not pages:
         return None
     merged: dict[str, Any] = doc if doc is not None else {"_id": request_id}
     images: dict[str, Any] = dict(merged.get("images") or {})  # the previous layout's
+    rounds: dict[str, dict[str, Any]] = {}
     times = [merged["updated_at"]] if merged.get("updated_at") else []
     for page in pages:
         images.update(page.get("images") or {})
+        for name, outcomes in (page.get("rounds") or {}).items():
+            rounds.setdefault(name, {}).update(outcomes)
         if page.get("updated_at"):
             times.append(page["updated_at"])
     if images:
         merged["images"] = images
+    if rounds:
+        merged["rounds"] = rounds
     if times:
         merged["updated_at"] = max(times)
     return merged
