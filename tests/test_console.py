@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,9 @@ READY = 240
 
 webdriver = pytest.importorskip("selenium.webdriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    # CI installs them and sets IMGPIPE_REQUIRE_CHROMIUM: there, missing is a failure.
+    if os.environ.get("IMGPIPE_REQUIRE_CHROMIUM"):
+        raise RuntimeError("IMGPIPE_REQUIRE_CHROMIUM is set but chromium or chromedriver is missing")
     pytest.skip(
         "needs Debian's chromium and chromium-driver (.ci/run installs them)",
         allow_module_level=True,
