@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,7 +39,9 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     # CI installs them and sets IMGPIPE_REQUIRE_CHROMIUM: there, missing is a failure.
     if os.environ.get("IMGPIPE_REQUIRE_CHROMIUM"):
-        raise RuntimeError("IMGPIPE_REQUIRE_CHROMIUM is set but chromium or chromedriver is missing")
+        raise RuntimeError(
+            "IMGPIPE_REQUIRE_CHROMIUM is set but chromium or chromedriver is missing"
+        )
     pytest.skip(
         "needs Debian's chromium and chromium-driver (.ci/run installs them)",
         allow_module_level=True,
@@ -47,6 +50,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
@@ -124,19 +128,22 @@ class Images:
         self.server = server
         self._lock = threading.Lock()
 
-    def add(self, path: str, seed: int, flaky: bool = False) -> str:
+    def add(self, path: str, seed: int, flaky: bool = False, delay: float = 0.0) -> str:
         body = jpeg_bytes(320, 240, seed=seed)
         failures = [1 if flaky else 0]
 
         def answer(request: Recorded) -> Response:
-            from_imgpipe = request.headers.get("user-agent", "").startswith("imgpipe/")
             with self._lock:
-                if from_imgpipe and failures[0] > 0:
+                if _from_imgpipe(request) and failures[0] > 0:
                     failures[0] -= 1
                     return Response(b"down", 503, "text/plain")
-            return Response(body, 200, "image/jpeg")
+            return Response(body, 200, "image/jpeg", delay=delay)
 
         return self.server.add(path, answer)
+
+
+def _from_imgpipe(request: Recorded) -> bool:
+    return request.headers.get("user-agent", "").startswith("imgpipe/")
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +207,12 @@ def thumbnails(driver: WebDriver) -> list[dict[str, Any]]:
 
 def request_id_shown(driver: WebDriver) -> str:
     return driver.find_element(By.ID, "request-id").text
+
+
+def listed(system: System) -> set[str]:
+    """Every request the status service lists."""
+    answer = httpx.get(f"{system.status_url}/requests", params={"limit": 200}).json()
+    return {item["request_id"] for item in answer["items"]}
 
 
 def write_csv(tmp_path: Path, name: str, body: bytes) -> Path:
@@ -325,6 +338,67 @@ def test_retry_runs_a_failed_image_again_and_the_page_shows_it_ok(
     shot(browser, "08-after-retry")
 
 
+@pytest.mark.timeout(300)
+def test_an_upload_whose_answer_was_lost_is_sent_again_under_the_same_key(
+    browser: WebDriver, system: System, images: Images, tmp_path: Path
+) -> None:
+    url = images.add("/idem/a.jpg", seed=40)
+    open_console(browser, system)
+    before = listed(system)
+    # The upload reaches ingest but its answer is lost on the way back, once.
+    browser.execute_script(
+        """
+        const realFetch = window.fetch;
+        let lose = 1;
+        window.uploadKeys = [];
+        window.fetch = async (url, options) => {
+          if (url !== "/upload") return realFetch(url, options);
+          window.uploadKeys.push(options.headers["Idempotency-Key"]);
+          const answer = await realFetch(url, options);
+          if (lose-- > 0) throw new TypeError("network error");
+          return answer;
+        };
+        """
+    )
+    choose_and_upload(browser, write_csv(tmp_path, "idem.csv", catalogue([("Cap", [url])])))
+    message = browser.find_element(By.ID, "upload-message")
+    wait(browser, lambda _: "did not get through" in message.text, 30)
+    shot(browser, "13-upload-answer-lost")
+    browser.find_element(By.ID, "upload-button").click()  # the same file, the same upload
+    wait_for_status(browser, "completed")
+    keys = browser.execute_script("return window.uploadKeys")
+    assert len(keys) == 2 and keys[0] == keys[1], keys
+    assert re.fullmatch(r"[0-9a-f]{32}", keys[0])
+    assert len(listed(system) - before) == 1  # one request, not two
+    downloads = [r for r in images.server.requests_to("/idem/a.jpg") if _from_imgpipe(r)]
+    assert len(downloads) == 1
+
+    # Another upload (the same file chosen again) is another attempt: a new key.
+    choose_and_upload(browser, write_csv(tmp_path, "idem.csv", catalogue([("Cap", [url])])))
+    wait(browser, lambda d: len(d.execute_script("return window.uploadKeys")) == 3, 30)
+    third = browser.execute_script("return window.uploadKeys")[2]
+    assert third != keys[0]
+
+
+@pytest.mark.timeout(300)
+def test_cancel_stops_a_running_request(
+    browser: WebDriver, system: System, images: Images, tmp_path: Path
+) -> None:
+    slow = [images.add(f"/slow/{i}.jpg", seed=60 + i, delay=3.0) for i in range(12)]
+    open_console(browser, system)
+    rows = [(f"Slow {i}", slow[i : i + 3]) for i in range(0, 12, 3)]
+    choose_and_upload(browser, write_csv(tmp_path, "slow.csv", catalogue(rows)))
+    wait_for_status(browser, "received", "processing")
+    cancel = browser.find_element(By.ID, "cancel-button")
+    wait(browser, lambda _: cancel.is_enabled(), 30)
+    cancel.click()
+    wait_for_status(browser, "cancelled")
+    assert "Cancelled" in browser.find_element(By.ID, "progress-text").text
+    wait(browser, lambda _: not cancel.is_enabled(), 10)
+    assert not browser.find_element(By.ID, "retry-button").is_enabled()
+    shot(browser, "14-cancelled")
+
+
 @pytest.mark.timeout(120)
 def test_a_bad_csv_shows_each_problem_with_its_line(
     browser: WebDriver, system: System, tmp_path: Path
@@ -371,8 +445,8 @@ def test_with_api_keys_the_page_asks_for_the_key_then_works(
             wait(browser, ec.visibility_of_element_located((By.ID, "key-error")), 30)
             shot(browser, "11-key-refused")
 
-            browser.find_element(By.ID, "api-key").send_keys("console-key-1")
-            browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+            # The keyboard alone: type the key, press Enter.
+            browser.find_element(By.ID, "api-key").send_keys("console-key-1" + Keys.ENTER)
             wait(browser, lambda d: d.find_element(By.ID, "app").is_displayed(), 30)
             stored = browser.execute_script(
                 "return [sessionStorage.getItem('imgpipe.apiKey'), localStorage.length]"

@@ -336,7 +336,7 @@
     const word = STATUS_WORDS[body.status] || String(body.status);
     let text = `${word}: ${done} of ${progress.total} images done (${progress.ok} ok, ${progress.failed} failed).`;
     if (body.round) text += ` Retry round ${body.round}.`;
-    if (body.error_message) text += ` ${body.error_message}`;
+    if (body.error_message) text += ` ${String(body.error_message).replace(/\.?$/, ".")}`;
     say($("progress-text"), text);
     $("progress-bar").max = Math.max(progress.total, 1);
     $("progress-bar").value = done;
@@ -523,6 +523,11 @@
     }
   }
 
+  function plural(count, word) {
+    if (typeof count !== "number") return `? ${word}s`;
+    return `${count} ${word}${count === 1 ? "" : "s"}`;
+  }
+
   function recentItem(item) {
     const progress = item.progress || { total: 0, ok: 0, failed: 0 };
     const when = item.created_at ? new Date(item.created_at).toLocaleString() : "";
@@ -531,7 +536,7 @@
       el("span", { className: "recent-id", text: String(item.request_id) }),
       el("span", {
         className: "recent-detail",
-        text: `${item.product_count ?? "?"} products, ${progress.ok}/${progress.total} ok, ${progress.failed} failed · ${when}`,
+        text: `${plural(item.product_count, "product")}, ${progress.ok}/${progress.total} ok, ${progress.failed} failed · ${when}`,
       }),
     ]);
     button.addEventListener("click", () => {
