@@ -145,6 +145,7 @@
     show($("app"), true);
     show($("forget-key"), Boolean(config.api_key_required));
     loadRecent(false);
+    if (current && !current.gone) track(current.id); // asked for a key again mid-way
   }
 
   // --- upload --------------------------------------------------------------------
