@@ -44,7 +44,13 @@ from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.metrics import DEAD_LETTERED
 from imgpipe.contracts.topology import Topology
 from imgpipe.processor import metrics
-from imgpipe.processor.adapters.download import Attempts, Downloader, FailedDownload, RetryLater
+from imgpipe.processor.adapters.download import (
+    Attempts,
+    Downloader,
+    FailedDownload,
+    NotWanted,
+    RetryLater,
+)
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage, StorageError
 from imgpipe.processor.backlog import Backlog
@@ -308,10 +314,14 @@ class Processor:
         """Download, compress and store one image; every expected failure is an outcome."""
         earlier = Attempts(image.attempts, image.first_attempt_at)
         await self.backlog.room()
-        if await self.stops.reason(job.request_id):
-            raise RequestStopped(job.request_id)  # checked last thing before the download
+
+        async def wanted() -> bool:  # asked as each download attempt is about to start
+            return await self.stops.reason(job.request_id) is None
+
         try:
-            downloaded = await self.download(image.input_url, earlier, image.not_before)
+            downloaded = await self.download(image.input_url, earlier, image.not_before, wanted)
+        except NotWanted:
+            raise RequestStopped(job.request_id) from None
         except FailedDownload as exc:
             return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
         data, attempts = downloaded.body, downloaded.attempts.count

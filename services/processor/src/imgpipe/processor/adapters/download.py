@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -228,6 +229,15 @@ class RetryPolicy:
         return random.uniform(0, min(ceiling, self.max_wait))
 
 
+# Asked before each attempt: False when the image is no longer wanted (its request was
+# cancelled or deleted meanwhile).
+Wanted = Callable[[], Awaitable[bool]]
+
+
+class NotWanted(Exception):
+    """The download did not start: `wanted` said no."""
+
+
 @dataclass(frozen=True)
 class Downloader:
     """Downloads with the processor's limits: per-host politeness and retries.
@@ -244,10 +254,15 @@ class Downloader:
     policy: RetryPolicy = RetryPolicy()
 
     async def __call__(
-        self, url: str, earlier: Attempts = Attempts(), not_before: float | None = None
+        self,
+        url: str,
+        earlier: Attempts = Attempts(),
+        not_before: float | None = None,
+        wanted: Wanted | None = None,
     ) -> Downloaded:
         """Download `url`, counting on from `earlier` attempts, not before the wall-clock
-        time `not_before` (a parked image's). Raises FailedDownload or RetryLater."""
+        time `not_before` (a parked image's). Raises FailedDownload or RetryLater, or
+        NotWanted when `wanted` says no as an attempt is about to start."""
         try:
             host = origin(url)
         except httpx.InvalidURL as exc:
@@ -261,7 +276,7 @@ class Downloader:
             try:
                 retry = attempts.count > 0
                 attempts = attempts.another()
-                body = await self._attempt(host, url, retry)
+                body = await self._attempt(host, url, retry, wanted)
                 metrics.DOWNLOAD_ATTEMPTS.labels(result="ok").inc()
                 return Downloaded(body, attempts)
             except HostPaused as paused:
@@ -279,10 +294,14 @@ class Downloader:
                 metrics.DOWNLOAD_ATTEMPTS.labels(result="retried").inc()
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, host: str, url: str, retry: bool) -> bytes:
+    async def _attempt(self, host: str, url: str, retry: bool, wanted: Wanted | None) -> bytes:
         async with self.hosts.slot(
             host, self.policy.wait_in_place, max_queue=self.policy.max_queue, retry=retry
         ) as slot:
+            # Asked last thing before the request goes out: the wait for a busy host's
+            # turn can be long, and what was wanted when it began may not be any more.
+            if wanted is not None and not await wanted():
+                raise NotWanted(url)
             try:
                 with metrics.DOWNLOAD_SECONDS.time():
                     body = await download(self.client, url, self.max_bytes, self.deadline)
