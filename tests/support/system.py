@@ -160,7 +160,8 @@ class System:
 def running_system(
     settings: Settings, processors: int = 1, ready_timeout: float = 60, **env: str
 ) -> Iterator[System]:
-    """Start every service as its own process; stop them all (SIGTERM) on exit."""
+    """Start every service as its own process; stop them all (SIGTERM) on exit.
+    `ready_timeout`: seconds each service may take to answer `/readyz`."""
     settings = with_free_ports(settings)
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -362,6 +362,7 @@ class Supervisor:
         lines = [
             "",
             "imgpipe is up" + (f" (namespace {settings.namespace})" if settings.namespace else ""),
+            f"  console       {ingest}/",
             f"  upload        POST {ingest}/upload",
             f"  ingest docs   {ingest}/docs",
             f"  status        {status}/status/{{request_id}}",

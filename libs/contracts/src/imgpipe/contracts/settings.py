@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(default=False, alias="IMGPIPE_ALLOW_PRIVATE_URLS")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="IMGPIPE_API_KEYS")
     webhook_secret: str | None = None
+    # Origins whose pages may call the status API from a browser (CORS): the web
+    # console that ingest serves at `/`. Unset: ingest on this machine (`console_origins`).
+    console_origins_setting: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, alias="IMGPIPE_CONSOLE_ORIGINS"
+    )
     # Seconds before each webhook retry (about a day in all); "5s,5m,2h" also works.
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
@@ -97,6 +102,13 @@ class Settings(BaseSettings):
                 raise ValueError("IMGPIPE_API_KEYS: each key must be printable ASCII, no spaces")
         return keys
 
+    @field_validator("console_origins_setting", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
     def _split_schedule(cls, value: object) -> object:
@@ -112,6 +124,14 @@ class Settings(BaseSettings):
     def status_base_url(self) -> str:
         """Where clients reach the status service: PUBLIC_BASE_URL, else this machine."""
         return (self.public_base_url or f"http://127.0.0.1:{self.status_port}").rstrip("/")
+
+    @property
+    def console_origins(self) -> list[str]:
+        """IMGPIPE_CONSOLE_ORIGINS, else ingest's local origins (where `imgpipe up` serves
+        the console)."""
+        if self.console_origins_setting:
+            return self.console_origins_setting
+        return [f"http://127.0.0.1:{self.ingest_port}", f"http://localhost:{self.ingest_port}"]
 
     @property
     def media_base_url(self) -> str:

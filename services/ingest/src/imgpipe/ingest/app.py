@@ -29,6 +29,7 @@ from imgpipe.ingest.domain import (
 )
 from imgpipe.ingest.routes import requests_router, upload_router
 from imgpipe.ingest.schemas import ErrorOut, ProblemOut, ProblemReport
+from imgpipe.ingest.web_console import console_router
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ def create_app(
         "commands on submitted requests: cancel, retry, delete.",
         start=lambda: Runtime.start(settings, outbox, retention),
         metrics=settings.metrics,
-        routers=[upload_router(settings, outbox), requests_router(settings)],
+        routers=[
+            upload_router(settings, outbox),
+            requests_router(settings),
+            console_router(settings),
+        ],
     )
     _add_error_handlers(app, settings)
     app.add_middleware(

@@ -6,6 +6,7 @@ import time
 from pathlib import PurePosixPath
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -37,6 +38,16 @@ def create_app(
     # Media is public on purpose: its URLs are handed out in status answers and webhooks.
     settings.media_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/media", MediaFiles(directory=settings.media_dir, check_dir=False), name="media")
+    # The web console (ingest's `GET /`) reads status from its own origin: let it, and
+    # only it, with the API key in Authorization. Nothing here uses cookies.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.console_origins,
+        allow_methods=["GET"],
+        allow_headers=["Authorization"],
+        expose_headers=["ETag", "X-Imgpipe-Status"],
+        max_age=600,
+    )
     return app
 
 
