@@ -200,13 +200,14 @@ def test_no_secret_in_logs_or_metrics(settings: Settings) -> None:
         records = [json.loads(line) for line in logs[f"{name}.log"].splitlines() if line[:1] == "{"]
         assert records, f"{name} logged no JSON line"
         assert all(record["service"] == name for record in records)
-    # The processor logs the request's work with its id; the status service's access log
-    # has it in the path; the notifier logs each delivery (without the id: its dispatcher
-    # works outside a request context); ingest logs no line of its own per upload.
-    processor = [json.loads(line) for line in logs["processor.log"].splitlines() if line[:1] == "{"]
-    assert any(record.get("request_id") == request_id for record in processor)
+    # The processor logs the request's work with its id, the notifier each delivery; the
+    # status service's access log has it in the path; ingest logs no line of its own per
+    # upload.
+    for name in ("processor", "notifier"):
+        records = [json.loads(line) for line in logs[f"{name}.log"].splitlines() if line[:1] == "{"]
+        assert any(record.get("request_id") == request_id for record in records), name
     assert f"/status/{request_id}" in logs["status.log"]
-    assert "webhook request.completed " in logs["notifier.log"]
+    assert "webhook request.completed to http://127.0.0.1:" in logs["notifier.log"]
     assert '"storage: Cloudinary cloud ' in logs["processor.log"]
     assert "imgpipe: started processor" in up.output
     for name, text in expositions.items():

@@ -20,6 +20,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from imgpipe.contracts.bus import is_unavailable
 from imgpipe.contracts.events import utcnow
+from imgpipe.contracts.logs import request_context
 from imgpipe.contracts.retry_after import parse_retry_after
 from imgpipe.contracts.settings import Settings
 from imgpipe.contracts.tracing import current_traceparent, origin, span
@@ -164,11 +165,15 @@ class Dispatcher:
             "webhook.type": doc["event_type"],
             "url.origin": origin(doc["endpoint"]),
         }
-        # A child of the request's trace, whenever (and wherever) the attempt is made.
+        # A child of the request's trace, whenever (and wherever) the attempt is made; its
+        # log lines carry the request id.
         parent = doc.get("traceparent")
-        with span(
-            "webhook POST", parent=parent, kind=SpanKind.CLIENT, attributes=attributes
-        ) as post:
+        with (
+            request_context(doc["request_id"]),
+            span(
+                "webhook POST", parent=parent, kind=SpanKind.CLIENT, attributes=attributes
+            ) as post,
+        ):
             await self._attempt(doc, post)
 
     async def _attempt(self, doc: DeliveryDoc, post: Span) -> None:
@@ -216,10 +221,11 @@ class Dispatcher:
             log.warning("lease on %s was lost; attempt not recorded", doc["_id"])
             return
         metrics.WEBHOOK_ATTEMPTS.labels(outcome=attempt["outcome"]).inc()
+        # The endpoint's origin only: a webhook URL's path or query may hold a token.
         log.info(
-            "webhook %s %s -> %s (%s) %s",
+            "webhook %s to %s -> %s (%s) %s",
             doc["event_type"],
-            doc["endpoint"],
+            origin(doc["endpoint"]),
             status_code or error,
             decision.status,
             f"retry at {next_at.isoformat()}" if next_at else "",
