@@ -286,6 +286,11 @@
         const body = await response.json();
         if (request.gen !== generation) return;
         render(request, body);
+        // The recent list shows this request's state too: keep it in step.
+        if (request.lastStatus !== undefined && request.lastStatus !== body.status) {
+          loadRecent(false);
+        }
+        request.lastStatus = body.status;
         delay = settle(request, body) ? SLOW : FAST;
       } else {
         say($("action-message"), `Status unavailable: ${await detailOf(response)}`);
