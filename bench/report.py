@@ -51,6 +51,11 @@ def render(results: dict[str, Any]) -> str:
     lines += _section("Upload", results["table"]["upload"])
     lines += _section("Status reads", results["table"]["status"])
     lines += _section("CPU per image in ms, by process", results["table"]["cpu"])
+    if results["table"].get("bookkeeping"):
+        lines += _section(
+            "Bookkeeping: tiny images, the pipeline's own work as requests grow",
+            results["table"]["bookkeeping"],
+        )
     lines += _memory_lines(results["memory"], list(results["memory_phases"]))
     return "\n".join(lines)
 

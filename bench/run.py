@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,6 +23,7 @@ from typing import Any
 
 import PIL
 import report
+from bookkeeping import run_bookkeeping, table_rows
 from codec import CodecResult, FormatCost, codec_pool
 from corpus import Corpus, build_corpus, image_urls, serve, write_csv
 from cpu import per_image_ms, snapshot
@@ -55,9 +56,17 @@ class Sizes:
     scale: int = 5_000
     big_upload_rows: int = 10_000
     status_seconds: float = 10.0
+    bookkeeping: tuple[int, ...] = (1_000, 10_000, 100_000)
 
 
-QUICK = Sizes(corpus=30, status_request=90, scale=600, big_upload_rows=1_000, status_seconds=5.0)
+QUICK = Sizes(
+    corpus=30,
+    status_request=90,
+    scale=600,
+    big_upload_rows=1_000,
+    status_seconds=5.0,
+    bookkeeping=(200, 2_000),
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Options:
     remote: bool
     concurrency: int
     keep_data: bool
+    bookkeeping: bool = True
 
 
 @dataclass(frozen=True)
@@ -90,12 +100,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--skip-remote", action="store_true", help="leave out the remote-host phase"
     )
+    parser.add_argument(
+        "--skip-bookkeeping",
+        action="store_true",
+        help="leave out the bookkeeping phase (tiny images, up to 100,000 in a request)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="status-read clients")
     parser.add_argument("--keep-data", action="store_true", help="keep media and database files")
     args = parser.parse_args(argv)
     scale = not args.skip_scale and (args.scale or not args.quick)
     sizes = QUICK if args.quick else Sizes()
-    return Options(sizes, scale, not args.skip_remote, args.concurrency, args.keep_data)
+    return Options(
+        sizes,
+        scale,
+        not args.skip_remote,
+        args.concurrency,
+        args.keep_data,
+        not args.skip_bookkeeping,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,18 +227,28 @@ def _phases(options: Options) -> list[tuple[str, str, Any]]:
     phases.append(("status_reads", f"{sizes.status_request:,} + reads", phase_status_reads))
     if options.scale:
         phases.append(("scale", f"{sizes.scale:,} images", phase_scale))
+    if options.bookkeeping:
+        largest = max(sizes.bookkeeping)
+        phases.append(("bookkeeping", f"up to {largest:,} tiny", phase_bookkeeping))
     # Last: the system stops right after its 202, so its images are never processed.
     phases.append(("big_upload", f"{sizes.big_upload_rows:,}-row upload", phase_big_upload))
     return phases
 
 
-def end_to_end(run: Run, urls: list[str], csv_path: Path) -> dict[str, Any]:
+def end_to_end(
+    run: Run,
+    urls: list[str],
+    csv_path: Path,
+    on_accepted: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """Upload a CSV of `urls`; images per second from the upload request to `completed`,
-    and the CPU each process spent per image meanwhile."""
+    and the CPU each process spent per image meanwhile. `on_accepted` is told the
+    request id once the upload answered."""
     system = run.system
     rows = write_csv(csv_path, urls)
     cpu_before = snapshot(run.sampler)
     upload = system.upload(csv_path, webhook_url=run.webhook_url)
+    on_accepted(upload.request_id)
     final_heard = run.finals.event(upload.request_id)
     final, done_at = system.wait_final(upload.request_id, 120 + len(urls), final_heard)
     seconds = done_at - upload.started
@@ -277,6 +309,20 @@ def phase_remote_host(run: Run) -> Any:
 def phase_scale(run: Run) -> Any:
     urls = list(image_urls(run.base_url, run.corpus.names, run.options.sizes.scale, "scale"))
     return end_to_end(run, urls, run.system.data_dir / "scale.csv")
+
+
+def phase_bookkeeping(run: Run) -> Any:
+    """Requests of tiny images at each size: the pipeline's own cost as requests grow."""
+    system = run.system
+    return run_bookkeeping(
+        run.options.sizes.bookkeeping,
+        system.data_dir,
+        lambda urls, path, on_accepted: end_to_end(run, urls, path, on_accepted),
+        run.sampler.snapshot,
+        system.status_endpoint,
+        system.headers,
+        system.data_dir / "mongo",
+    )
 
 
 def phase_status_reads(run: Run) -> Any:
@@ -355,6 +401,7 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         "upload": upload,
         "status": _status_rows(results),
         "cpu": _cpu_rows(results),
+        "bookkeeping": table_rows(results["bookkeeping"]) if "bookkeeping" in results else [],
     }
 
 
