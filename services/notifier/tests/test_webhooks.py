@@ -888,7 +888,7 @@ async def test_a_retry_round_sends_processing_and_its_final_again_once_each(
     assert error["counts"] == {"total": 3, "ok": 0, "failed": 3}
     assert error["products"][0]["output_urls"] == [None, None]
     assert processing_again["status"] == "processing"
-    assert processing_again["timestamp"] == "2026-01-02T03:09:05Z"  # the retry's start
+    assert processing_again["timestamp"] == "2026-01-02T03:14:05Z"  # the retry's start
     assert processing_again["counts"] == {"total": 3, "ok": 0, "failed": 3}  # before it
     assert final["counts"] == {"total": 3, "ok": 2, "failed": 1}
     # The retried images' new outcomes, though the first run's came again after them.
