@@ -36,7 +36,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.mongo import Once
 from imgpipe.contracts.recent import RecentIds
-from imgpipe.status.handlers import Change
+from imgpipe.status.handlers import ROWS_PER_PAGE, Change
 
 REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
@@ -87,6 +87,26 @@ class StatusRepository:
             self.pages.find({"request_id": request_id}).to_list(None),
         )
         return assemble(request_id, doc, pages)
+
+    async def rows_page(
+        self, request_id: str, start: int, count: int
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """Rows `start` to `start + count` and a document with their outcomes (under
+        `images`, as `get` gives them), or None for an unknown request.
+
+        Only what the page needs: the rows sliced by the database (`$slice`), and the
+        image pages of those rows by _id, the two finds sent together. The request
+        document keeps its other fields (retries, rounds), which decide what shows."""
+        first, last = start // ROWS_PER_PAGE, (start + max(count, 1) - 1) // ROWS_PER_PAGE
+        ids = [page_id(request_id, page) for page in range(first, last + 1)]
+        doc, pages = await asyncio.gather(
+            self.requests.find_one({"_id": request_id}, {"rows": {"$slice": [start, count]}}),
+            self.pages.find({"_id": {"$in": ids}}).to_list(None),
+        )
+        if doc is None:
+            return None
+        rows = doc.pop("rows", None) or []
+        return rows, assemble(request_id, doc, pages) or doc
 
     async def write(self, changes: list[Change]) -> None:
         """At most one round trip per collection for a batch, one update per document.
