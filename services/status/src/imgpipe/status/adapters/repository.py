@@ -6,9 +6,12 @@
   times: received, first outcome (phase), completed. Also, per retry round N: its start
   (`retries.r<N>`), its end (`finals.r<N>`), and a cancel (`cancelled.r<N>`), see
   `handlers.py`.
-- `image_pages`, `_id` = "<request id>:<page>": the outcomes of `ROWS_PER_PAGE` rows
-  under `images.<key>` (round 0) and `rounds.r<N>.<key>` (retry N), with `request_id`
-  and `updated_at`.
+- `image_pages`, `_id` = "<request id>:<page>": `ROWS_PER_PAGE` rows of the request
+  (`rows`, from RequestReceived) and their outcomes under `images.<key>` (round 0) and
+  `rounds.r<N>.<key>` (retry N), with `request_id` and `updated_at`. A page of products
+  reads the request document and the pages of its rows, nothing else. Request
+  documents written before rows moved to pages hold them under `rows` (they have no
+  `rows_in_pages`); the reads take them from there.
 - `deleted`, `_id` = request id: `{deleted: True, deleted_at}` and nothing else, a
   tombstone per deleted request. RequestDeleted deletes the request's document and
   pages; a later event of it (an image that was still in flight, a redelivery) would
@@ -94,9 +97,10 @@ class StatusRepository:
         """Rows `start` to `start + count` and a document with their outcomes (under
         `images`, as `get` gives them), or None for an unknown request.
 
-        Only what the page needs: the rows sliced by the database (`$slice`), and the
-        image pages of those rows by _id, the two finds sent together. The request
-        document keeps its other fields (retries, rounds), which decide what shows."""
+        Only what the page needs, two finds sent together: the request document (its
+        rows, in the layout before pages held them, sliced by the database) and the
+        image pages of those rows, by _id. The request document keeps its other fields
+        (retries, rounds), which decide what shows."""
         first, last = start // ROWS_PER_PAGE, (start + max(count, 1) - 1) // ROWS_PER_PAGE
         ids = [page_id(request_id, page) for page in range(first, last + 1)]
         doc, pages = await asyncio.gather(
@@ -106,6 +110,9 @@ class StatusRepository:
         if doc is None:
             return None
         rows = doc.pop("rows", None) or []
+        if doc.get("rows_in_pages"):
+            offset = start - first * ROWS_PER_PAGE
+            rows = rows_of_pages(pages)[offset : offset + count]
         return rows, assemble(request_id, doc, pages) or doc
 
     async def write(self, changes: list[Change]) -> None:
@@ -205,8 +212,8 @@ class StatusRepository:
             doc["product_count"] = len((rows or {}).get("rows") or [])
         if doc.get("final_counts") and not (doc.get("retries") or doc.get("cancelled")):
             return doc  # final, never retried: its counts are in its own document
-        pages = await self.pages.find({"request_id": doc["_id"]}).to_list(None)
-        return assemble(doc["_id"], doc, pages) or doc
+        cursor = self.pages.find({"request_id": doc["_id"]}, LIST_PROJECTION)
+        return assemble(doc["_id"], doc, await cursor.to_list(None)) or doc
 
 
 def page_id(request_id: str, page: int) -> str:
@@ -214,7 +221,9 @@ def page_id(request_id: str, page: int) -> str:
 
 
 def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
-    """(updates of request documents, updates of image pages), one per document touched."""
+    """(updates of request documents, updates of image pages), one per document touched.
+    RequestReceived's rows go to their pages, which are written before the request
+    document: whoever sees it `received` finds the rows."""
     fields: dict[tuple[str, int | None], dict[str, Any]] = {}
     latest: dict[tuple[str, int | None], datetime] = {}
     phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
@@ -224,6 +233,11 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
             targets.append((change.request_id, None))
             phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
         fields.setdefault(targets[0], {}).update(change.fields)
+        for page, rows in (change.row_pages or {}).items():
+            target = (change.request_id, page)
+            fields.setdefault(target, {})["rows"] = rows
+            seen = latest.get(target)
+            latest[target] = change.at if seen is None else max(seen, change.at)
         for target in targets:
             fields.setdefault(target, {})
             seen = latest.get(target)
@@ -247,6 +261,12 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     return requests, pages
 
 
+def rows_of_pages(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the pages hold, in row order (pages come back in any order)."""
+    ordered = sorted(pages, key=lambda page: int(str(page["_id"]).rsplit(":", 1)[1]))
+    return [row for page in ordered for row in page.get("rows") or ()]
+
+
 def _next_phase(known: tuple[str, bool] | None, change: Change) -> tuple[str, bool]:
     """The phase after `change`, in delivery order: a reset replaces it, anything else
     only moves it forward; and whether a reset happened in the batch ($set, not $max)."""
@@ -265,7 +285,8 @@ def assemble(
 
     Without the request document (outcomes overtook RequestReceived) the result has no
     `received`, so the views keep the request hidden, as they did with one document.
-    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`.
+    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`, and the rows the
+    pages hold (`rows_in_pages`) under `rows`, in order.
     """
     if doc is None and not pages:
         return None
@@ -281,6 +302,8 @@ def assemble(
             times.append(page["updated_at"])
     if images:
         merged["images"] = images
+    if merged.get("rows_in_pages"):
+        merged["rows"] = rows_of_pages(pages)
     if rounds:
         merged["rounds"] = rounds
     if times:
