@@ -228,16 +228,14 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     latest: dict[tuple[str, int | None], datetime] = {}
     phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
     for change in changes:  # dicts keep first-seen order: documents stay in delivery order
-        targets = [(change.request_id, change.page)]
+        targets: list[tuple[str, int | None]] = [(change.request_id, change.page)]
         if change.phase is not None:  # the request document changes too
             targets.append((change.request_id, None))
             phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
         fields.setdefault(targets[0], {}).update(change.fields)
-        for page, rows in (change.row_pages or {}).items():
-            target = (change.request_id, page)
-            fields.setdefault(target, {})["rows"] = rows
-            seen = latest.get(target)
-            latest[target] = change.at if seen is None else max(seen, change.at)
+        for number, rows in (change.row_pages or {}).items():
+            fields.setdefault((change.request_id, number), {})["rows"] = rows
+            targets.append((change.request_id, number))
         for target in targets:
             fields.setdefault(target, {})
             seen = latest.get(target)
