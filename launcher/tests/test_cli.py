@@ -190,6 +190,41 @@ def test_submit_waits_and_saves_the_output_csv(
     assert '"format": "webp"' in status.stdout and '"max_side": 320' in status.stdout
 
 
+def test_a_request_over_one_page_is_paged_through_by_status_and_submit(
+    running: Up, images: LoopbackServer, tmp_path: Path
+) -> None:
+    """1,050 products (one stored image: the same URL everywhere) and a failure in the
+    last row, past the first page of 1,000: the CLI lists it and prints every product."""
+    shoe = images.add("/shoe.jpg", Response(jpeg_bytes(seed=4), content_type="image/jpeg"))
+    gone = images.add("/gone.jpg", Response(b"not found", 404, "text/plain"))
+    rows = [[str(n), f"Product {n}", shoe] for n in range(1, 1050)]
+    products = write_csv(tmp_path / "large.csv", [*rows, ["1050", "Last", gone]])
+    output = tmp_path / "large-out.csv"
+
+    result = imgpipe(running.env, "submit", str(products), "--wait", "--output", str(output))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1049 ok, 1 failed, 1050 images" in result.stdout
+    assert f"failed: S. No. 1050 (Last) {gone}: " in result.stdout
+    request_id = result.stdout.split("request id: ", 1)[1].split()[0]
+    written = list(csv.DictReader(output.read_text().splitlines()))  # streamed by status
+    assert [row["S. No."] for row in written] == [str(n) for n in range(1, 1051)]
+    assert written[-1]["Output Image Urls"] == ""
+
+    full = imgpipe(running.env, "status", request_id, "--full")
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.count('"serial_number"') == 1050
+    assert '"next": null' in full.stdout
+    brief = imgpipe(running.env, "status", request_id)
+    assert brief.returncode == 0, brief.stderr
+    assert "S. No. 1050 (Last)" in brief.stdout
+    with client_of(running) as client:
+        first = client.status(request_id)
+        assert (len(first["products"]), first["products_total"]) == (1000, 1050)
+        serials = [p["serial_number"] for p in client.products(request_id, first)]
+        assert serials == [str(n) for n in range(1, 1051)]
+
+
 def test_submit_names_each_problem_of_a_bad_csv_with_its_line(running: Up, tmp_path: Path) -> None:
     bad = write_csv(
         tmp_path / "bad.csv",

@@ -282,6 +282,40 @@ async def test_a_read_that_began_before_a_write_is_not_kept() -> None:
     assert loader.calls == 4  # and a read after the write is kept as usual
 
 
+async def test_a_slow_read_is_kept_longer_and_only_a_status_change_drops_it() -> None:
+    """A large request's read takes long (its outcomes are read whole for the counts):
+    kept read time / read_share, through its progress writes, so that polling it keeps
+    an instance reading at most that share of the time. A status change still shows at
+    once; a fast request's progress too."""
+    clock = Clock()
+    loader = Loader(answer())
+    slow = Loader(answer())
+
+    async def slow_read(request_id: str) -> Rendered | None:
+        clock.now += 1.0  # the read takes a second
+        return await slow(request_id)
+
+    config = ReadCacheConfig(ttl=0.25, read_share=0.2)
+    cache = ReadCache(slow_read, config, clock)
+    await cache.get("large")
+    clock.now += 3.5
+    cache.invalidate(["large"], urgent=[])  # outcomes written: progress only
+    await cache.get("large")
+    assert slow.calls == 1  # kept 1 s / 0.2 = 5 s from the read's start
+    clock.now += 1.0
+    await cache.get("large")
+    assert slow.calls == 2
+    cache.invalidate(["large"], urgent=["large"])  # e.g. its RequestCompleted
+    await cache.get("large")
+    assert slow.calls == 3
+
+    fast = ReadCache(loader, config, clock)
+    await fast.get("small")
+    fast.invalidate(["small"], urgent=[])
+    await fast.get("small")
+    assert loader.calls == 2  # a quick read's progress shows at once, as before
+
+
 async def test_memory_is_bounded_least_recently_used_first() -> None:
     clock = Clock()
     size = answer(settled=True).nbytes

@@ -90,12 +90,17 @@ async def apply(repository: StatusRepository, events: list[CloudEvent], batch: i
 
 
 async def write_previous_layout(database: AsyncDatabase, events: list[CloudEvent]) -> None:
-    """What the previous version stored: every event `$set` into the request document."""
+    """What the previous version stored: every event `$set` into the request document,
+    the rows too."""
     for event in events:
         change = change_for(event)
+        fields = dict(change.fields)
+        if change.row_pages is not None:
+            del fields["rows_in_pages"]
+            fields["rows"] = [row for _, rows in sorted(change.row_pages.items()) for row in rows]
         await database[REQUESTS].update_one(
             {"_id": change.request_id},
-            {"$set": change.fields, "$max": {"updated_at": change.at}},
+            {"$set": fields, "$max": {"updated_at": change.at}},
             upsert=True,
         )
 
@@ -218,8 +223,9 @@ def test_a_batch_updates_each_page_once() -> None:
     first = pages[0]._doc
     assert first["$setOnInsert"] == {"request_id": "r"}
     assert sorted(first["$set"]) == sorted(
-        f"images.{image_key(r, p)}" for r, p in KEYS if r < ROWS_PER_PAGE
+        ["rows", *(f"images.{image_key(r, p)}" for r, p in KEYS if r < ROWS_PER_PAGE)]
     )
+    assert first["$set"]["rows"] == [row.model_dump() for row in ROWS[:ROWS_PER_PAGE]]
     latest = max(processed(request_id, r, p).time for r, p in KEYS if r < ROWS_PER_PAGE)
     assert first["$max"] == {"updated_at": latest}
 
@@ -288,6 +294,36 @@ async def test_a_document_of_the_previous_layout_still_reads(
     await apply(mixed, early)
     again = render(await mixed.get(request_id))
     assert again.body == render(await reference.get(request_id)).body
+
+
+async def test_a_page_of_rows_reads_the_same_in_either_layout(
+    mongo: AsyncMongoClient, scratch: Iterator[str]
+) -> None:
+    """Rows in the image pages (now) or in the request document (before): any slice of
+    them, across page boundaries, with the same outcomes; and the same whole document."""
+    request_id = new_request_id()
+    pages, previous = repository_in(mongo, next(scratch)), repository_in(mongo, next(scratch))
+    await apply(pages, every_event(request_id))
+    await write_previous_layout(previous.requests.database, every_event(request_id))
+    assert "rows" not in (await pages.requests.find_one({"_id": request_id}) or {})
+    assert (await pages.get(request_id) or {})["rows"] == [row.model_dump() for row in ROWS]
+    for start, count in [(0, 1), (15, 10), (ROWS_PER_PAGE, ROWS_PER_PAGE), (40, 100), (47, 5)]:
+        now, then = (
+            await pages.rows_page(request_id, start, count),
+            await previous.rows_page(request_id, start, count),
+        )
+        assert now is not None and then is not None
+        assert now[0] == then[0] == [row.model_dump() for row in ROWS[start : start + count]]
+        keys = {
+            image_key(start + n, p)
+            for n, row in enumerate(now[0])
+            for p in range(len(row["input_urls"]))
+        }
+        assert keys <= set(now[1]["images"]) and keys <= set(then[1]["images"])
+        assert {key: now[1]["images"][key] for key in keys} == {
+            key: then[1]["images"][key] for key in keys
+        }
+    assert await pages.rows_page("req-never", 0, 10) is None
 
 
 # Order and duplicates --------------------------------------------------------------------

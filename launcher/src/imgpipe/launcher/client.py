@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,8 +112,32 @@ class ImgpipeClient:
         params = {name: str(value) for name, value in given.items() if value is not None}
         return self._send("GET", f"{self.status_url}/requests", "status", params=params).json()
 
-    def status(self, request_id: str) -> dict[str, Any]:
-        return self._send("GET", self.status_endpoint(request_id), "status").json()
+    def status(
+        self, request_id: str, limit: int | None = None, after: str | None = None
+    ) -> dict[str, Any]:
+        """`GET /status/{id}`: the request, with one page of its products (the first,
+        up to 1,000 products, unless `after` names another)."""
+        given = {"limit": limit, "after": after}
+        params = {name: str(value) for name, value in given.items() if value is not None}
+        return self._send("GET", self.status_endpoint(request_id), "status", params=params).json()
+
+    def products(self, request_id: str, answer: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every product of the request, `answer`'s page first, then each page after it
+        (following `next`); a page at a time in memory."""
+        yield from answer.get("products") or []
+        following = answer.get("next")
+        while following:
+            page = self.status(request_id, after=following)
+            yield from page.get("products") or []
+            following = page.get("next")
+
+    def with_every_product(self, request_id: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """`answer` (a first page) with the products of every page, for what needs them
+        all: `imgpipe status --full` and the failed images of a large request."""
+        if not answer.get("next"):
+            return answer
+        every = list(self.products(request_id, answer))
+        return {**answer, "products": every, "next": None}
 
     def status_endpoint(self, request_id: str) -> str:
         return f"{self.status_url}/status/{request_id}"

@@ -70,7 +70,7 @@ def submit(
         if not wait:
             return EXIT_OK
         final = _wait_with_progress(client, submitted.request_id)
-        _print_final(final)
+        _print_final(_with_failures(client, final))
         console.print(f"output CSV: {client.output_csv_url(submitted.request_id)}")
         if output:
             saved = client.download_output(submitted.request_id, output)
@@ -83,6 +83,8 @@ def submit(
 def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
     try:
         current = client.status(request_id)
+        current = client.with_every_product(request_id, current) if full else current
+        current = current if full else _with_failures(client, current)
     except ClientError as error:
         return _report(error)
     if not full:
@@ -120,7 +122,7 @@ def manage(client: ImgpipeClient, request_id: str, command: Command, wait: bool 
         if not (wait and command == "retry"):
             return EXIT_OK
         final = _wait_with_progress(client, request_id, round)
-        _print_final(final)
+        _print_final(_with_failures(client, final))
     except ClientError as error:
         return _report(error)
     return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
@@ -240,6 +242,15 @@ def _print_final(final: dict[str, Any]) -> None:
         console.print(f"  failed: {failure}")
     if len(failures) > MAX_LISTED_FAILURES:
         console.print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more failed images")
+
+
+def _with_failures(client: ImgpipeClient, answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer with every product when some image failed and later pages exist:
+    the failed images are listed from all of them (a request over 1,000 products
+    answers them a page at a time)."""
+    if not (answer.get("progress") or {}).get("failed"):
+        return answer
+    return client.with_every_product(str(answer.get("request_id")), answer)
 
 
 def _failures(state: dict[str, Any]) -> list[str]:

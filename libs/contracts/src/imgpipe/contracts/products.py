@@ -28,11 +28,14 @@ Outcome = Mapping[str, Any]  # an image's stored outcome: outcome, output_url, e
 
 
 def products(
-    rows: Iterable[Mapping[str, Any]], outcome_of: Callable[[str], Outcome | None]
+    rows: Iterable[Mapping[str, Any]],
+    outcome_of: Callable[[str], Outcome | None],
+    start: int = 0,
 ) -> list[Product]:
-    """Rows in input order; `outcome_of(image_key)` is what is known of an image."""
+    """Rows in input order; `outcome_of(image_key)` is what is known of an image.
+    `start`: the index of the first row given (a page of a larger request)."""
     result: list[Product] = []
-    for row_index, row in enumerate(rows):
+    for row_index, row in enumerate(rows, start=start):
         outputs: list[str | None] = []
         errors: list[ProductError | None] = []
         attempts: list[int | None] = []
@@ -69,12 +72,29 @@ def byte_totals(images: Iterable[Outcome]) -> ByteTotals:
     """Bytes in and out of the images stored so far, as the status answer and the final
     webhook show them. A URL in several cells is one image, downloaded and stored once:
     it counts once (by its output URL)."""
-    stored = {
-        image["output_url"]: image
-        for image in images
-        if image.get("outcome", "ok") == "ok" and image.get("output_url")
-    }
-    bytes_in = sum(image.get("bytes_in") or 0 for image in stored.values())
-    bytes_out = sum(image.get("bytes_out") or 0 for image in stored.values())
-    ratio = round(bytes_out / bytes_in, 4) if bytes_in else None
-    return {"images": len(stored), "input": bytes_in, "output": bytes_out, "ratio": ratio}
+    tally = ByteTally()
+    for image in images:
+        tally.add(image)
+    return tally.totals()
+
+
+class ByteTally:
+    """`byte_totals` one image at a time, so that a caller reading outcomes from a
+    cursor never holds them all: only the output URLs seen, to count each once."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._in = 0
+        self._out = 0
+
+    def add(self, image: Outcome) -> None:
+        url = image.get("output_url")
+        if image.get("outcome", "ok") != "ok" or not url or url in self._seen:
+            return
+        self._seen.add(url)
+        self._in += image.get("bytes_in") or 0
+        self._out += image.get("bytes_out") or 0
+
+    def totals(self) -> ByteTotals:
+        ratio = round(self._out / self._in, 4) if self._in else None
+        return {"images": len(self._seen), "input": self._in, "output": self._out, "ratio": ratio}

@@ -24,9 +24,11 @@ class NotifierConfig(BaseSettings):
     # A RequestCompleted may overtake some ImageProcessed events; the final webhook
     # waits this long for them so its product list is whole, then goes anyway.
     completion_grace: float = Field(default=30.0, ge=0)
-    # Requests with more images than this get `products: null` in the final webhook
-    # (the output CSV URL has them all); keeps bodies well under MongoDB's 16 MB.
-    max_products_images: int = Field(default=10_000, ge=0)
+    # Requests with more images than this get no `products` in the final webhook but
+    # `products_omitted: true` (the output CSV URL and the status pages have them all):
+    # a webhook stays small (a 1,000-image request's products are ~150 KB of JSON) and
+    # building it never loads every outcome of a large request.
+    max_products_images: int = Field(default=1_000, ge=0)
     # An ImageProcessed waits this long for others to share its write (contracts.batching):
     # a processing webhook goes out this much later, SecantusDB does far fewer round trips.
     image_batch_window: float = Field(default=0.2, ge=0)

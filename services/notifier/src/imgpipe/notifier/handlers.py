@@ -40,7 +40,6 @@ from imgpipe.contracts.events import (
     RetryStarted,
     utcnow,
 )
-from imgpipe.contracts.products import byte_totals
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.notifier import payloads
@@ -273,7 +272,7 @@ async def _plan_final(
     if not force and not await _final_ready(request, deps, now, round):
         return False
     products = await _products(request, deps)
-    sizes = byte_totals(await deps.repo.requests.image_bytes(request["_id"]))
+    sizes = await deps.repo.requests.image_bytes(request["_id"])
     payload = payloads.final(final_type, request, products, sizes, deps.settings, round)
     planned.add(planned_key(final_type, round))
     return await _emit(final_type, payload, request, deps, now, round)
@@ -320,6 +319,7 @@ async def _final_ready(request: RequestDoc, deps: Deps, now: datetime, round: in
 
 
 async def _products(request: RequestDoc, deps: Deps) -> list[payloads.Product] | None:
+    """The products, or None for a request too large to list them (nothing is read)."""
     if request["image_count"] > deps.config.max_products_images:
         return None
     rows = await deps.repo.requests.load_rows(request["_id"])

@@ -20,9 +20,13 @@ class Payload(TypedDict):
     counts: dict[str, int]  # total, ok, failed
     timestamp: str
     round: int  # 0 for the first run, N for the Nth retry of the failed images
-    # The final webhook's only:
-    products: NotRequired[list[Product] | None]  # None: too many images, see the CSV
+    # The final webhook's only. `products` only for requests of up to
+    # WEBHOOK_MAX_PRODUCTS_IMAGES images (1,000); a larger one has `products_omitted`
+    # instead, and its products are in the output CSV and the status pages.
+    products: NotRequired[list[Product]]
+    products_omitted: NotRequired[bool]
     output_csv_url: NotRequired[str]
+    status_url: NotRequired[str]
     bytes: NotRequired[ByteTotals]
 
 
@@ -35,8 +39,12 @@ def dumps(payload: Payload) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
+def status_url(settings: Settings, request_id: str) -> str:
+    return f"{settings.status_base_url}/status/{request_id}"
+
+
 def output_csv_url(settings: Settings, request_id: str) -> str:
-    return f"{settings.status_base_url}/status/{request_id}/output.csv"
+    return f"{status_url(settings, request_id)}/output.csv"
 
 
 def _payload(
@@ -78,11 +86,17 @@ def final(
     round: int = 0,
 ) -> Payload:
     """request.completed, request.error or request.cancelled: the counts the processor
-    gave, the products as stored (a cancelled request's unfinished images are null)."""
+    gave, the products as stored (a cancelled request's unfinished images are null), or,
+    `products` None (a large request), `products_omitted` so that the body stays small:
+    the output CSV and the status pages have them."""
     completed = request["completed"]
     payload = _payload(event_type, request, completed["counts"], completed["completed_at"], round)
-    payload["products"] = products
+    if products is None:
+        payload["products_omitted"] = True
+    else:
+        payload["products"] = products
     payload["output_csv_url"] = output_csv_url(settings, request["_id"])
+    payload["status_url"] = status_url(settings, request["_id"])
     payload["bytes"] = sizes
     return payload
 

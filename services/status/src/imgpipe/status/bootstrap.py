@@ -76,7 +76,8 @@ def _writer(
 ) -> BatchWriter[Change]:
     async def write(changes: list[Change]) -> None:
         await repository.write(changes)
-        read_cache.invalidate({change.request_id for change in changes})
+        urgent = {change.request_id for change in changes if change.urgent}
+        read_cache.invalidate({change.request_id for change in changes}, urgent)
 
     # A rest ends once `flush_at` updates wait; more than the prefetch never can.
     writer: BatchWriter[Change] = BatchWriter(

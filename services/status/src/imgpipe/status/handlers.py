@@ -13,6 +13,7 @@ events go to paths of their own, and the views pick the highest round (`views.py
 
 | event | document | path |
 |---|---|---|
+| RequestReceived | request; every page | `received`, `total`, `options`, ...; `rows` |
 | ImageProcessed, round 0 | page | `images.<key>` |
 | ImageProcessed, round N | page | `rounds.r<N>.<key>` |
 | RequestCompleted, round 0 | request | `final_status`, `final_counts`, `completed_at` |
@@ -75,7 +76,9 @@ class Change:
     `delete`: the request was deleted; `fields` is empty and `at` the time of deletion.
     `phase`: the request document's phase moves to at least this (a `PHASES` value),
     whatever document the change itself goes to; with `phase_reset`, to exactly this
-    (a retry reopening a finished request)."""
+    (a retry reopening a finished request).
+    `row_pages`: RequestReceived's rows, `ROWS_PER_PAGE` per image page (`$set` as the
+    page's `rows`), so that a page of products reads small documents only."""
 
     request_id: str
     fields: dict[str, Any]
@@ -85,6 +88,7 @@ class Change:
     delete: bool = False
     phase: str | None = None
     phase_reset: bool = False
+    row_pages: dict[int, list[dict[str, Any]]] | None = None
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -100,6 +104,7 @@ def change_for(event: AnyEvent) -> Change:
             data.received_at,
             urgent=True,
             phase=PHASES["received"],
+            row_pages=_row_pages(data),
         )
     if isinstance(data, ImageProcessed):
         # Build the key from the integers, never from the event's string: a "." or "$"
@@ -178,13 +183,25 @@ def round_path(field: str, round: int) -> str:
 
 
 def _received_fields(data: RequestReceived) -> dict[str, Any]:
+    # The rows go to the image pages (`_row_pages`), not here: a 100,000-row request's
+    # rows are megabytes, which every read of the request document would carry
+    # (SecantusDB: ~16 us a row, whatever the projection). Documents written before
+    # keep them under `rows` (no `rows_in_pages`), and the reads take them from there.
     return {
         "received": True,
-        "rows": [row.model_dump() for row in data.rows],
+        "rows_in_pages": True,
         "total": data.image_count,
         "options": data.options.model_dump(),
         "product_count": len(data.rows),  # for the list, which does not read the rows
         "created_at": data.received_at,
+    }
+
+
+def _row_pages(data: RequestReceived) -> dict[int, list[dict[str, Any]]]:
+    rows = [row.model_dump() for row in data.rows]
+    return {
+        start // ROWS_PER_PAGE: rows[start : start + ROWS_PER_PAGE]
+        for start in range(0, len(rows), ROWS_PER_PAGE)
     }
 
 

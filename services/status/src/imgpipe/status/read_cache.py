@@ -9,6 +9,10 @@ on every call. Here a request's answer is rendered once and served as bytes:
 - a write this instance makes drops the answers it changes (`invalidate`), so what it
   wrote shows at once: the request appearing, its progress, its final state. Writes by
   other status instances show within `ttl` plus one read;
+- a request whose read is slow (a large one: its outcomes are read whole for the counts)
+  is kept at least its read time / `read_share`, and only a status change (an urgent
+  write: received, first outcome, final, retry, deletion) drops it early: its progress
+  may lag by that much, and polling it costs at most that share of the instance;
 - a settled answer (final status, every image's outcome known) no longer changes; it is
   kept `final_ttl` seconds or until evicted;
 - concurrent misses for the same id share one read (single flight);
@@ -24,11 +28,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from imgpipe.contracts.recent import RecentIds
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.config import ReadCacheConfig
 from imgpipe.status.views import Rendered, is_visible, render
 
 Load = Callable[[str], Awaitable[Rendered | None]]
+SLOW_REQUESTS = 1024  # requests remembered as slow to read (the large ones being polled)
 Clock = Callable[[], float]
 
 
@@ -48,6 +54,7 @@ class ReadCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[str, asyncio.Task[Rendered | None]] = {}
+        self._slow = RecentIds(SLOW_REQUESTS)  # requests whose last read was slow
 
     @property
     def nbytes(self) -> int:
@@ -72,9 +79,14 @@ class ReadCache:
         # Shielded: one client going away must not cancel the read the others wait for.
         return await asyncio.shield(task)
 
-    def invalidate(self, request_ids: Iterable[str]) -> None:
-        """Forget the answers for `request_ids`: their documents were just written."""
+    def invalidate(self, request_ids: Iterable[str], urgent: Iterable[str] | None = None) -> None:
+        """Forget the answers for `request_ids`: their documents were just written.
+        `urgent`: those whose status changed (None: all of them); a slow answer is kept
+        through other writes (its progress) until it expires."""
+        changed = None if urgent is None else set(urgent)
         for request_id in request_ids:
+            if changed is not None and request_id not in changed and request_id in self._slow:
+                continue  # its answer, or the read in flight, may lag: by design
             self._drop(request_id)
             # A read in flight may predate the write: it is neither kept nor joined.
             self._inflight.pop(request_id, None)
@@ -87,16 +99,20 @@ class ReadCache:
         try:
             rendered = await self._load(request_id)
             if rendered is not None and self._inflight.get(request_id) is this:
-                self._put(request_id, rendered, started)
+                self._put(request_id, rendered, started, self._clock() - started)
             return rendered
         finally:
             if self._inflight.get(request_id) is this:
                 del self._inflight[request_id]
 
-    def _put(self, request_id: str, rendered: Rendered, started: float) -> None:
+    def _put(self, request_id: str, rendered: Rendered, started: float, took: float) -> None:
         ttl = self._config.final_ttl if rendered.settled else self._config.ttl
         if ttl <= 0 or rendered.nbytes > self._config.max_bytes:
             return
+        slow = not rendered.settled and took / self._config.read_share > ttl
+        if slow:
+            ttl = took / self._config.read_share
+            self._slow.add(request_id)
         self._drop(request_id)
         self._entries[request_id] = _Entry(rendered, started + ttl)
         self._bytes += rendered.nbytes

@@ -65,7 +65,15 @@ class StatusResponse(BaseModel):
     progress: Progress
     options: OptionsOut
     bytes: BytesOut
+    # One page of products, in input order: from the row `after` points at (the first
+    # without it), at most `limit` of them. Every request of up to 1,000 products gets
+    # them all in the first page.
     products: list[Product]
+    products_total: int = Field(description="the request's products (CSV rows), all pages")
+    limit: int = Field(description="the most products this page holds")
+    next: str | None = Field(
+        description="opaque cursor: pass it as `after` for the next page; null at the end"
+    )
     error_message: str | None
     created_at: datetime
     updated_at: datetime

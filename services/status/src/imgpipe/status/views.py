@@ -1,6 +1,11 @@
 """Read-model document -> what users see. Pure functions, no queries, over one document:
 the request's, with the outcomes from its image pages merged in under `images`
-(`StatusRepository.get`).
+(`StatusRepository.get`, or `StatusRepository.rows_page` for a page of products).
+
+An answer is a `Summary` (status, progress, totals: from the whole request) and one page
+of products (rows `start` to `start + limit`), with a cursor for the next page. The
+first page at the default limit, 1,000 products, is the whole answer of every request up
+to that size, as it was before pages.
 
 The answer is built as plain dicts in the shape of `schemas.StatusResponse` and serialised
 once, in pydantic-core, without validating it again: the document was built from
@@ -10,18 +15,22 @@ the read cache keeps: the JSON bytes, their ETag, and the CSV made from them on 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import gzip
 import hashlib
 import io
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import pydantic_core
 
 from imgpipe.contracts.events import Options, image_key
-from imgpipe.contracts.products import byte_totals, products
+from imgpipe.contracts.products import Product, byte_totals, products
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
@@ -29,23 +38,56 @@ GZIP_LEVEL = 6  # level 9 takes four times as long for 1% less
 GZIP_MIN_BYTES = 1024  # below this the headers outweigh the saving
 # Spreadsheet apps run cells starting with these as formulas (OWASP "CSV Injection").
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Products per answer unless `limit` says otherwise: every request up to this size gets
+# its whole answer in one page, as before pages existed. Also the most a page may hold.
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 1000
+MAX_CURSOR_CHARS = 64  # a real one is under 20
+
+
+class BadCursor(ValueError):
+    """`after` is not a cursor this API handed out."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What an answer says of the whole request, whichever page of products it carries:
+    the fields before and after `products`, in `StatusResponse` order."""
+
+    head: dict[str, Any]  # request_id, status, round, progress, options, bytes
+    tail: dict[str, Any]  # error_message, created_at, updated_at, trace_id
+    products_total: int
+    settled: bool
+
+    @property
+    def status(self) -> str:
+        return str(self.head["status"])
 
 
 @dataclass(frozen=True, eq=False)
 class Rendered:
     """One request's answer, serialised once and served many times."""
 
-    body: bytes  # the JSON answer of GET /status/{id}
+    body: bytes  # the JSON answer of GET /status/{id}: its first page of products
     status: str
     settled: bool  # final status and every image's outcome known: the answer cannot change
     gzipped: bytes | None = None  # the body gzip-encoded, for clients that accept it
+    # What the answer says of the whole request: other pages are built on it.
+    summary: Summary | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, body: bytes, status: str, settled: bool) -> Rendered:
+    def of(
+        cls, body: bytes, status: str, settled: bool, summary: Summary | None = None
+    ) -> Rendered:
         # Compressed once here rather than per response: about 12x smaller for large
         # answers (repetitive URLs), so less to send and for a client to read.
         gzipped = gzip.compress(body, GZIP_LEVEL, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
-        return cls(body, status, settled, gzipped)
+        return cls(body, status, settled, gzipped, summary)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the body holds every product (then the CSV is made from it)."""
+        return self.summary is None or self.summary.products_total <= DEFAULT_LIMIT
 
     @cached_property
     def etag(self) -> str:
@@ -53,7 +95,8 @@ class Rendered:
 
     @cached_property
     def csv(self) -> bytes:
-        """The output CSV, made from the JSON answer the first time it is asked for."""
+        """The output CSV, made from the JSON answer the first time it is asked for
+        (only when the answer is `whole`: a larger request's CSV is streamed)."""
         return output_csv(pydantic_core.from_json(self.body)).encode()
 
     @cached_property
@@ -83,12 +126,34 @@ def is_visible(doc: dict[str, Any] | None) -> bool:
 
 
 def render(doc: dict[str, Any]) -> Rendered:
-    body, settled = status_body(doc)
-    return Rendered.of(pydantic_core.to_json(body), body["status"], settled)
+    """The first page at the default limit, from the whole document (`repository.get`)."""
+    summary = summarise(doc)
+    body = page_body(summary, doc["rows"][:DEFAULT_LIMIT], 0, shown_images(doc), DEFAULT_LIMIT)
+    return Rendered.of(pydantic_core.to_json(body), summary.status, summary.settled, summary)
+
+
+def render_page(
+    summary: Summary, rows: list[dict[str, Any]], start: int, doc: dict[str, Any], limit: int
+) -> Rendered:
+    """Another page: `rows` from `start`, their outcomes in `doc` (`repository.rows_page`)."""
+    body = page_body(summary, rows, start, shown_images(doc), limit)
+    return Rendered.of(pydantic_core.to_json(body), summary.status, summary.settled, summary)
+
+
+def page_products(rows: list[dict[str, Any]], start: int, doc: dict[str, Any]) -> list[Product]:
+    """The products of `rows` (from index `start`), their outcomes in `doc`."""
+    return products(rows, shown_images(doc).get, start)
 
 
 def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The answer as dicts (fields in `StatusResponse` order), and whether it is settled.
+    """The first page's answer as dicts, and whether it is settled (see `summarise`)."""
+    summary = summarise(doc)
+    body = page_body(summary, doc["rows"][:DEFAULT_LIMIT], 0, shown_images(doc), DEFAULT_LIMIT)
+    return body, summary.settled
+
+
+def summarise(doc: dict[str, Any]) -> Summary:
+    """Status, progress and totals of the whole request, and whether it is settled.
 
     Settled: final, every image's outcome known, and none failed. A failed image may
     still be retried (RetryStarted reopens the request), and another instance's write
@@ -105,20 +170,62 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         and all(key in images for key in places)
         and not any(image.get("outcome") == "failed" for image in images.values())
     )
-    body = {
+    head = {
         "request_id": doc["_id"],
         "status": status,
         "round": run.round,
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
         "bytes": byte_totals(images.values()),
-        "products": products(rows, images.get),
+    }
+    tail = {
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
         "trace_id": doc.get("trace_id"),
     }
-    return body, settled
+    return Summary(head, tail, len(rows), settled)
+
+
+def page_body(
+    summary: Summary,
+    rows: list[dict[str, Any]],
+    start: int,
+    images: Mapping[str, dict[str, Any]],
+    limit: int,
+) -> dict[str, Any]:
+    """The answer (fields in `StatusResponse` order) with the products of `rows`, the
+    request's rows from index `start`, and the cursor of the page after them."""
+    end = start + len(rows)
+    following = encode_cursor(end) if end < summary.products_total else None
+    return {
+        **summary.head,
+        "products": products(rows, images.get, start),
+        "products_total": summary.products_total,
+        "limit": limit,
+        "next": following,
+        **summary.tail,
+    }
+
+
+def encode_cursor(row: int) -> str:
+    """The next page's cursor: opaque to clients (only this module reads it)."""
+    raw = json.dumps({"row": row}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The row a cursor of `encode_cursor` starts at; BadCursor for anything else."""
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise BadCursor("too long")
+    try:
+        fields: Any = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError) as exc:
+        raise BadCursor("not base64url JSON") from exc
+    row = fields.get("row") if isinstance(fields, dict) and set(fields) == {"row"} else None
+    if type(row) is not int or row < 1:
+        raise BadCursor("not a cursor")
+    return row
 
 
 @dataclass(frozen=True)
@@ -184,10 +291,16 @@ def output_csv(body: dict[str, Any]) -> str:
     two cells. Written with what is known so far: a request still processing gets a
     partial file rather than an error (the response header says which state it is in).
     """
+    return csv_lines(body["products"], header=True)
+
+
+def csv_lines(products: Iterable[Mapping[str, Any]], header: bool = False) -> str:
+    """The output CSV's lines for these products (and its header line first)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(CSV_HEADER)
-    for product in body["products"]:
+    if header:
+        writer.writerow(CSV_HEADER)
+    for product in products:
         cells = (
             product["serial_number"],
             product["product_name"],

@@ -30,9 +30,11 @@ from imgpipe.contracts.events import (
     RetryStarted,
 )
 from imgpipe.contracts.mongo import duplicate_indexes
+from imgpipe.contracts.products import ByteTally, ByteTotals
 from imgpipe.notifier.webhooks import FINAL_TYPES, planned_key
 
 ROWS_PER_CHUNK = 1000
+IMAGE_BATCH = 1000  # outcomes per round trip when tallying a request's bytes
 # How long a deleted request's events are dropped: longer than any redelivery takes.
 TOMBSTONE_DAYS = 30
 
@@ -90,14 +92,6 @@ class ImageDoc(TypedDict):
     attempts: int | None
     round: NotRequired[int]  # the run that gave this outcome (absent: 0)
     # Sizes of an ok image; absent from images stored before the notifier kept them.
-    bytes_in: NotRequired[int | None]
-    bytes_out: NotRequired[int | None]
-
-
-class ImageBytes(TypedDict):
-    """What the byte totals need of an ok image (image_bytes' projection)."""
-
-    output_url: str | None
     bytes_in: NotRequired[int | None]
     bytes_out: NotRequired[int | None]
 
@@ -310,14 +304,19 @@ class Requests:
         cursor = self.rows.find({"request_id": request_id}).sort("chunk", ASCENDING)
         return [row for chunk in await cursor.to_list() for row in chunk["rows"]]
 
-    async def image_bytes(self, request_id: str) -> list[ImageBytes]:
-        """The ok images' output URL and sizes only: the final webhook's byte totals need
-        them for requests of any size, also those too large to list products."""
+    async def image_bytes(self, request_id: str) -> ByteTotals:
+        """The final webhook's byte totals, for requests of any size, also those too
+        large to list products: the ok images' output URL and sizes only, tallied as the
+        cursor reads them (in batches), so that the outcomes are never all in memory."""
         cursor = self.images.find(
             {"request_id": request_id, "outcome": "ok"},
             {"_id": 0, "output_url": 1, "bytes_in": 1, "bytes_out": 1},
+            batch_size=IMAGE_BATCH,
         )
-        return await cursor.to_list()
+        tally = ByteTally()
+        async for image in cursor:
+            tally.add(image)
+        return tally.totals()
 
     async def load_images(self, request_id: str) -> list[ImageDoc]:
         return await self.images.find({"request_id": request_id}).to_list()

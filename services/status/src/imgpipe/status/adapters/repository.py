@@ -6,9 +6,12 @@
   times: received, first outcome (phase), completed. Also, per retry round N: its start
   (`retries.r<N>`), its end (`finals.r<N>`), and a cancel (`cancelled.r<N>`), see
   `handlers.py`.
-- `image_pages`, `_id` = "<request id>:<page>": the outcomes of `ROWS_PER_PAGE` rows
-  under `images.<key>` (round 0) and `rounds.r<N>.<key>` (retry N), with `request_id`
-  and `updated_at`.
+- `image_pages`, `_id` = "<request id>:<page>": `ROWS_PER_PAGE` rows of the request
+  (`rows`, from RequestReceived) and their outcomes under `images.<key>` (round 0) and
+  `rounds.r<N>.<key>` (retry N), with `request_id` and `updated_at`. A page of products
+  reads the request document and the pages of its rows, nothing else. Request
+  documents written before rows moved to pages hold them under `rows` (they have no
+  `rows_in_pages`); the reads take them from there.
 - `deleted`, `_id` = request id: `{deleted: True, deleted_at}` and nothing else, a
   tombstone per deleted request. RequestDeleted deletes the request's document and
   pages; a later event of it (an image that was still in flight, a redelivery) would
@@ -36,7 +39,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from imgpipe.contracts.mongo import Once
 from imgpipe.contracts.recent import RecentIds
-from imgpipe.status.handlers import Change
+from imgpipe.status.handlers import ROWS_PER_PAGE, Change
 
 REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
@@ -87,6 +90,30 @@ class StatusRepository:
             self.pages.find({"request_id": request_id}).to_list(None),
         )
         return assemble(request_id, doc, pages)
+
+    async def rows_page(
+        self, request_id: str, start: int, count: int
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """Rows `start` to `start + count` and a document with their outcomes (under
+        `images`, as `get` gives them), or None for an unknown request.
+
+        Only what the page needs, two finds sent together: the request document (its
+        rows, in the layout before pages held them, sliced by the database) and the
+        image pages of those rows, by _id. The request document keeps its other fields
+        (retries, rounds), which decide what shows."""
+        first, last = start // ROWS_PER_PAGE, (start + max(count, 1) - 1) // ROWS_PER_PAGE
+        ids = [page_id(request_id, page) for page in range(first, last + 1)]
+        doc, pages = await asyncio.gather(
+            self.requests.find_one({"_id": request_id}, {"rows": {"$slice": [start, count]}}),
+            self.pages.find({"_id": {"$in": ids}}).to_list(None),
+        )
+        if doc is None:
+            return None
+        rows = doc.pop("rows", None) or []
+        if doc.get("rows_in_pages"):
+            offset = start - first * ROWS_PER_PAGE
+            rows = rows_of_pages(pages)[offset : offset + count]
+        return rows, assemble(request_id, doc, pages) or doc
 
     async def write(self, changes: list[Change]) -> None:
         """At most one round trip per collection for a batch, one update per document.
@@ -185,8 +212,8 @@ class StatusRepository:
             doc["product_count"] = len((rows or {}).get("rows") or [])
         if doc.get("final_counts") and not (doc.get("retries") or doc.get("cancelled")):
             return doc  # final, never retried: its counts are in its own document
-        pages = await self.pages.find({"request_id": doc["_id"]}).to_list(None)
-        return assemble(doc["_id"], doc, pages) or doc
+        cursor = self.pages.find({"request_id": doc["_id"]}, LIST_PROJECTION)
+        return assemble(doc["_id"], doc, await cursor.to_list(None)) or doc
 
 
 def page_id(request_id: str, page: int) -> str:
@@ -194,16 +221,21 @@ def page_id(request_id: str, page: int) -> str:
 
 
 def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
-    """(updates of request documents, updates of image pages), one per document touched."""
+    """(updates of request documents, updates of image pages), one per document touched.
+    RequestReceived's rows go to their pages, which are written before the request
+    document: whoever sees it `received` finds the rows."""
     fields: dict[tuple[str, int | None], dict[str, Any]] = {}
     latest: dict[tuple[str, int | None], datetime] = {}
     phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
     for change in changes:  # dicts keep first-seen order: documents stay in delivery order
-        targets = [(change.request_id, change.page)]
+        targets: list[tuple[str, int | None]] = [(change.request_id, change.page)]
         if change.phase is not None:  # the request document changes too
             targets.append((change.request_id, None))
             phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
         fields.setdefault(targets[0], {}).update(change.fields)
+        for number, rows in (change.row_pages or {}).items():
+            fields.setdefault((change.request_id, number), {})["rows"] = rows
+            targets.append((change.request_id, number))
         for target in targets:
             fields.setdefault(target, {})
             seen = latest.get(target)
@@ -227,6 +259,12 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     return requests, pages
 
 
+def rows_of_pages(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the pages hold, in row order (pages come back in any order)."""
+    ordered = sorted(pages, key=lambda page: int(str(page["_id"]).rsplit(":", 1)[1]))
+    return [row for page in ordered for row in page.get("rows") or ()]
+
+
 def _next_phase(known: tuple[str, bool] | None, change: Change) -> tuple[str, bool]:
     """The phase after `change`, in delivery order: a reset replaces it, anything else
     only moves it forward; and whether a reset happened in the batch ($set, not $max)."""
@@ -245,7 +283,8 @@ def assemble(
 
     Without the request document (outcomes overtook RequestReceived) the result has no
     `received`, so the views keep the request hidden, as they did with one document.
-    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`.
+    Retry rounds' outcomes are merged the same way, under `rounds.r<N>`, and the rows the
+    pages hold (`rows_in_pages`) under `rows`, in order.
     """
     if doc is None and not pages:
         return None
@@ -261,6 +300,8 @@ def assemble(
             times.append(page["updated_at"])
     if images:
         merged["images"] = images
+    if merged.get("rows_in_pages"):
+        merged["rows"] = rows_of_pages(pages)
     if rounds:
         merged["rounds"] = rounds
     if times:
