@@ -274,7 +274,8 @@
     const request = current;
     let delay = FAST;
     try {
-      const response = await api(statusUrl(request.id));
+      // The products drawn, no more: a poll of a large request stays small.
+      const response = await api(`${statusUrl(request.id)}?limit=${MAX_PRODUCTS}`);
       if (request.gen !== generation) return;
       if (response.status === 404) {
         if (request.deleting || request.seen) {
@@ -346,11 +347,12 @@
     say($("progress-text"), text);
     $("progress-bar").max = Math.max(progress.total, 1);
     $("progress-bar").value = done;
-    if (first) buildProducts(request, body.products || []);
+    if (first) buildProducts(request, body.products || [], body.products_total);
     updateImages(request, body);
   }
 
-  function buildProducts(request, products) {
+  function buildProducts(request, products, total) {
+    const all = total === undefined ? products.length : total;
     const list = $("products");
     list.replaceChildren();
     request.images = [];
@@ -375,8 +377,8 @@
       });
       list.append(el("li", { className: "product" }, [el("h4", { text: name }), images]));
     });
-    if (products.length > MAX_PRODUCTS) {
-      list.append(el("li", { className: "note", text: `Showing ${MAX_PRODUCTS} of ${products.length} products; the output CSV has them all.` }));
+    if (all > MAX_PRODUCTS) {
+      list.append(el("li", { className: "note", text: `Showing ${MAX_PRODUCTS} of ${all} products; the output CSV has them all.` }));
     }
   }
 
