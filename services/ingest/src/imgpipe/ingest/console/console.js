@@ -274,8 +274,8 @@
     const request = current;
     let delay = FAST;
     try {
-      // The products drawn, no more: a poll of a large request stays small.
-      const response = await api(`${statusUrl(request.id)}?limit=${MAX_PRODUCTS}`);
+      // The default first page: the one the status service caches (and gzips).
+      const response = await api(statusUrl(request.id));
       if (request.gen !== generation) return;
       if (response.status === 404) {
         if (request.deleting || request.seen) {
