@@ -1,5 +1,8 @@
 """The processor's own database: one `requests` doc per request, one `images` doc per
-image outcome, and in `images_history` the failed outcomes a retry replaced.
+image outcome, and in `images_history` the failed outcomes a retry replaced. For
+incremental catalogues (docs/architecture.md, "Reusing outputs"): one `sources` doc per
+input URL (what its host said of it last, and a hash of its bytes), and one `outputs`
+doc per stored output shared by content and options, with the requests using it.
 
 Round trips per image are counted (SecantusDB spends ~0.5 ms per round trip, ~0.1 ms
 per inserted document and ~0.5 ms per updated one): a job reads its images in one
@@ -21,7 +24,7 @@ from typing import Any, Literal
 
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from imgpipe.contracts.events import Options, utcnow
 from imgpipe.contracts.mongo import duplicate_indexes
@@ -54,6 +57,8 @@ class ProcessorRepository:
         self.requests = db["requests"]
         self.images = db["images"]
         self.history = db["images_history"]
+        self.sources = db["sources"]
+        self.outputs = db["outputs"]
 
     async def ensure_indexes(self) -> None:
         await self.images.create_index(
@@ -62,14 +67,22 @@ class ProcessorRepository:
         # count_outcomes' filter, field for field: counting walks one request's entries.
         await self.images.create_index([("request_id", ASCENDING), ("outcome", ASCENDING)])
         await self.history.create_index("request_id")
+        # outputs_of's filter: the shared outputs a request holds, on its deletion.
+        await self.outputs.create_index("requests")
 
     # Requests ---------------------------------------------------------------------
 
     async def create_request(
-        self, request_id: str, total: int, options: Options, traceparent: str | None = None
+        self,
+        request_id: str,
+        total: int,
+        options: Options,
+        traceparent: str | None = None,
+        refresh: bool = False,
     ) -> Doc:
         """Create the request once; a redelivered RequestReceived gets the existing doc.
-        `traceparent`: the request's trace, for its RequestCompleted."""
+        `traceparent`: the request's trace, for its RequestCompleted; `refresh`: reuse no
+        earlier output (its retries neither)."""
         doc = await self.requests.find_one_and_update(
             {"_id": request_id},
             {
@@ -82,6 +95,7 @@ class ProcessorRepository:
                     "completed_published": False,
                     "created_at": utcnow(),
                     "traceparent": traceparent,
+                    "refresh": refresh,
                 }
             },
             upsert=True,
@@ -239,3 +253,76 @@ class ProcessorRepository:
         ok = await self.images.count_documents({"request_id": request_id, "outcome": "ok"})
         failed = await self.images.count_documents({"request_id": request_id, "outcome": "failed"})
         return ok, failed
+
+    # Sources and shared outputs ---------------------------------------------------
+
+    async def get_sources(self, source_ids: Sequence[str]) -> dict[str, Doc]:
+        """What is remembered of these URLs (by source id), in one round trip."""
+        docs = await self.sources.find({"_id": {"$in": list(source_ids)}}).to_list()
+        return {doc["_id"]: doc for doc in docs}
+
+    async def remember_source(self, source_id: str, fields: Mapping[str, Any]) -> None:
+        """What the host said of a URL's bytes last: a later request asks it again."""
+        await self.sources.replace_one(
+            {"_id": source_id}, {**fields, "seen_at": utcnow()}, upsert=True
+        )
+
+    async def get_outputs(self, keys: Sequence[str]) -> dict[str, Doc]:
+        """The stored outputs among `keys` (not being deleted), by key."""
+        docs = await self.outputs.find({"_id": {"$in": list(keys)}}).to_list()
+        return {doc["_id"]: doc for doc in docs if doc.get("stored") and not doc.get("deleting")}
+
+    async def claim_output(self, key: str, request_id: str) -> Doc | None:
+        """Add the request to a stored output's users; None when there is no such output
+        or it is being deleted (then the image is processed anew)."""
+        return await self.outputs.find_one_and_update(
+            {"_id": key, "stored": True, "deleting": {"$ne": True}},
+            {"$addToSet": {"requests": request_id}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def reserve_output(self, key: str, request_id: str) -> bool:
+        """Add the request to an output's users before its file is written, so that no
+        deletion takes the file from under it; False while the output is being deleted
+        (its doc is there, marked: the upsert collides with it)."""
+        try:
+            await self.outputs.find_one_and_update(
+                {"_id": key, "deleting": {"$ne": True}},
+                {"$addToSet": {"requests": request_id}, "$setOnInsert": {"created_at": utcnow()}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def output_stored(self, key: str, fields: Mapping[str, Any]) -> None:
+        """The output's file is written: it may be reused from now on."""
+        await self.outputs.update_one({"_id": key}, {"$set": {**fields, "stored": True}})
+
+    async def outputs_of(self, request_id: str) -> list[str]:
+        """Keys of the shared outputs the request uses: those its image records name, and
+        those it reserved without recording an outcome (a crash, a delete meanwhile)."""
+        keys = {
+            doc["output_key"]
+            for doc in await self.images.find(
+                {"request_id": request_id, "outcome": "ok"}, {"output_key": 1}
+            ).to_list()
+            if doc.get("output_key")
+        }
+        held = await self.outputs.find({"requests": request_id}, {"_id": 1}).to_list()
+        return sorted(keys | {doc["_id"] for doc in held})
+
+    async def release_output(self, key: str, request_id: str) -> Doc | None:
+        """Take the request off the output's users. When none is left, mark the output
+        as being deleted (no claim or reservation succeeds from then on) and return it:
+        the caller deletes its file, then `forget_output`. A marked output found again
+        (a crash before the file went) is returned again."""
+        await self.outputs.update_one({"_id": key}, {"$pull": {"requests": request_id}})
+        return await self.outputs.find_one_and_update(
+            {"_id": key, "requests": {"$size": 0}},
+            {"$set": {"deleting": True}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def forget_output(self, key: str) -> None:
+        await self.outputs.delete_one({"_id": key, "deleting": True})

@@ -1,0 +1,123 @@
+"""Incremental catalogues: an image whose host says it has not changed, or whose bytes
+were encoded before with the same options, reuses the output stored then
+(docs/architecture.md, "Reusing outputs").
+
+- A URL's `sources` record keeps the validators its host sent (ETag, Last-Modified) and
+  a SHA-256 of the bytes. The next download of the URL is conditional; a 304 means the
+  bytes are those hashed, and their output for the request's options is reused without
+  downloading or decoding anything. Nothing is reused without asking the host.
+- An output is named by its input's hash and the options (`output_key`), so the same
+  picture under two URLs, or from a host without validators, is encoded once.
+- Each output records the requests using it (`$addToSet` when one starts to,
+  `$pull` when one is deleted); its file goes when the set is empty. A request about to
+  write an output joins the set first, so no deletion takes a file being written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgpipe.contracts.events import Options
+from imgpipe.processor.adapters.download import Validators
+from imgpipe.processor.adapters.repository import ProcessorRepository
+from imgpipe.processor.adapters.storage import Storage
+
+
+def source_id(url: str) -> str:
+    """The `sources` record's id: a hash, so that a long URL makes a short key."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def output_key(input_sha256: str, options: Options) -> str:
+    """The name of the output of these input bytes under these options: what the codec
+    reads, and nothing else (not `refresh`, not the request)."""
+    encoding = json.dumps(options.model_dump(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{input_sha256}\n{encoding}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Known:
+    """What an earlier download of a URL left: the host's validators, the size of its
+    bytes, and the stored output of those bytes under this job's options."""
+
+    validators: Validators
+    size: int
+    output_key: str
+
+
+def source_fields(url: str, validators: Validators, sha256: str, size: int) -> dict[str, Any]:
+    return {
+        "url": url,
+        "etag": validators.etag,
+        "last_modified": validators.last_modified,
+        "sha256": sha256,
+        "size": size,
+    }
+
+
+@dataclass
+class SharedOutputs:
+    """Looks up what may be reused, and lets go of outputs no request uses any more."""
+
+    repository: ProcessorRepository
+    storage: Storage
+    # One encode per output key at a time in this process: two URLs of the same bytes
+    # in one job are encoded once, the second reusing the first's output.
+    _locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict, init=False)
+
+    async def known(self, urls: Sequence[str], options: Options) -> dict[str, Known]:
+        """The URLs worth a conditional GET: validators remembered and an output of their
+        bytes under `options` stored (without one, a 304 would leave nothing to reuse).
+        Two round trips for a whole job."""
+        ids = {url: source_id(url) for url in urls}
+        sources = await self.repository.get_sources(list(ids.values()))
+        keys = {
+            url: output_key(doc["sha256"], options)
+            for url, sid in ids.items()
+            if (doc := sources.get(sid)) is not None and _validators(doc)
+        }
+        stored = await self.repository.get_outputs(list(keys.values())) if keys else {}
+        return {
+            url: Known(_validators(sources[ids[url]]), int(sources[ids[url]]["size"]), key)
+            for url, key in keys.items()
+            if key in stored
+        }
+
+    @asynccontextmanager
+    async def encoding(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._locks[key][1] - 1  # forgotten with its last user: memory stays flat
+            if users:
+                self._locks[key] = (lock, users)
+            else:
+                del self._locks[key]
+
+    async def release(self, request_id: str, keys: Sequence[str]) -> int:
+        """Take the request off these outputs; delete those no request uses any more.
+        Safe to repeat: an output marked for deletion is found again until it is gone.
+        Returns how many were deleted."""
+        deleted = 0
+        for key in keys:
+            doc = await self.repository.release_output(key, request_id)
+            if doc is None:
+                continue  # other requests still use it
+            if doc.get("location"):
+                await self.storage.delete_shared(doc["location"])
+            await self.repository.forget_output(key)
+            deleted += 1
+        return deleted
+
+
+def _validators(source: Mapping[str, Any]) -> Validators:
+    return Validators(source.get("etag"), source.get("last_modified"))
