@@ -189,6 +189,8 @@ def _received_fields(data: RequestReceived) -> dict[str, Any]:
 
 
 def _image_fields(data: ImageProcessed) -> dict[str, Any]:
+    # `reused` only when set: most images are made anew, and pages hold thousands.
+    reused = {"reused": data.reused} if data.reused else {}
     return {
         "outcome": data.outcome,
         "output_url": data.output_url,
@@ -199,4 +201,5 @@ def _image_fields(data: ImageProcessed) -> dict[str, Any]:
         "height": data.height,
         "format": data.format,
         "attempts": data.attempts,
+        **reused,
     }

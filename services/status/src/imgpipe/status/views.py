@@ -21,7 +21,7 @@ from typing import Any
 import pydantic_core
 
 from imgpipe.contracts.events import Options, image_key
-from imgpipe.contracts.products import byte_totals, products
+from imgpipe.contracts.products import byte_totals, products, reused_count
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
@@ -112,7 +112,8 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
         "bytes": byte_totals(images.values()),
-        "products": products(rows, images.get),
+        "reused": reused_count(images.values()),
+        "products": products(rows, images.get, with_reused=True),
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
