@@ -25,7 +25,7 @@ from typing import Any
 
 from imgpipe.contracts.events import Options
 from imgpipe.processor.adapters.download import Validators
-from imgpipe.processor.adapters.repository import ProcessorRepository
+from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage
 
 
@@ -49,6 +49,7 @@ class Known:
     validators: Validators
     size: int
     output_key: str
+    output: Doc  # the stored output, as it was read
 
 
 def source_fields(url: str, validators: Validators, sha256: str, size: int) -> dict[str, Any]:
@@ -84,7 +85,9 @@ class SharedOutputs:
         }
         stored = await self.repository.get_outputs(list(keys.values())) if keys else {}
         return {
-            url: Known(_validators(sources[ids[url]]), int(sources[ids[url]]["size"]), key)
+            url: Known(
+                _validators(sources[ids[url]]), int(sources[ids[url]]["size"]), key, stored[key]
+            )
             for url, key in keys.items()
             if key in stored
         }
