@@ -388,9 +388,7 @@ class Processor:
                 return await self._encode(job, image, downloaded)
             assert known is not None  # only a conditional request is answered 304
             attempts = downloaded.attempts.count
-            reused = await self._reuse(
-                job, known.output_key, "not_modified", known.size, attempts, known.output
-            )
+            reused = await self._reuse(job, known.output_key, "not_modified", known.size, attempts)
             if reused is not None:
                 metrics.DOWNLOAD_BYTES_SAVED.inc(known.size)
                 return reused
@@ -467,20 +465,12 @@ class Processor:
         return stored, True
 
     async def _reuse(
-        self,
-        job: Job,
-        key: str,
-        reason: Reused,
-        bytes_in: int,
-        attempts: int,
-        output: Doc | None = None,
+        self, job: Job, key: str, reason: Reused, bytes_in: int, attempts: int
     ) -> ImageOutcome | None:
-        """The outcome of a stored output (`output`, when it was read already), the
-        request now among its users; None when there is none (or it is being deleted)."""
-        if not await self.repository.claim_output(key, job.request_id):
-            return None
-        output = output or await self.repository.get_output(key)
-        if output is None:  # gone since the claim: its one other user, this request, deleted
+        """The outcome of a stored output, the request now among its users; None when
+        there is none (or it is being deleted)."""
+        output = await self.outputs.claim(job.request_id, key)
+        if output is None:
             return None
         return ImageOutcome(
             outcome="ok",

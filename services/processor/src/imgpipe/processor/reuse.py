@@ -11,6 +11,13 @@ were encoded before with the same options, reuses the output stored then
 - Each output records the requests using it (`$addToSet` when one starts to,
   `$pull` when one is deleted); its file goes when the set is empty. A request about to
   write an output joins the set first, so no deletion takes a file being written.
+- A reuse is a claim: join the output's users, then read it back. It is the request's
+  when the output is stored, not being deleted, and names the request: a deletion
+  marks an output only while its set is empty, so either the mark came first (and the
+  claim sees it) or the request is in the set (and the mark never comes). Claims that
+  arrive together go in one write and one read (SecantusDB's conditional updates cost
+  a scan each). A failed claim may leave the request among the users of an output it
+  does not use: harmless, it lets go of it when it is deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgpipe.contracts.batching import Batcher
 from imgpipe.contracts.events import Options
 from imgpipe.processor.adapters.download import Validators
 from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
@@ -49,7 +57,6 @@ class Known:
     validators: Validators
     size: int
     output_key: str
-    output: Doc  # the stored output, as it was read
 
 
 def source_fields(url: str, validators: Validators, sha256: str, size: int) -> dict[str, Any]:
@@ -71,6 +78,25 @@ class SharedOutputs:
     # One encode per output key at a time in this process: two URLs of the same bytes
     # in one job are encoded once, the second reusing the first's output.
     _locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict, init=False)
+    _claims: Batcher[tuple[str, str], Doc | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # No window: claims that arrive while a batch is written go in the next one.
+        self._claims = Batcher(self._claim_batch, name="output-claims")
+
+    async def claim(self, request_id: str, key: str) -> Doc | None:
+        """The stored output named `key`, now with the request among its users; None
+        when there is none or it is being deleted."""
+        return await self._claims.submit((request_id, key))
+
+    async def _claim_batch(self, claims: list[tuple[str, str]]) -> list[Doc | None]:
+        by_request: dict[str, set[str]] = {}
+        for request_id, key in claims:
+            by_request.setdefault(request_id, set()).add(key)
+        for request_id, keys in by_request.items():
+            await self.repository.join_outputs(request_id, sorted(keys))
+        outputs = await self.repository.get_outputs(sorted({key for _, key in claims}))
+        return [_claimed(outputs.get(key), request_id) for request_id, key in claims]
 
     async def known(self, urls: Sequence[str], options: Options) -> dict[str, Known]:
         """The URLs worth a conditional GET: validators remembered and an output of their
@@ -83,11 +109,10 @@ class SharedOutputs:
             for url, sid in ids.items()
             if (doc := sources.get(sid)) is not None and _validators(doc)
         }
-        stored = await self.repository.get_outputs(list(keys.values())) if keys else {}
+        found = await self.repository.get_outputs(list(keys.values())) if keys else {}
+        stored = {key: doc for key, doc in found.items() if _usable(doc)}
         return {
-            url: Known(
-                _validators(sources[ids[url]]), int(sources[ids[url]]["size"]), key, stored[key]
-            )
+            url: Known(_validators(sources[ids[url]]), int(sources[ids[url]]["size"]), key)
             for url, key in keys.items()
             if key in stored
         }
@@ -120,6 +145,16 @@ class SharedOutputs:
             await self.repository.forget_output(key)
             deleted += 1
         return deleted
+
+
+def _usable(output: Mapping[str, Any]) -> bool:
+    return bool(output.get("stored")) and not output.get("deleting")
+
+
+def _claimed(output: Doc | None, request_id: str) -> Doc | None:
+    if output is None or not _usable(output) or request_id not in output.get("requests", ()):
+        return None
+    return output
 
 
 def _validators(source: Mapping[str, Any]) -> Validators:

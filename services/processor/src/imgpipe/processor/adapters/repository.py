@@ -271,18 +271,16 @@ class ProcessorRepository:
         )
 
     async def get_outputs(self, keys: Sequence[str]) -> dict[str, Doc]:
-        """The stored outputs among `keys` (not being deleted), by key."""
+        """The outputs among `keys`, by key, whatever their state."""
         docs = await self.outputs.find({"_id": {"$in": list(keys)}}).to_list()
-        return {doc["_id"]: doc for doc in docs if doc.get("stored") and not doc.get("deleting")}
+        return {doc["_id"]: doc for doc in docs}
 
-    async def claim_output(self, key: str, request_id: str) -> bool:
-        """Add the request to a stored output's users; False when there is no such output
-        or it is being deleted (then the image is processed anew)."""
-        result = await self.outputs.update_one(
-            {"_id": key, "stored": True, "deleting": {"$ne": True}},
-            {"$addToSet": {"requests": request_id}},
+    async def join_outputs(self, request_id: str, keys: Sequence[str]) -> None:
+        """Add the request to these outputs' users, those that exist, in one round trip
+        (reuse.claims says when that makes the output the request's)."""
+        await self.outputs.update_many(
+            {"_id": {"$in": list(keys)}}, {"$addToSet": {"requests": request_id}}
         )
-        return result.matched_count == 1
 
     async def get_output(self, key: str) -> Doc | None:
         return await self.outputs.find_one({"_id": key})
@@ -324,6 +322,11 @@ class ProcessorRepository:
         the caller deletes its file, then `forget_output`. A marked output found again
         (a crash before the file went) is returned again."""
         await self.outputs.update_one({"_id": key}, {"$pull": {"requests": request_id}})
+        output = await self.get_output(key)
+        if output is None or output.get("deleting"):
+            # Marked already (a delete that crashed midway): requests that joined it since
+            # failed their claims, and the deletion goes on.
+            return output
         marked = await self.outputs.update_one(
             {"_id": key, "requests": {"$size": 0}}, {"$set": {"deleting": True}}
         )
