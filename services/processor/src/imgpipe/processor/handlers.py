@@ -64,7 +64,7 @@ from imgpipe.processor.commands import Commands
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
-from imgpipe.processor.reuse import Known, SharedOutputs, output_key, source_fields, source_id
+from imgpipe.processor.reuse import Known, SharedOutputs, output_key, source_fields
 from imgpipe.processor.stops import Stops
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ class Processor:
         data, attempts = downloaded.body, downloaded.attempts.count
         digest = hashlib.sha256(data).hexdigest()
         fields = source_fields(image.input_url, downloaded.validators, digest, len(data))
-        await self.repository.remember_source(source_id(image.input_url), fields)
+        await self.outputs.remember(image.input_url, fields)
         key = output_key(digest, job.options)
         async with self.outputs.encoding(key):  # the same bytes in this job wait, then reuse
             if not job.refresh:
@@ -443,13 +443,13 @@ class Processor:
         """Store the output under its shared name, the request joining its users first
         (so no deletion takes the file being written); True when shared. While that name
         is being deleted, the output is the request's own file instead."""
-        if not await self.repository.reserve_output(key, job.request_id):
+        if not await self.outputs.reserve(job.request_id, key):
             stored = await self.storage.save(
                 job.request_id, image.image_key, result.data, result.format
             )
             return stored, False
         stored = await self.storage.save_shared(key, result.data, result.format)
-        await self.repository.output_stored(
+        await self.outputs.stored(
             key,
             {
                 "url": stored.url,

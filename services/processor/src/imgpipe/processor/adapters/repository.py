@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from imgpipe.contracts.events import Options, utcnow
 from imgpipe.contracts.mongo import duplicate_indexes
@@ -264,10 +264,16 @@ class ProcessorRepository:
         docs = await self.sources.find({"_id": {"$in": list(source_ids)}}).to_list()
         return {doc["_id"]: doc for doc in docs}
 
-    async def remember_source(self, source_id: str, fields: Mapping[str, Any]) -> None:
-        """What the host said of a URL's bytes last: a later request asks it again."""
-        await self.sources.replace_one(
-            {"_id": source_id}, {**fields, "seen_at": utcnow()}, upsert=True
+    async def remember_sources(self, sources: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """What the hosts said of these URLs' bytes last (source id, fields): a later
+        request asks them again. One round trip."""
+        now = utcnow()
+        await self.sources.bulk_write(
+            [
+                ReplaceOne({"_id": sid}, {**fields, "seen_at": now}, upsert=True)
+                for sid, fields in sources
+            ],
+            ordered=False,
         )
 
     async def get_outputs(self, keys: Sequence[str]) -> dict[str, Doc]:
@@ -275,33 +281,38 @@ class ProcessorRepository:
         docs = await self.outputs.find({"_id": {"$in": list(keys)}}).to_list()
         return {doc["_id"]: doc for doc in docs}
 
-    async def join_outputs(self, request_id: str, keys: Sequence[str]) -> None:
-        """Add the request to these outputs' users, those that exist, in one round trip
-        (reuse.claims says when that makes the output the request's)."""
-        await self.outputs.update_many(
-            {"_id": {"$in": list(keys)}}, {"$addToSet": {"requests": request_id}}
+    async def join_outputs(self, joins: Sequence[tuple[str, str, bool]]) -> None:
+        """Add each (request id, key, create) request to the output's users, creating the
+        output's doc when `create` (a request about to write its file) and it has none,
+        in one round trip. Filters name the `_id` alone: reuse.SharedOutputs reads the
+        outputs back to learn which joins hold."""
+        now = utcnow()
+        await self.outputs.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": key},
+                    {"$addToSet": {"requests": request_id}}
+                    | ({"$setOnInsert": {"created_at": now}} if create else {}),
+                    upsert=create,
+                )
+                for request_id, key, create in joins
+            ],
+            ordered=False,
         )
 
     async def get_output(self, key: str) -> Doc | None:
         return await self.outputs.find_one({"_id": key})
 
-    async def reserve_output(self, key: str, request_id: str) -> bool:
-        """Add the request to an output's users before its file is written, so that no
-        deletion takes the file from under it; False while the output is being deleted
-        (its doc is there, marked: the upsert collides with it)."""
-        try:
-            await self.outputs.update_one(
-                {"_id": key, "deleting": {"$ne": True}},
-                {"$addToSet": {"requests": request_id}, "$setOnInsert": {"created_at": utcnow()}},
-                upsert=True,
-            )
-        except DuplicateKeyError:
-            return False
-        return True
-
-    async def output_stored(self, key: str, fields: Mapping[str, Any]) -> None:
-        """The output's file is written: it may be reused from now on."""
-        await self.outputs.update_one({"_id": key}, {"$set": {**fields, "stored": True}})
+    async def outputs_stored(self, outputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """These outputs' files are written (key, fields): they may be reused from now on.
+        One round trip."""
+        await self.outputs.bulk_write(
+            [
+                UpdateOne({"_id": key}, {"$set": {**fields, "stored": True}})
+                for key, fields in outputs
+            ],
+            ordered=False,
+        )
 
     async def outputs_of(self, request_id: str) -> list[str]:
         """Keys of the shared outputs the request uses: those its image records name, and
