@@ -247,3 +247,32 @@ async def test_refresh_downloads_and_encodes_everything_anew(
     assert {k: i.output_url for k, i in refreshed.items()} == {
         k: i.output_url for k, i in first.items()
     }
+
+
+async def test_a_304_whose_output_went_meanwhile_downloads_the_bytes_after_all(
+    settings: Settings,
+    tap: EventTap,
+    processor: Processor,
+    make_request,
+    host: RemoteHost,
+    encodes: list[bytes],
+) -> None:
+    url = host.add("/gone.jpg", jpeg_bytes(96, 64, seed=50))
+    first = (await run(processor, tap, make_request, [[url]]))["0-0"]
+    request_id = uuid.uuid4().hex
+    received: RequestReceived = make_request(request_id, [[url]]).data
+    await processor.request_received(received)
+    [job] = jobs_for(received)
+    [known] = (await processor.outputs.known([url], job.options)).values()
+
+    # The only request using the output is deleted after the lookup, before the claim.
+    await processor.commands.delete(RequestDeleted(request_id=first.request_id, deleted_at=NOW))
+    assert not file_of(settings, first.output_url).exists()
+    await processor._process_image(job, job.images[0], {}, known)
+    await tap.flush()
+
+    [again] = [event.data for event in tap.of(request_id, ImageProcessed)]
+    assert again.outcome == "ok" and again.reused is None and len(encodes) == 2
+    assert [seen.status for seen in host.requests_for("/gone.jpg")] == [200, 304, 200]
+    assert again.attempts == 2  # the 304 and the download after it
+    assert opens(file_of(settings, again.output_url)) == (again.width, again.height)
