@@ -25,7 +25,7 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.0f}"
 
 
-def _section(title: str, rows: list[Row]) -> list[str]:
+def section(title: str, rows: list[Row]) -> list[str]:
     width = max((len(label) for label, _ in rows), default=0)
     return [title] + [f"  {label:<{width}}  {value}" for label, value in rows] + [""]
 
@@ -43,16 +43,16 @@ def _memory_lines(memory: list[dict[str, Any]], phases: list[str]) -> list[str]:
 
 def render(results: dict[str, Any]) -> str:
     lines = [f"imgpipe benchmark - {results['machine']}", ""]
-    lines += _section("Throughput (images per second)", results["table"]["throughput"])
-    lines += _section(
+    lines += section("Throughput (images per second)", results["table"]["throughput"])
+    lines += section(
         "Output formats, quality 50 (codec only, in the codec limit's pool)",
         results["table"]["formats"],
     )
-    lines += _section("Upload", results["table"]["upload"])
-    lines += _section("Status reads", results["table"]["status"])
-    lines += _section("CPU per image in ms, by process", results["table"]["cpu"])
+    lines += section("Upload", results["table"]["upload"])
+    lines += section("Status reads", results["table"]["status"])
+    lines += section("CPU per image in ms, by process", results["table"]["cpu"])
     if results["table"].get("bookkeeping"):
-        lines += _section(
+        lines += section(
             "Bookkeeping: tiny images, the pipeline's own work as requests grow",
             results["table"]["bookkeeping"],
         )

@@ -1,4 +1,5 @@
-"""imgpipe benchmark: codec limit vs end to end, remote host, memory, upload, status reads.
+"""imgpipe benchmark: codec limit vs end to end, remote host, memory, upload, status reads,
+the same catalogue uploaded again.
 
 Run from the repository root: `make bench` (or `uv run --frozen python bench/run.py`).
 """
@@ -47,6 +48,10 @@ CORES = os.cpu_count() or 1
 # in progress at once, a 503 on the first request for one URL in five.
 REMOTE_HOST = Behaviour(latency=0.04, max_connections=6, throttle_retry_after="1", hiccup_one_in=5)
 REMOTE_TARGET = 0.9  # of the loopback end-to-end figure
+# The same catalogue uploaded again: at least this many times faster than its first run,
+# and under this much CPU per image in all processes together.
+INCREMENTAL_SPEEDUP = 10.0
+INCREMENTAL_CPU_MS = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class Options:
     concurrency: int
     keep_data: bool
     bookkeeping: bool = True
+    incremental: bool = True
+    only_incremental: bool = False  # the incremental phase alone: no codec, no other phase
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="leave out the bookkeeping phase (tiny images, up to 100,000 in a request)",
     )
+    parser.add_argument(
+        "--skip-incremental", action="store_true", help="leave out the upload-again phase"
+    )
+    parser.add_argument(
+        "--only-incremental",
+        action="store_true",
+        help="run the upload-again phase alone (no codec limit, no other phase)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="status-read clients")
     parser.add_argument("--keep-data", action="store_true", help="keep media and database files")
     args = parser.parse_args(argv)
@@ -116,7 +131,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         not args.skip_remote,
         args.concurrency,
         args.keep_data,
-        not args.skip_bookkeeping,
+        bookkeeping=not args.skip_bookkeeping,
+        incremental=not args.skip_incremental,
+        only_incremental=args.only_incremental,
     )
 
 
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     corpus = build_corpus(OUT, options.sizes.corpus, CORES)
     print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
+    if options.only_incremental:
+        return _incremental_alone(options, corpus)
     before, formats = measure_codec(corpus, options, "before", with_formats=True)
     results: dict[str, Any] = {"machine": _machine(), "formats": _format_figures(formats)}
     finals = Finals()
@@ -143,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     report.write(results, OUT / "results.json")
     report.write(results, Path(results["run_dir"]) / "results.json")
     print(f"\nwritten to {OUT / 'results.json'}")
+    return 0
+
+
+def _incremental_alone(options: Options, corpus: Corpus) -> int:
+    """`--only-incremental`: the system, its warm-up, and the upload-again phase."""
+    results: dict[str, Any] = {"machine": _machine()}
+    finals = Finals()
+    with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
+        results |= run_system(options, corpus, base_url, webhook_url, finals)
+    rows = _incremental_rows(results["incremental"])
+    print("\n" + "\n".join(report.section("The same catalogue again", rows)))
+    report.write(results, OUT / "results-incremental.json")
+    print(f"written to {OUT / 'results-incremental.json'}")
     return 0
 
 
@@ -219,12 +251,17 @@ def _sampling(sampler: MemorySampler) -> Iterator[None]:
 def _phases(options: Options) -> list[tuple[str, str, Any]]:
     """(key in results, title in the memory table, function), in the order they run."""
     sizes = options.sizes
+    incremental = ("incremental", f"{sizes.status_request:,} again", phase_incremental)
+    if options.only_incremental:
+        return [incremental]
     phases: list[tuple[str, str, Any]] = [
         ("end_to_end", f"{sizes.corpus:,} images", phase_end_to_end),
     ]
     if options.remote:
         phases.append(("remote_host", f"{sizes.corpus:,} remote", phase_remote_host))
     phases.append(("status_reads", f"{sizes.status_request:,} + reads", phase_status_reads))
+    if options.incremental:
+        phases.append(incremental)
     if options.scale:
         phases.append(("scale", f"{sizes.scale:,} images", phase_scale))
     if options.bookkeeping:
@@ -239,15 +276,20 @@ def end_to_end(
     run: Run,
     urls: list[str],
     csv_path: Path,
+    refresh: bool = True,
     on_accepted: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Upload a CSV of `urls`; images per second from the upload request to `completed`,
     and the CPU each process spent per image meanwhile. `on_accepted` is told the
-    request id once the upload answered."""
+    request id once the upload answered.
+
+    `refresh` (the default): every image downloaded and encoded anew, as before outputs
+    could be reused. The URLs cycle over the corpus, so without it a phase would find
+    the pictures an earlier phase encoded and measure the reuse, not the work."""
     system = run.system
     rows = write_csv(csv_path, urls)
     cpu_before = snapshot(run.sampler)
-    upload = system.upload(csv_path, webhook_url=run.webhook_url)
+    upload = system.upload(csv_path, webhook_url=run.webhook_url, refresh=refresh)
     on_accepted(upload.request_id)
     final_heard = run.finals.event(upload.request_id)
     final, done_at = system.wait_final(upload.request_id, 120 + len(urls), final_heard)
@@ -265,6 +307,7 @@ def end_to_end(
         "seconds": seconds,
         "images_per_second": len(urls) / seconds,
         "bytes": final.get("bytes"),  # input, output, ratio of the stored images
+        "reused": final.get("reused"),  # images whose earlier output was reused, by reason
         "cpu_ms_per_image": cpu,
     }
 
@@ -306,6 +349,31 @@ def phase_remote_host(run: Run) -> Any:
     return result | {"host": figures}
 
 
+def phase_incremental(run: Run) -> Any:
+    """A 1,000-image catalogue, then the same CSV again: the second upload asks the host
+    before each download (its corpus server sends Last-Modified and answers 304), and
+    reuses every output. Both runs' images per second and CPU per image, side by side."""
+    count = run.options.sizes.status_request
+    urls = list(image_urls(run.base_url, run.corpus.names, count, "incremental"))
+    csv_path = run.system.data_dir / "incremental.csv"
+    first = end_to_end(run, urls, csv_path, refresh=True)
+    again = end_to_end(run, urls, csv_path, refresh=False)
+    speedup = again["images_per_second"] / first["images_per_second"]
+    cpu_first = sum(first["cpu_ms_per_image"].values())
+    cpu_again = sum(again["cpu_ms_per_image"].values())
+    print(
+        f"  again: {speedup:.1f} x faster, {cpu_again:.2f} ms CPU per image "
+        f"(first {cpu_first:.1f} ms), reused {again.get('reused')}"
+    )
+    return {
+        "first": first,
+        "again": again,
+        "speedup": speedup,
+        "cpu_ms_per_image_first": cpu_first,
+        "cpu_ms_per_image_again": cpu_again,
+    }
+
+
 def phase_scale(run: Run) -> Any:
     urls = list(image_urls(run.base_url, run.corpus.names, run.options.sizes.scale, "scale"))
     return end_to_end(run, urls, run.system.data_dir / "scale.csv")
@@ -317,7 +385,7 @@ def phase_bookkeeping(run: Run) -> Any:
     return run_bookkeeping(
         run.options.sizes.bookkeeping,
         system.data_dir,
-        lambda urls, path, on_accepted: end_to_end(run, urls, path, on_accepted),
+        lambda urls, path, on_accepted: end_to_end(run, urls, path, on_accepted=on_accepted),
         run.sampler.snapshot,
         system.status_endpoint,
         system.headers,
@@ -388,6 +456,8 @@ def _table(results: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
             throughput.append((label, value))
         if name == "end_to_end" and "remote_host" in results:
             throughput += _remote_rows(results["remote_host"], results["end_to_end"])
+    if "incremental" in results:
+        throughput += _incremental_rows(results["incremental"])
     big = results["big_upload"]
     upload = [(f"{big['rows']:,}-row CSV ({big['images']:,} URLs), upload to 202", _s(big))]
     upload += [
@@ -435,6 +505,29 @@ def _remote_rows(remote: dict[str, Any], loopback: dict[str, Any]) -> list[tuple
     if others:
         host_value += f", {others:,} other ({', '.join(sorted(statuses))})"
     return [(label, value), (host_label, host_value)]
+
+
+def _incremental_rows(incremental: dict[str, Any]) -> list[tuple[str, str]]:
+    """The catalogue's first upload beside the second, and the second's verdict."""
+    first, again = incremental["first"], incremental["again"]
+    speedup, cpu = incremental["speedup"], incremental["cpu_ms_per_image_again"]
+    met = speedup >= INCREMENTAL_SPEEDUP and cpu < INCREMENTAL_CPU_MS
+    met = met and again["progress"].get("failed") == 0
+    reused = again.get("reused") or {}
+    return [
+        (
+            f"same catalogue, first upload, {first['images']:,} images ({_counts(first)})",
+            f"{first['images_per_second']:8.1f}  "
+            f"{incremental['cpu_ms_per_image_first']:.1f} ms CPU per image",
+        ),
+        (
+            f"same catalogue again ({reused.get('not_modified', 0):,} not modified, "
+            f"{reused.get('same_bytes', 0):,} same bytes)",
+            f"{again['images_per_second']:8.1f}  {cpu:.2f} ms CPU per image, "
+            f"{speedup:.1f} x the first ({'meets' if met else 'misses'} the "
+            f"{INCREMENTAL_SPEEDUP:.0f} x and {INCREMENTAL_CPU_MS:.0f} ms targets)",
+        ),
+    ]
 
 
 def _bytes_out(run: dict[str, Any]) -> str:

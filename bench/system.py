@@ -135,9 +135,17 @@ class System:
         except Exception as error:  # noqa: BLE001 - a failed cleanup must not hide the results
             print(f"warning: could not remove namespace {self.namespace}: {error!r}")
 
-    def upload(self, csv_path: Path, quality: int = 50, webhook_url: str | None = None) -> Upload:
-        """POST /upload; the clock starts before the request and stops at the 202."""
+    def upload(
+        self,
+        csv_path: Path,
+        quality: int = 50,
+        webhook_url: str | None = None,
+        refresh: bool = False,
+    ) -> Upload:
+        """POST /upload; the clock starts before the request and stops at the 202.
+        `refresh`: reuse no output of an earlier request."""
         fields = {"quality": str(quality)} | ({"webhook_url": webhook_url} if webhook_url else {})
+        fields |= {"refresh": "true"} if refresh else {}
         with httpx.Client(timeout=300.0, headers=self.headers) as http, csv_path.open("rb") as f:
             started = time.perf_counter()
             response = http.post(

@@ -217,8 +217,8 @@ def test_a_deleted_request_is_gone_from_every_service(settings: Settings) -> Non
         final = wait_for(client, status_url, lambda body: body["status"] in FINAL)
         outputs = [url for product in final["products"] for url in product["output_urls"] if url]
         assert len(outputs) == 6 and all(client.get(u).status_code == 200 for u in outputs)
-        media = settings.media_dir / request_id
-        assert media.is_dir()
+        media = settings.media_dir / "objects"  # shared outputs; no other request uses them
+        assert len(list(media.iterdir())) == 6
         assert documents_mentioning(settings, request_id)  # the check below can fail
 
         answer = client.delete(f"{system.ingest_url}/requests/{request_id}")
@@ -230,9 +230,9 @@ def test_a_deleted_request_is_gone_from_every_service(settings: Settings) -> Non
         assert client.get(status_url).status_code == 404
         assert client.get(f"{status_url}/output.csv").status_code == 404
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and media.exists():
+        while time.monotonic() < deadline and any(media.iterdir()):
             time.sleep(0.1)
-        assert not media.exists()
+        assert list(media.iterdir()) == []
         assert all(client.get(u).status_code == 404 for u in outputs)
         left = _without_tombstones(documents_mentioning(settings, request_id))
         assert left == {}, left
@@ -268,4 +268,4 @@ def test_retention_deletes_finished_requests_older_than_the_setting(settings: Se
             time.sleep(0.2)
         assert client.get(status_url).status_code == 404
         assert time.monotonic() - finished >= 2  # kept for about the 3 s it was told to
-        assert not (settings.media_dir / request_id).exists()
+        assert list((settings.media_dir / "objects").iterdir()) == []

@@ -80,6 +80,8 @@ class FakeCloudinary:
         self.server = LoopbackServer()
         self.upload_path = f"/v1_1/{cloud_name}/image/upload"
         self.server.add(self.upload_path, self._upload)
+        self.destroy_path = f"/v1_1/{cloud_name}/image/destroy"
+        self.server.add(self.destroy_path, self._destroy)
         self._failures: deque[Failure] = deque()
         self._lock = threading.Lock()
         self._versions = itertools.count(int(time.time()))
@@ -126,6 +128,16 @@ class FakeCloudinary:
         if failure:
             return _failure_response(failure)
         return _json(200, self._result(asset, fields))
+
+    def _destroy(self, request: Recorded) -> Response:
+        """The Upload API's destroy: `{"result": "ok"}`, or "not found" for no such asset."""
+        fields, _ = parse_form(request.headers.get("Content-Type", ""), request.body)
+        refused = self._check(fields, {"file": b""})
+        if refused:
+            return refused
+        with self._lock:
+            found = self.assets.pop(fields.get("public_id", ""), None)
+        return _json(200, {"result": "ok" if found else "not found"})
 
     def _check(self, fields: dict[str, str], files: dict[str, bytes]) -> Response | None:
         if fields.get("api_key") != self.api_key:

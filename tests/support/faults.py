@@ -90,8 +90,10 @@ def output_urls(client: httpx.Client, status_url: str) -> list[str]:
 
 
 def media_files(media_dir: Path, request_id: str) -> list[str]:
-    folder = media_dir / request_id
-    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+    """Names of the files under the media folder: the request's own and the shared ones
+    (`objects/`; each test has its own data directory), temporary files included."""
+    folders = (media_dir / request_id, media_dir / "objects")
+    return sorted(path.name for folder in folders if folder.exists() for path in folder.iterdir())
 
 
 # Listening on the events exchange ----------------------------------------------------------

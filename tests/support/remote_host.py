@@ -9,7 +9,10 @@ late, allow a client a handful of connections and answer 429 beyond them, hiccup
   with a request in progress, with 429 + Retry-After beyond it, and a 503 on the first
   request for one path in N;
 - per-path scripts: the answers to give to the first requests for a path (a status with
-  or without Retry-After, a reset, a stall), after which the path's file is served.
+  or without Retry-After, a reset, a stall), after which the path's file is served;
+- validators (`Behaviour(etags=True)`): every file is served with an ETag (a hash of
+  its bytes, so a file whose bytes change gets a new one), and a request whose
+  If-None-Match names the current one is answered 304 Not Modified, without a body.
 
 A "path" here is the request target with its query string (`/img.jpg?v=2` is another URL
 than `/img.jpg`, as for any cache); files are looked up without the query.
@@ -76,6 +79,7 @@ class Behaviour:
     max_connections: int | None = None
     throttle_retry_after: str | None = "1"  # Retry-After sent with those 429s
     hiccup_one_in: int = 0  # the first request for one path in N answers 503 (0: never)
+    etags: bool = False  # send ETags and answer a matching If-None-Match with 304
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,11 @@ class RemoteHost:
         with self._lock:
             return Counter(seen.status for seen in self.seen)
 
+    def conditional(self) -> list[Seen]:
+        """The requests that named an ETag (If-None-Match), answered 304 or not."""
+        with self._lock:
+            return [seen for seen in self.seen if "if-none-match" in seen.headers]
+
     # Serving --------------------------------------------------------------------------
 
     def start(self) -> RemoteHost:
@@ -206,7 +215,7 @@ class RemoteHost:
             if self.behaviour.latency:
                 await asyncio.sleep(self.behaviour.latency)
             self._record(path, answer, headers)
-            return await self._send(writer, method, path, answer)
+            return await self._send(writer, method, path, answer, headers)
         finally:
             counts.in_flight -= 1
 
@@ -232,14 +241,22 @@ class RemoteHost:
 
     def _record(self, path: str, answer: Answer | None, headers: Mapping[str, str]) -> None:
         if answer is None:
-            status = 200 if self._body_source(path) is not None else 404
+            if self._body_source(path) is None:
+                status = 404
+            else:
+                status = 304 if self._not_modified(path, headers) else 200
         else:
             status = answer.code if isinstance(answer, Status) else 0
         with self._lock:
             self.seen.append(Seen(path, status, time.monotonic(), headers))
 
     async def _send(
-        self, writer: asyncio.StreamWriter, method: str, path: str, answer: Answer | None
+        self,
+        writer: asyncio.StreamWriter,
+        method: str,
+        path: str,
+        answer: Answer | None,
+        headers: Mapping[str, str],
     ) -> bool:
         if isinstance(answer, Reset):
             _reset(writer)
@@ -257,13 +274,36 @@ class RemoteHost:
             await _write(writer, answer.code, body, "text/plain", extra, method)
             return True
         source = self._body_source(path)
+        etag = self._etag(path)
+        validators = {"ETag": etag} if etag else {}
         if source is None:
             await _write(writer, 404, b"not found\n", "text/plain", {}, method)
+        elif self._not_modified(path, headers):
+            writer.write(_head_bytes(304, 0, "image/jpeg", validators, with_length=False))
+            await writer.drain()
         elif isinstance(source, bytes):
-            await _write(writer, 200, source, "image/jpeg", {}, method)
+            await _write(writer, 200, source, "image/jpeg", validators, method)
         else:
-            await _send_file(writer, source, method)
+            await _send_file(writer, source, method, validators)
         return True
+
+    def _etag(self, target: str) -> str | None:
+        """The file's ETag when the host sends them: a hash of its bytes (of its size and
+        modification time for a file on disk, as nginx makes them)."""
+        if not self.behaviour.etags:
+            return None
+        source = self._body_source(target)
+        if isinstance(source, bytes):
+            return f'"{zlib.crc32(source):08x}-{len(source):x}"'
+        if isinstance(source, Path):
+            stat = source.stat()
+            return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+        return None
+
+    def _not_modified(self, target: str, headers: Mapping[str, str]) -> bool:
+        etag = self._etag(target)
+        asked = headers.get("if-none-match")
+        return etag is not None and asked is not None and etag in _tags(asked)
 
     def _body_source(self, target: str) -> bytes | Path | None:
         """What `target` serves; the query string is ignored (it makes URLs distinct)."""
@@ -288,12 +328,18 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     return method, target, headers
 
 
-def _head_bytes(status: int, length: int, content_type: str, extra: Mapping[str, str]) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-        f"Content-Length: {length}",
-        f"Content-Type: {content_type}",
-    ]
+def _tags(value: str) -> list[str]:
+    """The entity tags of an If-None-Match value, compared weakly (RFC 9110, 13.1.2)."""
+    return [tag.strip().removeprefix("W/") for tag in value.split(",")]
+
+
+def _head_bytes(
+    status: int, length: int, content_type: str, extra: Mapping[str, str], with_length: bool = True
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    if with_length:  # a 304 has no body, and says nothing of the body it stands for
+        lines.append(f"Content-Length: {length}")
+    lines.append(f"Content-Type: {content_type}")
     lines += [f"{name}: {value}" for name, value in extra.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -312,10 +358,13 @@ async def _write(
     await writer.drain()
 
 
-async def _send_file(writer: asyncio.StreamWriter, path: Path, method: str) -> None:
+async def _send_file(
+    writer: asyncio.StreamWriter, path: Path, method: str, extra: Mapping[str, str]
+) -> None:
     # A local file in the page cache: opening it costs microseconds, no thread needed.
     with path.open("rb") as handle:  # noqa: ASYNC230
-        writer.write(_head_bytes(200, os.fstat(handle.fileno()).st_size, "image/jpeg", {}))
+        size = os.fstat(handle.fileno()).st_size
+        writer.write(_head_bytes(200, size, "image/jpeg", extra))
         await writer.drain()
         if method != "HEAD":
             await asyncio.get_running_loop().sendfile(writer.transport, handle)

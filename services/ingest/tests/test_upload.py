@@ -93,6 +93,17 @@ async def test_output_options_are_carried_in_the_event(
     assert response.status_code == 202, response.text
     event = await received_events.next()
     assert event.data.options == Options(quality=80, format="avif", max_side=800, progressive=True)
+    assert event.data.refresh is False
+
+
+async def test_refresh_is_carried_in_the_event(
+    settings: Settings, run_ingest, received_events
+) -> None:
+    async with run_ingest(settings) as (_, client):
+        response = await client.post("/upload", **upload_form(VALID, refresh="true"))
+    assert response.status_code == 202, response.text
+    event = await received_events.next()
+    assert event.data.refresh is True and event.data.options == Options()
 
 
 BAD_CSVS = [

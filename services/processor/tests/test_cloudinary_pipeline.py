@@ -83,25 +83,26 @@ async def test_a_request_is_stored_in_cloudinary_end_to_end(
     ok = {key: data for key, data in processed.items() if data.outcome == "ok"}
     assert set(ok) == {"0-0", "0-1", "0-2", "1-0"}
 
-    # One asset per image, in the request's folder, tagged with the request id; the
-    # output URL of each image is its asset's secure_url.
-    assert set(cloud.assets) == {f"imgpipe/{request_id}/{key}" for key in ok}
+    # One asset per image, shared (named by its input and options, no request's tag);
+    # the output URL of each image is its asset's secure_url.
+    records = image_records(settings, request_id)
+    public_ids = {key: f"imgpipe/objects/{records[key]['output_key']}" for key in ok}
+    assert set(cloud.assets) == set(public_ids.values())
     assert len(cloud.uploads) == 5  # four images, one of them twice
     for key, data in ok.items():
-        asset = cloud.assets[f"imgpipe/{request_id}/{key}"]
+        asset = cloud.assets[public_ids[key]]
         assert data.output_url == asset.secure_url(cloud.cloud_name)
         assert data.output_url.startswith("https://res.cloudinary.com/imgpipe-test/")
-        assert asset.tags == [request_id] and asset.asset_folder == f"imgpipe/{request_id}"
+        assert asset.tags == [] and asset.asset_folder == "imgpipe/objects"
         assert data.bytes_out == len(asset.data)
         assert (data.width, data.height) == (asset.width, asset.height)
-    assert cloud.assets[f"imgpipe/{request_id}/0-1"].format == "webp"  # the PNG with alpha
+    assert cloud.assets[public_ids["0-1"]].format == "webp"  # the PNG with alpha
     assert processed["1-1"].outcome == "failed" and processed["1-1"].error.code == "http_error"
     assert not (settings.media_dir / request_id).exists()  # nothing stored locally
 
     # The processor's image records keep what Cloudinary said about each asset.
-    records = image_records(settings, request_id)
     for key, data in ok.items():
-        asset = cloud.assets[f"imgpipe/{request_id}/{key}"]
+        asset = cloud.assets[public_ids[key]]
         assert records[key]["storage"] == {
             "backend": "cloudinary",
             "secure_url": data.output_url,

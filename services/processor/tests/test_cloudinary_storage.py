@@ -258,3 +258,28 @@ async def test_every_output_format_is_uploaded(cloud, fmt: str, cloudinary_forma
     assert cloud.assets["imgpipe/req1/0-0"].data == data
     assert stored.details and stored.details["format"] == cloudinary_format
     assert stored.url.endswith(f".{cloudinary_format}")
+
+
+async def test_a_shared_output_is_untagged_under_objects_and_destroyed_by_its_public_id(
+    cloud,
+) -> None:
+    storage = storage_for(cloud.cloudinary_url())
+    key = "c0ffee" * 10 + "abcd"
+    data = jpeg_bytes(120, 80, seed=3)
+    stored = await storage.save_shared(key, data, "jpeg")
+
+    asset = cloud.assets[f"imgpipe/objects/{key}"]
+    assert asset.data == data and asset.tags == [] and asset.asset_folder == "imgpipe/objects"
+    assert stored.location == f"imgpipe/objects/{key}"
+    assert stored.url == asset.secure_url(cloud.cloud_name)
+    # Deleting a request by its tag leaves shared assets alone (they carry none).
+    other = await storage.save("req9", "0-0", data, "jpeg")
+    assert set(cloud.assets) == {stored.location, other.location}
+
+    await storage.delete_shared(stored.location)
+    await storage.delete_shared(stored.location)  # gone already: not an error
+    assert set(cloud.assets) == {other.location}
+    with pytest.raises(StorageError, match="not a shared output"):
+        await storage.delete_shared(other.location)
+    with pytest.raises(StorageError):
+        await storage.save_shared("../not-a-key", data, "jpeg")

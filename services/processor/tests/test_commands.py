@@ -134,13 +134,13 @@ async def test_a_delete_removes_the_files_and_records_and_late_jobs_do_nothing(
     jobs = await waiting_jobs(tap)
     for job in jobs:
         await processor.process_job(job)
-    media = settings.media_dir / request_id
+    media = settings.media_dir / "objects"
     assert len(list(media.iterdir())) == 2
 
     deleted = RequestDeleted(request_id=request_id, deleted_at=NOW)
     await processor.commands.delete(deleted)
     await processor.commands.delete(deleted)  # redelivered
-    assert not media.exists()
+    assert list(media.iterdir()) == []
     repository = processor.repository
     assert await repository.images_with_outcome(request_id, "ok") == []
     tombstone = await repository.get_request(request_id)
@@ -149,5 +149,5 @@ async def test_a_delete_removes_the_files_and_records_and_late_jobs_do_nothing(
     for job in jobs:  # redelivered late
         await processor.process_job(job)
     await processor.request_received(received.data)
-    assert not media.exists()
+    assert list(media.iterdir()) == []
     assert [len(image_server.requests_to(f"/{i}")) for i in range(2)] == [1, 1]

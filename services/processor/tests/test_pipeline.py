@@ -37,8 +37,10 @@ def in_rows(urls: list[str], per_row: int = 3) -> list[list[str]]:
 
 
 def media_files(settings: Settings, request_id: str) -> list[Path]:
-    folder = settings.media_dir / request_id
-    return sorted(folder.iterdir()) if folder.exists() else []
+    """Every file under the media folder (each test has its own): the request's outputs,
+    shared (`objects/`) or of the request alone (`<request_id>/`), and any left-over."""
+    folders = (settings.media_dir / "objects", settings.media_dir / request_id)
+    return sorted(path for folder in folders if folder.exists() for path in folder.iterdir())
 
 
 def file_for(settings: Settings, url: str) -> Path:

@@ -79,3 +79,23 @@ def test_cloudinary_satisfies_the_shared_storage_requirement(
     monkeypatch.setenv("IMGPIPE_REQUIRE_SHARED_STORAGE", "true")
     monkeypatch.setenv("CLOUDINARY_URL", "cloudinary://key:secret@shop-cloud")
     assert isinstance(build_storage(Settings(IMGPIPE_DATA_DIR=tmp_path)), CloudinaryStorage)
+
+
+async def test_shared_outputs_are_named_by_key_and_only_they_can_be_deleted_by_location(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path, "http://127.0.0.1:8002/media")
+    key = "ab" * 32
+    stored = await storage.save_shared(key, b"webp bytes", "webp")
+    assert stored.location == f"objects/{key}.webp"
+    assert stored.url == f"http://127.0.0.1:8002/media/objects/{key}.webp"
+    assert (tmp_path / stored.location).read_bytes() == b"webp bytes"
+
+    for location in ("objects/../secret.jpg", f"req/{key}.jpg", "objects/abc.jpg", "/etc/x"):
+        with pytest.raises(StorageError):
+            await storage.delete_shared(location)
+    await storage.delete_shared(stored.location)
+    await storage.delete_shared(stored.location)  # gone already: not an error
+    assert list((tmp_path / "objects").iterdir()) == []
+    with pytest.raises(StorageError):
+        await storage.save_shared("../../etc/passwd", b"x", "jpeg")

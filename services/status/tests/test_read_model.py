@@ -124,6 +124,7 @@ def expected_products(request_id: str) -> list[dict[str, Any]]:
                     for key, bad in zip(keys, failed, strict=True)
                 ],
                 "attempts": [4 if bad else 1 for bad in failed],
+                "reused": [None for _ in failed],
             }
         )
     return products

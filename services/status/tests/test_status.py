@@ -113,6 +113,7 @@ EXPECTED_PRODUCTS = [
         "output_urls": ["http://media/{id}/0-0.jpg", "http://media/{id}/0-1.jpg"],
         "errors": [None, None],
         "attempts": [1, 1],
+        "reused": [None, None],
     },
     {
         "serial_number": "2",
@@ -121,6 +122,7 @@ EXPECTED_PRODUCTS = [
         "output_urls": ["http://media/{id}/1-0.jpg", None, "http://media/{id}/1-2.jpg"],
         "errors": [None, {"code": "download_failed", "message": "HTTP 404"}, None],
         "attempts": [1, 3, 1],
+        "reused": [None, None, None],
     },
 ]
 
@@ -303,6 +305,12 @@ async def test_media_files_are_served_publicly(settings: Settings) -> None:
             (target.parent / name).write_bytes(b"image bytes")
             served = await client.get(f"/media/req-1/{name}")
             assert served.headers["content-type"] == media_type
+        shared = settings.media_dir / "objects" / f"{'ab' * 32}.jpg"  # a shared output
+        shared.parent.mkdir()
+        shared.write_bytes(b"\xff\xd8shared")
+        served = await client.get(f"/media/objects/{shared.name}")
+        assert served.status_code == 200 and served.content == b"\xff\xd8shared"
+        assert served.headers["content-type"] == "image/jpeg"
         (settings.data_dir / "secret.txt").write_text("not media")
         assert (await client.get("/media/..%2fsecret.txt")).status_code == 404
 
@@ -389,3 +397,22 @@ async def test_the_request_s_trace_is_shown(settings: Settings) -> None:
         assert body["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
         body = await poll(client, f"/status/{untraced}", lambda b: True)
         assert body["trace_id"] is None
+
+
+async def test_reused_outputs_are_shown_per_image_and_counted(settings: Settings) -> None:
+    request_id = new_request_id()
+    reasons = {(0, 0): "not_modified", (0, 1): "not_modified", (1, 2): "same_bytes"}
+    images = all_images(request_id, failed={(1, 1)})
+    for event in images:
+        reason = reasons.get((event.data.row_index, event.data.position))
+        event.data = event.data.model_copy(update={"reused": reason})
+    async with running(settings) as (client, bus):
+        await bus.publish(received(request_id))
+        await bus.publish_many(images)
+        await bus.publish(completed(request_id, ok=4, failed=1))
+        body = await poll(client, f"/status/{request_id}", finished)
+    assert [product["reused"] for product in body["products"]] == [
+        ["not_modified", "not_modified"],
+        [None, None, "same_bytes"],
+    ]
+    assert body["reused"] == {"images": 3, "not_modified": 2, "same_bytes": 1}

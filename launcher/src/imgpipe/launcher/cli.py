@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--progressive", action="store_true", help="progressive JPEG")
     submit.add_argument(
+        "--refresh",
+        action="store_true",
+        help="process every image anew, reusing no output of an earlier upload",
+    )
+    submit.add_argument(
         "--output", type=Path, metavar="FILE", help="with --wait: download the output CSV to FILE"
     )
     _add_client_options(submit)
@@ -203,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.EXIT_USAGE
     with _client(settings, args) as client:
         if args.command == "submit":
-            options = OutputOptions(args.quality, args.format, args.max_side, args.progressive)
+            options = OutputOptions(
+                args.quality, args.format, args.max_side, args.progressive, args.refresh
+            )
             return commands.submit(
                 client, args.csv, args.webhook_url, options, args.wait, args.output
             )

@@ -23,12 +23,15 @@ class OutputOptions:
     format: str | None = None
     max_side: int | None = None
     progressive: bool = False
+    refresh: bool = False  # reuse no output of an earlier request
 
     def form(self) -> dict[str, str]:
         fields = {"quality": self.quality, "format": self.format, "max_side": self.max_side}
         form = {name: str(value) for name, value in fields.items() if value is not None}
         if self.progressive:
             form["progressive"] = "true"
+        if self.refresh:
+            form["refresh"] = "true"
         return form
 
 

@@ -94,6 +94,7 @@ def status(client: ImgpipeClient, request_id: str, full: bool) -> int:
             "progress",
             "options",
             "bytes",
+            "reused",
             "error_message",
             "created_at",
             "updated_at",
@@ -234,6 +235,8 @@ def _print_final(final: dict[str, Any]) -> None:
             f"bytes: {sizes['input']:,} in, {sizes['output']:,} out "
             f"({sizes['ratio']:.0%} of the input) over {sizes['images']} images"
         )
+    if line := _reused_line(final):
+        console.print(line)
     if final.get("error_message"):
         label = "error" if final.get("status") == "error" else "note"
         console.print(f"{label}: {final['error_message']}")
@@ -251,6 +254,19 @@ def _with_failures(client: ImgpipeClient, answer: dict[str, Any]) -> dict[str, A
     if not (answer.get("progress") or {}).get("failed"):
         return answer
     return client.with_every_product(str(answer.get("request_id")), answer)
+
+
+def _reused_line(final: dict[str, Any]) -> str | None:
+    """`reused: 998 of 1,000 images (990 not modified at their host, 8 same bytes)`, or
+    None when nothing was reused (or the status service predates reuse)."""
+    reused = final.get("reused") or {}
+    if not reused.get("images"):
+        return None
+    total = (final.get("progress") or {}).get("total", 0)
+    return (
+        f"reused: {reused['images']:,} of {total:,} images ({reused.get('not_modified', 0):,} "
+        f"not modified at their host, {reused.get('same_bytes', 0):,} same bytes)"
+    )
 
 
 def _failures(state: dict[str, Any]) -> list[str]:

@@ -62,6 +62,12 @@ class RequestReceived(EventData):
     options: Options = Options()
     webhook_url: str | None = None
     received_at: datetime
+    # True: process every image anew, reusing no earlier output (a later upload of the
+    # same URLs otherwise reuses what the host says has not changed).
+    refresh: bool = False
+
+
+Reused = Literal["not_modified", "same_bytes"]
 
 
 class ImageError(BaseModel):
@@ -87,6 +93,11 @@ class ImageProcessed(EventData):
     # Whether the output is the input's own bytes minus metadata (it needed no change and
     # its encode came out larger); None for a failed image or one recorded before this.
     kept_input: bool | None = None
+    # Whether the output is one stored earlier, and why: "not_modified" (the host
+    # answered 304 to a conditional request: nothing downloaded or encoded) or
+    # "same_bytes" (the download hashed to an input already encoded with the same
+    # options: nothing encoded). None when encoded now, or failed.
+    reused: Reused | None = None
     error: ImageError | None = None
     # Download attempts made for the image (retries of transient failures included);
     # None when no download was tried.

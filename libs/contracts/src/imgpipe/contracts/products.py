@@ -5,7 +5,7 @@ output URL, the error and the download attempts of each image (None while pendin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from imgpipe.contracts.events import image_key
 
@@ -22,6 +22,9 @@ class Product(TypedDict):
     output_urls: list[str | None]
     errors: list[ProductError | None]
     attempts: list[int | None]
+    # Whether each image's output was reused ("not_modified", "same_bytes") or made now
+    # (None); the status answer has it, webhooks leave it out.
+    reused: NotRequired[list[str | None]]
 
 
 Outcome = Mapping[str, Any]  # an image's stored outcome: outcome, output_url, error, attempts
@@ -31,6 +34,7 @@ def products(
     rows: Iterable[Mapping[str, Any]],
     outcome_of: Callable[[str], Outcome | None],
     start: int = 0,
+    with_reused: bool = False,
 ) -> list[Product]:
     """Rows in input order; `outcome_of(image_key)` is what is known of an image.
     `start`: the index of the first row given (a page of a larger request)."""
@@ -39,6 +43,7 @@ def products(
         outputs: list[str | None] = []
         errors: list[ProductError | None] = []
         attempts: list[int | None] = []
+        reused: list[str | None] = []
         for position in range(len(row["input_urls"])):
             image = outcome_of(image_key(row_index, position)) or {}
             outcome = image.get("outcome")
@@ -46,17 +51,38 @@ def products(
             outputs.append(image.get("output_url") if outcome == "ok" else None)
             errors.append({"code": error["code"], "message": error["message"]} if error else None)
             attempts.append(image.get("attempts"))
-        result.append(
-            {
-                "serial_number": row["serial_number"],
-                "product_name": row["product_name"],
-                "input_urls": list(row["input_urls"]),
-                "output_urls": outputs,
-                "errors": errors,
-                "attempts": attempts,
-            }
-        )
+            reused.append(image.get("reused") if outcome == "ok" else None)
+        product: Product = {
+            "serial_number": row["serial_number"],
+            "product_name": row["product_name"],
+            "input_urls": list(row["input_urls"]),
+            "output_urls": outputs,
+            "errors": errors,
+            "attempts": attempts,
+        }
+        if with_reused:
+            product["reused"] = reused
+        result.append(product)
     return result
+
+
+class ReusedCount(TypedDict):
+    """Images (each place in the CSV) whose output was reused, in all and by reason."""
+
+    images: int
+    not_modified: int
+    same_bytes: int
+
+
+def reused_count(images: Iterable[Outcome]) -> ReusedCount:
+    reasons = [image.get("reused") for image in images if image.get("outcome") == "ok"]
+    not_modified = reasons.count("not_modified")
+    same_bytes = reasons.count("same_bytes")
+    return {
+        "images": not_modified + same_bytes,
+        "not_modified": not_modified,
+        "same_bytes": same_bytes,
+    }
 
 
 class ByteTotals(TypedDict):

@@ -37,6 +37,7 @@ class IngestRequest:
     webhook_url: str | None
     received_at: datetime
     traceparent: str | None = None  # the request's trace, carried by its events
+    refresh: bool = False  # reuse no output of an earlier request
 
     @property
     def trace_id(self) -> str | None:
@@ -54,6 +55,7 @@ class IngestRequest:
             options=self.options,
             webhook_url=self.webhook_url,
             received_at=self.received_at,
+            refresh=self.refresh,
         )
         return CloudEvent.wrap(
             data,

@@ -58,6 +58,7 @@ class Upload:
     file: BinaryIO
     options: Options = field(default_factory=Options)
     webhook_url: str | None = None
+    refresh: bool = False  # reuse no earlier output
 
 
 async def accept_upload(
@@ -102,10 +103,12 @@ def fingerprint(upload: Upload) -> str:
     while chunk := upload.file.read(1 << 20):
         digest.update(chunk)
     upload.file.seek(0)
-    fields = {
+    fields: dict[str, Any] = {
         "options": upload.options.model_dump(),
         "webhook_url": (upload.webhook_url or "").strip() or None,
     }
+    if upload.refresh:  # only when set: keys of uploads made before it keep their prints
+        fields["refresh"] = True
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -190,6 +193,7 @@ async def parse_upload(
         rows=parsed.rows,
         options=upload.options,
         webhook_url=webhook_url,
+        refresh=upload.refresh,
         received_at=clock(),
         # The upload's span: its events, and the relay's later, carry the same trace.
         traceparent=current_traceparent(),

@@ -89,6 +89,13 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
             Form(ge=1, le=MAX_SIDE, description="longest side in pixels; never enlarges"),
         ] = None,
         progressive: Annotated[bool, Form(description="progressive JPEG")] = False,
+        refresh: Annotated[
+            bool,
+            Form(
+                description="process every image anew: reuse no output of an earlier "
+                "request, even where the host says the image has not changed"
+            ),
+        ] = False,
         idempotency_key: Annotated[
             str | None,
             Header(
@@ -102,7 +109,9 @@ def upload_router(settings: Settings, outbox: OutboxConfig) -> APIRouter:
         options = Options(
             quality=quality, format=format, max_side=max_side, progressive=progressive
         )
-        upload = handlers.Upload(file=file.file, options=options, webhook_url=webhook_url)
+        upload = handlers.Upload(
+            file=file.file, options=options, webhook_url=webhook_url, refresh=refresh
+        )
         trace_ids: dict[str, str | None] = {}
 
         async def accept() -> handlers.IngestRequest:

@@ -30,6 +30,7 @@ from imgpipe.processor import metrics
 from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage
 from imgpipe.processor.jobs import Job, retry_jobs
+from imgpipe.processor.reuse import SharedOutputs
 from imgpipe.processor.stops import Stops
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Commands:
     storage: Storage
     stops: Stops
     complete: Callable[[str], Awaitable[None]]  # publishes RequestCompleted when all is done
+    outputs: SharedOutputs
 
     async def cancel(self, command: CancelRequested) -> None:
         """No image of the request starts any more; RequestCancelled ends it at once,
@@ -124,7 +126,9 @@ class Commands:
             traceparent=request.get("traceparent"),
         )
         await self.bus.publish(event)
-        jobs = retry_jobs(request_id, _options(request), round, failed)
+        jobs = retry_jobs(
+            request_id, _options(request), round, failed, refresh=bool(request.get("refresh"))
+        )
         await self._send(jobs)
         await self.repository.mark_round_sent(request_id)
         log.info("request %s: retry %d of %d images sent", request_id, round, len(keys))
@@ -140,10 +144,17 @@ class Commands:
 
     async def delete(self, command: RequestDeleted) -> None:
         """Stop the request, delete its stored images and its records; a tombstone of
-        its id stays, so that its late jobs are dropped rather than retried."""
+        its id stays, so that its late jobs are dropped rather than retried.
+
+        Shared outputs go only when no other request uses them; the image records go
+        last, so a redelivered delete still finds the outputs a crash left behind."""
         request_id = command.request_id
         self.stops.note(request_id, await self.repository.stop(request_id, "deleted"))
-        await self.storage.delete_request(request_id)
+        keys = await self.repository.outputs_of(request_id)
+        gone = await self.outputs.release(request_id, keys)
+        if keys:
+            log.info("request %s: %d of its %d outputs deleted", request_id, gone, len(keys))
+        await self.storage.delete_request(request_id)  # per-request outputs (older ones)
         await self.repository.drop_images(request_id)
         await self.repository.leave_tombstone(request_id)
         self.stops.note(request_id, {"deleted": True})

@@ -10,11 +10,15 @@ request.
 An image whose host asks for a long pause is parked in a delay queue and comes back
 as a job of its own (docs/architecture.md, "Downloads"); its request completes when
 it has an outcome like the rest.
+
+An image whose host answers 304 to a conditional request, or whose bytes were encoded
+before with the same options, reuses that output (reuse.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,18 +51,20 @@ from imgpipe.contracts.tracing import current_traceparent, origin, span
 from imgpipe.processor import metrics
 from imgpipe.processor.adapters.download import (
     Attempts,
+    Downloaded,
     Downloader,
     FailedDownload,
     NotWanted,
     RetryLater,
 )
 from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
-from imgpipe.processor.adapters.storage import Storage, StorageError
+from imgpipe.processor.adapters.storage import Storage, StorageError, StoredImage
 from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.commands import Commands
 from imgpipe.processor.compress import Compressed, CompressError
 from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
 from imgpipe.processor.outcomes import OutcomeBatcher
+from imgpipe.processor.reuse import Known, SharedOutputs, output_key, source_fields
 from imgpipe.processor.stops import Stops
 
 log = logging.getLogger(__name__)
@@ -76,7 +82,8 @@ Compressor = Callable[[bytes, Options], Awaitable[Compressed]]
 # never waits for a download, few enough to keep memory flat.
 BACKLOG_PER_WORKER = 4
 # Only an image that was stored has these.
-_STORED_ONLY = ("bytes_out", "width", "height", "format", "kept_input")
+_STORED_ONLY = ("bytes_out", "width", "height", "format", "kept_input", "reused", "output_key")
+Reused = Literal["not_modified", "same_bytes"]
 
 
 class OutcomeError(TypedDict):
@@ -98,6 +105,8 @@ class ImageOutcome:
     height: int | None = None
     format: str | None = None
     kept_input: bool | None = None  # the output is the input minus metadata, not an encode
+    reused: Reused | None = None  # an earlier output, and why; None when encoded now
+    output_key: str | None = None  # the shared output's name; None for a per-request file
     error: OutcomeError | None = None
     storage: dict[str, Any] | None = None  # what the storage backend told of the object
 
@@ -141,12 +150,14 @@ class Processor:
     _outcomes: OutcomeBatcher = field(init=False)
     stops: Stops = field(init=False)
     commands: Commands = field(init=False)
+    outputs: SharedOutputs = field(init=False)
 
     def __post_init__(self) -> None:
         self._outcomes = OutcomeBatcher(self.repository, self.bus.publish_many)
         self.stops = Stops(self.repository)
+        self.outputs = SharedOutputs(self.repository, self.storage)
         self.commands = Commands(
-            self.repository, self.bus, self.storage, self.stops, self._complete
+            self.repository, self.bus, self.storage, self.stops, self._complete, self.outputs
         )
 
     # Requests and what is asked of them ---------------------------------------------
@@ -177,6 +188,7 @@ class Processor:
             total=total,
             options=request.options,
             traceparent=current_traceparent(),  # the consumer span, in the request's trace
+            refresh=request.refresh,
         )
         if doc.get("deleted") or doc["fanned_out"]:
             return  # deleted, or a redelivery of a request whose jobs are all sent
@@ -216,8 +228,12 @@ class Processor:
         done = await self.repository.get_images(job.request_id, keys)
         if done:  # a redelivery or a duplicate job: repeat what is known
             await self._replay(job.request_id, list(done.values()))
+        known = await self._known(job, done)
         results = await asyncio.gather(
-            *(self._process_image(job, image, done) for image in job.images),
+            *(
+                self._process_image(job, image, done, known.get(image.input_url))
+                for image in job.images
+            ),
             return_exceptions=True,  # the others finish before the job is requeued
         )
         if any(result is True for result in results):
@@ -226,15 +242,28 @@ class Processor:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _process_image(self, job: Job, image: JobImage, done: Mapping[str, Doc]) -> bool:
+    async def _known(self, job: Job, done: Mapping[str, Doc]) -> dict[str, Known]:
+        """The job's URLs that may be asked for conditionally (none when refreshing)."""
+        if job.refresh:
+            return {}
+        urls = [
+            image.input_url
+            for image in job.images
+            if any(place.image_key not in done for place in image.places)
+        ]
+        return await self.outputs.known(urls, job.options) if urls else {}
+
+    async def _process_image(
+        self, job: Job, image: JobImage, done: Mapping[str, Doc], known: Known | None
+    ) -> bool:
         """Give every place of `image` an outcome (unless it is parked); True when its
         request may be complete after that."""
         missing = [place for place in image.places if place.image_key not in done]
         if not missing:
             return False
-        known = next((done[p.image_key] for p in image.places if p.image_key in done), None)
-        if known is not None:  # a crash between two of its places' writes: copy the rest
-            return await self._record(job, image, missing, ImageOutcome.from_doc(known))
+        recorded = next((done[p.image_key] for p in image.places if p.image_key in done), None)
+        if recorded is not None:  # a crash between two of its places' writes: copy the rest
+            return await self._record(job, image, missing, ImageOutcome.from_doc(recorded))
         attributes = {
             "request_id": job.request_id,
             "image_key": image.image_key,
@@ -242,7 +271,7 @@ class Processor:
         }
         with span("process image", attributes=attributes) as image_span:
             try:
-                outcome = await self._image_outcome(job, image)
+                outcome = await self._image_outcome(job, image, known)
             except RetryLater as later:
                 image_span.set_attribute("outcome", "parked")
                 await self._park(job, image, later)
@@ -251,7 +280,10 @@ class Processor:
                 image_span.set_attribute("outcome", "stopped")
                 return False
             if await self.stops.reason(job.request_id) == "deleted":
-                # Deleted while this image was in progress: its file must not outlive it.
+                # Deleted while this image was in progress: its file must not outlive it
+                # (a shared one goes only if no other request uses it).
+                if outcome.output_key is not None:
+                    await self.outputs.release(job.request_id, [outcome.output_key])
                 await self.storage.delete_request(job.request_id)
                 return False
             image_span.set_attributes(_span_attributes(outcome))
@@ -311,10 +343,10 @@ class Processor:
             delay,
         )
 
-    async def _image_outcome(self, job: Job, image: JobImage) -> ImageOutcome:
+    async def _image_outcome(self, job: Job, image: JobImage, known: Known | None) -> ImageOutcome:
         """The outcome of one image; RetryLater when it is to wait."""
         try:
-            return await self._outcome(job, image)
+            return await self._outcome(job, image, known)
         except (RetryLater, RequestStopped):
             raise
         except Exception:
@@ -325,41 +357,71 @@ class Processor:
             )
             return self._failed("internal_error", "the image could not be processed")
 
-    async def _outcome(self, job: Job, image: JobImage) -> ImageOutcome:
-        """Download, compress and store one image; every expected failure is an outcome."""
+    async def _outcome(self, job: Job, image: JobImage, known: Known | None) -> ImageOutcome:
+        """Download, compress and store one image, or reuse an earlier output; every
+        expected failure is an outcome."""
         earlier = Attempts(image.attempts, image.first_attempt_at)
         await self.backlog.room()
 
         async def wanted() -> bool:  # asked as each download attempt is about to start
             return await self.stops.reason(job.request_id) is None
 
-        try:
-            with span("download") as download:
-                downloaded = await self.download(image.input_url, earlier, image.not_before, wanted)
-                download.set_attributes(
-                    {"bytes": len(downloaded.body), "attempts": downloaded.attempts.count}
-                )
-        except NotWanted:
-            raise RequestStopped(job.request_id) from None
-        except FailedDownload as exc:
-            return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
-        data, attempts = downloaded.body, downloaded.attempts.count
-        try:
-            async with self.backlog.holding():
-                with metrics.COMPRESS_SECONDS.time(), span("compress") as compress:
-                    result = await self.compressor(data, job.options)
-                    compress.set_attributes(
-                        {"bytes_out": len(result.data), "format": result.format}
+        validators = known.validators if known is not None else None
+        while True:
+            try:
+                with span("download") as download:
+                    downloaded = await self.download(
+                        image.input_url, earlier, image.not_before, wanted, validators
                     )
-            with metrics.STORE_SECONDS.time(), span("store") as store:
-                stored = await self.storage.save(
-                    job.request_id, image.image_key, result.data, result.format
-                )
-                store.set_attribute("bytes", stored.size)
-        except CompressError as exc:
-            return self._failed(exc.code, exc.message, bytes_in=len(data), attempts=attempts)
-        except StorageError as exc:
-            return self._failed("storage_failed", str(exc), bytes_in=len(data), attempts=attempts)
+                    download.set_attributes(
+                        {
+                            "bytes": len(downloaded.body),
+                            "attempts": downloaded.attempts.count,
+                            "not_modified": downloaded.not_modified,
+                        }
+                    )
+            except NotWanted:
+                raise RequestStopped(job.request_id) from None
+            except FailedDownload as exc:
+                return self._failed(exc.code, exc.message, attempts=exc.attempts.count)
+            if not downloaded.not_modified:
+                return await self._encode(job, image, downloaded)
+            assert known is not None  # only a conditional request is answered 304
+            attempts = downloaded.attempts.count
+            reused = await self._reuse(job, known.output_key, "not_modified", known.size, attempts)
+            if reused is not None:
+                metrics.DOWNLOAD_BYTES_SAVED.inc(known.size)
+                return reused
+            # Its output was deleted since the lookup: download the bytes after all.
+            earlier, validators = downloaded.attempts, None
+
+    async def _encode(self, job: Job, image: JobImage, downloaded: Downloaded) -> ImageOutcome:
+        """Compress and store downloaded bytes, unless the same bytes were encoded with
+        the same options before (then their output is reused)."""
+        data, attempts = downloaded.body, downloaded.attempts.count
+        digest = hashlib.sha256(data).hexdigest()
+        fields = source_fields(image.input_url, downloaded.validators, digest, len(data))
+        await self.outputs.remember(image.input_url, fields)
+        key = output_key(digest, job.options)
+        async with self.outputs.encoding(key):  # the same bytes in this job wait, then reuse
+            if not job.refresh:
+                reused = await self._reuse(job, key, "same_bytes", len(data), attempts)
+                if reused is not None:
+                    return reused
+            try:
+                async with self.backlog.holding():
+                    with metrics.COMPRESS_SECONDS.time(), span("compress") as compress:
+                        result = await self.compressor(data, job.options)
+                        compress.set_attributes(
+                            {"bytes_out": len(result.data), "format": result.format}
+                        )
+                with metrics.STORE_SECONDS.time(), span("store") as store:
+                    stored, shared = await self._store(job, image, key, result)
+                    store.set_attribute("bytes", stored.size)
+            except CompressError as exc:
+                return self._failed(exc.code, exc.message, len(data), attempts)
+            except StorageError as exc:
+                return self._failed("storage_failed", str(exc), len(data), attempts)
         return ImageOutcome(
             outcome="ok",
             processed_by=self.instance,
@@ -371,7 +433,59 @@ class Processor:
             height=result.height,
             format=result.format,
             kept_input=result.kept_input,
+            output_key=key if shared else None,
             storage=stored.details or None,
+        )
+
+    async def _store(
+        self, job: Job, image: JobImage, key: str, result: Compressed
+    ) -> tuple[StoredImage, bool]:
+        """Store the output under its shared name, the request joining its users first
+        (so no deletion takes the file being written); True when shared. While that name
+        is being deleted, the output is the request's own file instead."""
+        if not await self.outputs.reserve(job.request_id, key):
+            stored = await self.storage.save(
+                job.request_id, image.image_key, result.data, result.format
+            )
+            return stored, False
+        stored = await self.storage.save_shared(key, result.data, result.format)
+        await self.outputs.stored(
+            key,
+            {
+                "url": stored.url,
+                "location": stored.location,
+                "size": stored.size,
+                "width": result.width,
+                "height": result.height,
+                "format": result.format,
+                "kept_input": result.kept_input,
+                "storage": stored.details,
+            },
+        )
+        return stored, True
+
+    async def _reuse(
+        self, job: Job, key: str, reason: Reused, bytes_in: int, attempts: int
+    ) -> ImageOutcome | None:
+        """The outcome of a stored output, the request now among its users; None when
+        there is none (or it is being deleted)."""
+        output = await self.outputs.claim(job.request_id, key)
+        if output is None:
+            return None
+        return ImageOutcome(
+            outcome="ok",
+            processed_by=self.instance,
+            attempts=attempts,
+            output_url=output["url"],
+            bytes_in=bytes_in,
+            bytes_out=output["size"],
+            width=output.get("width"),
+            height=output.get("height"),
+            format=output.get("format"),
+            kept_input=output.get("kept_input"),
+            reused=reason,
+            output_key=key,
+            storage=output.get("storage"),
         )
 
     def _failed(
@@ -480,6 +594,7 @@ def processed_event(
         height=image.get("height"),
         format=image.get("format"),
         kept_input=image.get("kept_input"),
+        reused=image.get("reused"),
         error=ImageError(**error) if error else None,
         attempts=image.get("attempts"),
         round=image.get("round", 0),

@@ -60,6 +60,7 @@ class Job(BaseModel):
     options: Options = Options()
     images: tuple[JobImage, ...]
     round: int = 0  # 0 for the request's first run; N for its Nth retry of failed images
+    refresh: bool = False  # reuse no earlier output: download and encode anew
 
     @property
     def message_id(self) -> str:
@@ -83,6 +84,7 @@ class Job(BaseModel):
             options=self.options,
             images=(image.model_copy(update=update),),
             round=self.round,
+            refresh=self.refresh,
         )
 
     def to_bytes(self) -> bytes:
@@ -98,7 +100,7 @@ def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> list[Jo
                 image_key=image_key(row_index, position), row_index=row_index, position=position
             )
             places.setdefault(url, []).append(place)
-    return _jobs(request.request_id, request.options, places, 0, per_job)
+    return _jobs(request.request_id, request.options, places, 0, per_job, request.refresh)
 
 
 def retry_jobs(
@@ -107,16 +109,22 @@ def retry_jobs(
     round: int,
     failed: Iterable[Mapping[str, Any]],
     per_job: int = IMAGES_PER_JOB,
+    refresh: bool = False,
 ) -> list[Job]:
     """Jobs of round `round` for the image records of failed images, one download per URL."""
     places: dict[str, list[Place]] = {}
     for doc in sorted(failed, key=lambda d: (d["row_index"], d["position"])):
         places.setdefault(doc["input_url"], []).append(Place.model_validate(doc))
-    return _jobs(request_id, options, places, round, per_job)
+    return _jobs(request_id, options, places, round, per_job, refresh)
 
 
 def _jobs(
-    request_id: str, options: Options, places: dict[str, list[Place]], round: int, per_job: int
+    request_id: str,
+    options: Options,
+    places: dict[str, list[Place]],
+    round: int,
+    per_job: int,
+    refresh: bool = False,
 ) -> list[Job]:
     images = [
         JobImage(**first.model_dump(), input_url=url, also=tuple(also))
@@ -128,6 +136,7 @@ def _jobs(
             options=options,
             images=tuple(images[start : start + per_job]),
             round=round,
+            refresh=refresh,
         )
         for start in range(0, len(images), per_job)
     ]

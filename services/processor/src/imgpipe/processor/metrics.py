@@ -25,6 +25,8 @@ class ImageOutcomeLike(Protocol):
     def bytes_in(self) -> int | None: ...
     @property
     def bytes_out(self) -> int | None: ...
+    @property
+    def reused(self) -> str | None: ...
 
 
 # Seconds: a few ms for a compress on loopback, up to the whole-download deadline.
@@ -76,6 +78,20 @@ STORE_SECONDS = Histogram(
     buckets=_BUCKETS,
     registry=REGISTRY,
 )
+IMAGES_REUSED = Counter(
+    "imgpipe_images_reused_total",
+    "Images given an earlier output instead of a new encode, by reason: not_modified "
+    "(the host answered 304: nothing downloaded) or same_bytes (the bytes were encoded "
+    "before with the same options).",
+    ["reason"],
+    registry=REGISTRY,
+)
+DOWNLOAD_BYTES_SAVED = Counter(
+    "imgpipe_download_bytes_saved_total",
+    "Bytes not downloaded because the host answered 304 Not Modified (the size of the "
+    "bytes it had sent before).",
+    registry=REGISTRY,
+)
 JOBS_QUEUED = Gauge(
     "imgpipe_processor_jobs_queued",
     "Jobs (up to 8 images each) waiting in the processor's jobs queue, as the broker "
@@ -85,13 +101,18 @@ JOBS_QUEUED = Gauge(
 
 
 def count_outcome(outcome: ImageOutcomeLike) -> None:
-    """An image given an outcome: by outcome and error code, with its bytes."""
+    """An image given an outcome: by outcome and error code, with its bytes (only those
+    downloaded and stored now: a reused output was stored before, and a 304 sent none)."""
     error = outcome.error
     IMAGES_PROCESSED.labels(
         outcome=outcome.outcome, error_code=str(error["code"]) if error else ""
     ).inc()
-    IMAGE_BYTES_IN.inc(outcome.bytes_in or 0)
-    IMAGE_BYTES_OUT.inc(outcome.bytes_out or 0)
+    if outcome.reused is not None:
+        IMAGES_REUSED.labels(reason=outcome.reused).inc()
+    if outcome.reused != "not_modified":
+        IMAGE_BYTES_IN.inc(outcome.bytes_in or 0)
+    if outcome.reused is None:
+        IMAGE_BYTES_OUT.inc(outcome.bytes_out or 0)
 
 
 async def watch_queue(link: BusLink, queue_name: str, interval: float = QUEUE_POLL_SECONDS) -> None:

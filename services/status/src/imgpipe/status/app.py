@@ -57,8 +57,10 @@ MEDIA_TYPES = {".jpg": "image/jpeg", ".webp": "image/webp", ".avif": "image/avif
 
 
 class MediaFiles(StaticFiles):
-    """The compressed images. A file never changes once written (one name per image of a
-    request), so caches may keep it; `nosniff` holds browsers to the served type."""
+    """The compressed images: shared ones under `objects/` (named by a hash of their input
+    and options), older ones under `<request_id>/`. A file never changes once written (a
+    name stands for one input encoded one way), so caches may keep it; `nosniff` holds
+    browsers to the served type."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)  # raises for a missing file

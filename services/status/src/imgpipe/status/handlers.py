@@ -206,6 +206,8 @@ def _row_pages(data: RequestReceived) -> dict[int, list[dict[str, Any]]]:
 
 
 def _image_fields(data: ImageProcessed) -> dict[str, Any]:
+    # `reused` only when set: most images are made anew, and pages hold thousands.
+    reused = {"reused": data.reused} if data.reused else {}
     return {
         "outcome": data.outcome,
         "output_url": data.output_url,
@@ -216,4 +218,5 @@ def _image_fields(data: ImageProcessed) -> dict[str, Any]:
         "height": data.height,
         "format": data.format,
         "attempts": data.attempts,
+        **reused,
     }

@@ -36,6 +36,19 @@ class Product(BaseModel):
     # Download attempts per image (retries of a throttling or failing host included);
     # null while the image is pending, or when nothing was downloaded.
     attempts: list[int | None]
+    # Per image: "not_modified" (its host answered 304: the output stored for an
+    # earlier request is reused, nothing downloaded), "same_bytes" (its bytes were
+    # encoded before with the same options), or null (made for this request; pending;
+    # failed).
+    reused: list[Literal["not_modified", "same_bytes"] | None]
+
+
+class ReusedOut(BaseModel):
+    """Images whose output was reused rather than made anew, each place in the CSV once."""
+
+    images: int
+    not_modified: int
+    same_bytes: int
 
 
 class OptionsOut(BaseModel):
@@ -65,6 +78,7 @@ class StatusResponse(BaseModel):
     progress: Progress
     options: OptionsOut
     bytes: BytesOut
+    reused: ReusedOut
     # One page of products, in input order: from the row `after` points at (the first
     # without it), at most `limit` of them. Every request of up to 1,000 products gets
     # them all in the first page.

@@ -30,7 +30,7 @@ from typing import Any
 import pydantic_core
 
 from imgpipe.contracts.events import Options, image_key
-from imgpipe.contracts.products import Product, byte_totals, products
+from imgpipe.contracts.products import Product, byte_totals, products, reused_count
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
@@ -142,7 +142,7 @@ def render_page(
 
 def page_products(rows: list[dict[str, Any]], start: int, doc: dict[str, Any]) -> list[Product]:
     """The products of `rows` (from index `start`), their outcomes in `doc`."""
-    return products(rows, shown_images(doc).get, start)
+    return products(rows, shown_images(doc).get, start, with_reused=True)
 
 
 def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -177,6 +177,7 @@ def summarise(doc: dict[str, Any]) -> Summary:
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
         "bytes": byte_totals(images.values()),
+        "reused": reused_count(images.values()),
     }
     tail = {
         "error_message": _error_message(status, progress),
@@ -200,7 +201,7 @@ def page_body(
     following = encode_cursor(end) if end < summary.products_total else None
     return {
         **summary.head,
-        "products": products(rows, images.get, start),
+        "products": products(rows, images.get, start, with_reused=True),
         "products_total": summary.products_total,
         "limit": limit,
         "next": following,

@@ -59,6 +59,7 @@ class IngestRepository:
             "published_at": None,
             "relay_after": relay_after,
             "traceparent": request.traceparent,
+            "refresh": request.refresh,
             "run": Run().to_doc(),
         }
         if len(chunks) <= 1:
@@ -147,6 +148,7 @@ class IngestRepository:
             webhook_url=doc["webhook_url"],
             received_at=doc["received_at"],
             traceparent=doc.get("traceparent"),  # absent from requests stored before traces
+            refresh=doc.get("refresh", False),
         )
 
     async def _drop_rows(self, request_id: str) -> None:

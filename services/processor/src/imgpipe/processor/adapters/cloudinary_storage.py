@@ -19,7 +19,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from imgpipe.contracts.retry_after import parse_retry_after
-from imgpipe.processor.adapters.storage import StorageError, StoredImage, object_name
+from imgpipe.processor.adapters.storage import (
+    SHARED_FOLDER,
+    StorageError,
+    StoredImage,
+    object_name,
+    shared_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +188,48 @@ class CloudinaryStorage:
         folder = "/".join(part for part in (self.config.folder, request_folder) if part)
         return folder, f"{folder}/{image_key}"
 
+    def shared_names(self, key: str, fmt: str) -> tuple[str, str]:
+        """(asset folder, public_id) for a shared output: `<folder>/objects/<key>`."""
+        shared_name(key, fmt)  # refuses a malformed key
+        folder = "/".join(part for part in (self.config.folder, SHARED_FOLDER) if part)
+        return folder, f"{folder}/{key}"
+
     async def save(self, request_id: str, image_key: str, data: bytes, fmt: str) -> StoredImage:
         folder, public_id = self.names(request_id, image_key, fmt)
+        return await self._upload(data, folder, public_id, [request_id])
+
+    async def save_shared(self, key: str, data: bytes, fmt: str) -> StoredImage:
+        """No request's tag: deleting a request by its tag must not take a shared asset."""
+        folder, public_id = self.shared_names(key, fmt)
+        return await self._upload(data, folder, public_id, [])
+
+    async def delete_shared(self, location: str) -> None:
+        """Destroy the asset whose public_id save_shared returned."""
+        prefix = "/".join(part for part in (self.config.folder, SHARED_FOLDER) if part) + "/"
+        if not location.startswith(prefix):
+            raise StorageError(f"not a shared output: {location!r}")
+        shared_name(location.removeprefix(prefix), "jpeg")  # refuses anything but a hex key
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._destroy, location)
+
+    def _destroy(self, public_id: str) -> None:
+        import cloudinary.exceptions
+        import cloudinary.uploader
+
+        try:
+            cloudinary.uploader.destroy(
+                public_id, resource_type="image", invalidate=True, **self.config.sdk_options()
+            )
+        except cloudinary.exceptions.Error as exc:
+            raise StorageError(self.config.redact(str(exc))[:_MESSAGE_LIMIT]) from exc
+
+    async def _upload(
+        self, data: bytes, folder: str, public_id: str, tags: list[str]
+    ) -> StoredImage:
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.attempts + 1):
             answer = await loop.run_in_executor(
-                self._executor, self._upload_once, data, folder, public_id, request_id
+                self._executor, self._upload_once, data, folder, public_id, tags
             )
             if isinstance(answer, StoredImage):
                 return answer
@@ -241,7 +283,7 @@ class CloudinaryStorage:
         return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
 
     def _upload_once(
-        self, data: bytes, folder: str, public_id: str, request_id: str
+        self, data: bytes, folder: str, public_id: str, tags: list[str]
     ) -> StoredImage | _Failure:
         """One upload attempt, in a pool thread. Returns a failure rather than raising it."""
         # Imported late: importing the SDK parses the CLOUDINARY_URL environment variable and
@@ -260,7 +302,7 @@ class CloudinaryStorage:
                 unique_filename=False,
                 use_filename=False,
                 resource_type="image",
-                tags=[request_id],
+                tags=tags,
                 timeout=self.timeout,
                 **self.config.sdk_options(),
             )

@@ -88,24 +88,82 @@ def looks_like_image(data: bytes) -> bool:
     return any(data.startswith(magic) for group in _MAGIC for magic in group)
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a host said of a URL's bytes (RFC 9110, 8.8): sent back on the next download
+    of the URL, so that the host can answer 304 Not Modified instead of the bytes."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Validators:
+        # A weak ETag (W/"...") is fine for If-None-Match, which compares weakly.
+        return cls(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+    def headers(self) -> dict[str, str]:
+        """The conditional request's headers; the host ignores If-Modified-Since when
+        If-None-Match is there (RFC 9110, 13.1.3)."""
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One answer: the image's bytes, or None when the host said 304 Not Modified (only
+    ever to a conditional request), and the validators the answer carried."""
+
+    body: bytes | None
+    validators: Validators
+
+
 async def download(
     client: httpx.AsyncClient, url: str, max_bytes: int, deadline: float | None = None
 ) -> bytes:
-    """GET `url` once and return its body; raises DownloadError for every way it can fail.
+    """GET `url` once and return its body; raises DownloadError for every way it can fail."""
+    fetched = await fetch(client, url, max_bytes, deadline)
+    assert fetched.body is not None  # an unconditional GET is never answered 304
+    return fetched.body
+
+
+async def fetch(
+    client: httpx.AsyncClient,
+    url: str,
+    max_bytes: int,
+    deadline: float | None = None,
+    validators: Validators | None = None,
+) -> Fetched:
+    """GET `url` once, conditionally when `validators` are given; raises DownloadError for
+    every way it can fail.
 
     httpx's timeouts bound each connect, read and write; `deadline` bounds the whole
     download, so a server that drips a byte at a time cannot hold a worker for long."""
     try:
         async with asyncio.timeout(deadline):
-            return await _fetch(client, url, max_bytes)
+            return await _fetch(client, url, max_bytes, validators or Validators())
     except TimeoutError:
         message = f"the download from {_host(url)} took longer than {deadline:g} s"
         raise DownloadError("timeout", message, transient=True) from None
 
 
-async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
+async def _fetch(
+    client: httpx.AsyncClient, url: str, max_bytes: int, validators: Validators
+) -> Fetched:
+    # The same guarded client as any download: a 304 passes every check a 200 does
+    # (scheme, address, each redirect hop), it only carries no body to read.
+    headers = {**_AS_IS, **validators.headers()}
     try:
-        async with client.stream("GET", url, headers=_AS_IS) as response:
+        async with client.stream("GET", url, headers=headers) as response:
+            if response.status_code == 304 and validators:
+                # Its body, if any, is never read; new validators replace the old.
+                return Fetched(None, Validators.of(response) or validators)
             if not response.is_success:
                 raise _http_error(response)
             declared = response.headers.get("Content-Length", "")
@@ -121,6 +179,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
                 size += len(chunk)
                 if size > max_bytes:  # stop reading: never hold more than the cap
                     raise _too_large(max_bytes)
+            answered = Validators.of(response)
     except httpx.TimeoutException as exc:
         message = f"timed out downloading the image from {_host(url)} ({exc})"
         raise DownloadError("timeout", message, transient=True) from None
@@ -141,7 +200,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
         raise DownloadError(
             "not_an_image", "the content is not a JPEG, PNG, GIF, WebP, BMP or TIFF image"
         )
-    return body
+    return Fetched(body, answered)
 
 
 def _http_error(response: httpx.Response) -> DownloadError:
@@ -178,8 +237,13 @@ class Attempts:
 
 @dataclass(frozen=True)
 class Downloaded:
+    """The image's bytes, or, for `not_modified`, none (b""): the host answered a
+    conditional request 304, and the bytes it has are those last downloaded."""
+
     body: bytes
     attempts: Attempts
+    validators: Validators = Validators()
+    not_modified: bool = False
 
 
 class RetryLater(Exception):
@@ -259,10 +323,12 @@ class Downloader:
         earlier: Attempts = Attempts(),
         not_before: float | None = None,
         wanted: Wanted | None = None,
+        validators: Validators | None = None,
     ) -> Downloaded:
         """Download `url`, counting on from `earlier` attempts, not before the wall-clock
-        time `not_before` (a parked image's). Raises FailedDownload or RetryLater, or
-        NotWanted when `wanted` says no as an attempt is about to start."""
+        time `not_before` (a parked image's); conditionally when `validators` are given.
+        Raises FailedDownload or RetryLater, or NotWanted when `wanted` says no as an
+        attempt is about to start."""
         try:
             host = origin(url)
         except httpx.InvalidURL as exc:
@@ -276,9 +342,11 @@ class Downloader:
             try:
                 retry = attempts.count > 0
                 attempts = attempts.another()
-                body = await self._attempt(host, url, retry, wanted)
+                fetched = await self._attempt(host, url, retry, wanted, validators)
                 metrics.DOWNLOAD_ATTEMPTS.labels(result="ok").inc()
-                return Downloaded(body, attempts)
+                if fetched.body is None:
+                    return Downloaded(b"", attempts, fetched.validators, not_modified=True)
+                return Downloaded(fetched.body, attempts, fetched.validators)
             except HostPaused as paused:
                 raise RetryLater(paused.seconds, _undo(attempts), None) from None
             except HostBusy:
@@ -294,7 +362,14 @@ class Downloader:
                 metrics.DOWNLOAD_ATTEMPTS.labels(result="retried").inc()
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, host: str, url: str, retry: bool, wanted: Wanted | None) -> bytes:
+    async def _attempt(
+        self,
+        host: str,
+        url: str,
+        retry: bool,
+        wanted: Wanted | None,
+        validators: Validators | None,
+    ) -> Fetched:
         async with self.hosts.slot(
             host, self.policy.wait_in_place, max_queue=self.policy.max_queue, retry=retry
         ) as slot:
@@ -304,13 +379,15 @@ class Downloader:
                 raise NotWanted(url)
             try:
                 with metrics.DOWNLOAD_SECONDS.time():
-                    body = await download(self.client, url, self.max_bytes, self.deadline)
+                    fetched = await fetch(
+                        self.client, url, self.max_bytes, self.deadline, validators
+                    )
             except DownloadError as error:
                 if error.throttled:
                     self._throttled(slot, error)
                 raise
             self.hosts.succeeded(slot)
-            return body
+            return fetched
 
     def _throttled(self, slot: Slot, error: DownloadError) -> None:
         pause = error.retry_after
