@@ -22,7 +22,6 @@ from pymongo import AsyncMongoClient
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import CloudEvent, Row
-from imgpipe.contracts.mongo import connect
 from imgpipe.contracts.settings import Settings
 from imgpipe.status.adapters.repository import DELETED, StatusRepository
 from imgpipe.status.app import create_app
@@ -74,15 +73,6 @@ def retry_run(request_id: str) -> list[CloudEvent]:
 
 def url(request_id: str, key: str, round: int = 0) -> str:
     return f"http://media/{request_id}/{key}{f'-r{round}' if round else ''}.jpg"
-
-
-@pytest.fixture
-async def mongo(settings: Settings) -> AsyncIterator[AsyncMongoClient]:
-    client = connect(settings)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

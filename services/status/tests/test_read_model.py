@@ -27,7 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from imgpipe.contracts.batching import BatchWriter
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import CloudEvent, Row, image_key
-from imgpipe.contracts.mongo import connect, service_database
+from imgpipe.contracts.mongo import service_database
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.contracts.settings import Settings
 from imgpipe.status.adapters.repository import REQUESTS, StatusRepository, merge
@@ -128,15 +128,6 @@ def expected_products(request_id: str) -> list[dict[str, Any]]:
             }
         )
     return products
-
-
-@pytest.fixture
-async def mongo(settings: Settings) -> AsyncIterator[AsyncMongoClient]:
-    client = connect(settings)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
