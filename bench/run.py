@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class Options:
     bookkeeping: bool = True
     incremental: bool = True
     only_incremental: bool = False  # the incremental phase alone: no codec, no other phase
+    only_bookkeeping: bool = False  # the bookkeeping phase alone, likewise
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--skip-incremental", action="store_true", help="leave out the upload-again phase"
     )
     parser.add_argument(
+        "--only-bookkeeping",
+        action="store_true",
+        help="run the bookkeeping phase alone (no codec limit, no other phase)",
+    )
+    parser.add_argument(
+        "--bookkeeping-sizes",
+        metavar="N,N,...",
+        help="images per bookkeeping request (default 1000,10000,100000; --quick 200,2000)",
+    )
+    parser.add_argument(
         "--only-incremental",
         action="store_true",
         help="run the upload-again phase alone (no codec limit, no other phase)",
@@ -125,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     scale = not args.skip_scale and (args.scale or not args.quick)
     sizes = QUICK if args.quick else Sizes()
+    if args.bookkeeping_sizes:
+        counts = tuple(int(count) for count in args.bookkeeping_sizes.split(","))
+        sizes = replace(sizes, bookkeeping=counts)
     return Options(
         sizes,
         scale,
@@ -134,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         bookkeeping=not args.skip_bookkeeping,
         incremental=not args.skip_incremental,
         only_incremental=args.only_incremental,
+        only_bookkeeping=args.only_bookkeeping,
     )
 
 
@@ -143,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
     if options.only_incremental:
         return _incremental_alone(options, corpus)
+    if options.only_bookkeeping:
+        return _bookkeeping_alone(options, corpus)
     before, formats = measure_codec(corpus, options, "before", with_formats=True)
     results: dict[str, Any] = {"machine": _machine(), "formats": _format_figures(formats)}
     finals = Finals()
@@ -248,12 +265,28 @@ def _sampling(sampler: MemorySampler) -> Iterator[None]:
         sampler.stop()
 
 
+def _bookkeeping_alone(options: Options, corpus: Corpus) -> int:
+    """`--only-bookkeeping`: the system, its warm-up, and the bookkeeping phase."""
+    results: dict[str, Any] = {"machine": _machine()}
+    finals = Finals()
+    with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
+        results |= run_system(options, corpus, base_url, webhook_url, finals)
+    rows = table_rows(results["bookkeeping"])
+    print("\n" + "\n".join(report.section("Bookkeeping: tiny images", rows)))
+    report.write(results, OUT / "results-bookkeeping.json")
+    print(f"written to {OUT / 'results-bookkeeping.json'}")
+    return 0
+
+
 def _phases(options: Options) -> list[tuple[str, str, Any]]:
     """(key in results, title in the memory table, function), in the order they run."""
     sizes = options.sizes
     incremental = ("incremental", f"{sizes.status_request:,} again", phase_incremental)
     if options.only_incremental:
         return [incremental]
+    bookkeeping = ("bookkeeping", f"up to {max(sizes.bookkeeping):,} tiny", phase_bookkeeping)
+    if options.only_bookkeeping:
+        return [bookkeeping]
     phases: list[tuple[str, str, Any]] = [
         ("end_to_end", f"{sizes.corpus:,} images", phase_end_to_end),
     ]
@@ -265,8 +298,7 @@ def _phases(options: Options) -> list[tuple[str, str, Any]]:
     if options.scale:
         phases.append(("scale", f"{sizes.scale:,} images", phase_scale))
     if options.bookkeeping:
-        largest = max(sizes.bookkeeping)
-        phases.append(("bookkeeping", f"up to {largest:,} tiny", phase_bookkeeping))
+        phases.append(bookkeeping)
     # Last: the system stops right after its 202, so its images are never processed.
     phases.append(("big_upload", f"{sizes.big_upload_rows:,}-row upload", phase_big_upload))
     return phases
