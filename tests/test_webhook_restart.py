@@ -48,6 +48,12 @@ def test_retry_pending_when_notifier_is_killed_still_happens(settings: Settings)
             request_id = upload.json()["request_id"]
 
             wait_until(lambda: answers == [500], timeout=60, what="first attempt answered 500")
+            # Killed once the retry is pending: the failed attempt recorded, its retry due.
+            wait_until(
+                lambda: _attempts(client, system.notifier_url, request_id) == [500],
+                timeout=30,
+                what="the failed attempt recorded",
+            )
             notifier = system.services["notifier"]
             notifier.kill()
             notifier.restart()
@@ -60,3 +66,10 @@ def test_retry_pending_when_notifier_is_killed_still_happens(settings: Settings)
             (received,) = [d for d in log.json() if d["event_type"] == "request.received"]
             assert [attempt["status_code"] for attempt in received["attempts"]] == [500, 200]
             assert received["status"] == "delivered"
+
+
+def _attempts(client: httpx.Client, notifier_url: str, request_id: str) -> list[int | None]:
+    """The status codes of the recorded attempts of the request.received webhook."""
+    log = client.get(f"{notifier_url}/deliveries", params={"request_id": request_id}).json()
+    received = [d for d in log if d["event_type"] == "request.received"]
+    return [attempt["status_code"] for attempt in received[0]["attempts"]] if received else []
