@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus = build_corpus(OUT, options.sizes.corpus, CORES)
     print(f"corpus: {len(corpus.files)} images, {corpus.total_bytes / 2**20:.0f} MiB")
     if options.only_incremental:
-        return _incremental_alone(options, corpus)
+        return _alone(options, corpus, "incremental", "The same catalogue again", _incremental_rows)
     if options.only_bookkeeping:
-        return _bookkeeping_alone(options, corpus)
+        return _alone(options, corpus, "bookkeeping", "Bookkeeping: tiny images", table_rows)
     before, formats = measure_codec(corpus, options, "before", with_formats=True)
     results: dict[str, Any] = {"machine": _machine(), "formats": _format_figures(formats)}
     finals = Finals()
@@ -182,16 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _incremental_alone(options: Options, corpus: Corpus) -> int:
-    """`--only-incremental`: the system, its warm-up, and the upload-again phase."""
+def _alone(
+    options: Options,
+    corpus: Corpus,
+    name: str,
+    title: str,
+    rows_of: Callable[[Any], list[tuple[str, str]]],
+) -> int:
+    """`--only-<name>`: the system, its warm-up, and that one phase (`_phases` picks it)."""
     results: dict[str, Any] = {"machine": _machine()}
     finals = Finals()
     with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
         results |= run_system(options, corpus, base_url, webhook_url, finals)
-    rows = _incremental_rows(results["incremental"])
-    print("\n" + "\n".join(report.section("The same catalogue again", rows)))
-    report.write(results, OUT / "results-incremental.json")
-    print(f"written to {OUT / 'results-incremental.json'}")
+    print("\n" + "\n".join(report.section(title, rows_of(results[name]))))
+    path = OUT / f"results-{name}.json"
+    report.write(results, path)
+    print(f"written to {path}")
     return 0
 
 
@@ -263,19 +269,6 @@ def _sampling(sampler: MemorySampler) -> Iterator[None]:
         yield
     finally:
         sampler.stop()
-
-
-def _bookkeeping_alone(options: Options, corpus: Corpus) -> int:
-    """`--only-bookkeeping`: the system, its warm-up, and the bookkeeping phase."""
-    results: dict[str, Any] = {"machine": _machine()}
-    finals = Finals()
-    with serve(corpus.directory) as base_url, receive_webhooks(finals) as webhook_url:
-        results |= run_system(options, corpus, base_url, webhook_url, finals)
-    rows = table_rows(results["bookkeeping"])
-    print("\n" + "\n".join(report.section("Bookkeeping: tiny images", rows)))
-    report.write(results, OUT / "results-bookkeeping.json")
-    print(f"written to {OUT / 'results-bookkeeping.json'}")
-    return 0
 
 
 def _phases(options: Options) -> list[tuple[str, str, Any]]:
