@@ -47,7 +47,7 @@ from imgpipe.processor.adapters.cloudinary_storage import (
     parse_cloudinary_url,
 )
 from imgpipe.processor.config import ProcessorConfig
-from imgpipe.processor.handlers import JOBS_QUEUE
+from imgpipe.processor.jobs import JOBS_QUEUE
 from imgpipe.status.config import ReadCacheConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ from imgpipe.contracts.events import (
     RequestReceived,
     RetryStarted,
     Row,
+    Tally,
     cancelled_event_id,
     completed_event_id,
     deleted_event_id,
@@ -73,10 +74,12 @@ def processed(
     message: str = "HTTP 404",
     attempts: int | None = None,
     at: datetime | None = None,
+    tally: Tally | None = None,
 ) -> CloudEvent[ImageProcessed]:
     """An ok image (1000 bytes in, 300 out, 10x10 JPEG under http://media/<id>/<key>.jpg)
     or a failed one (`download_failed` with `message`); the event time defaults to
-    T0 + 1 s + 10 s a row + 1 s a position."""
+    T0 + 1 s + 10 s a row + 1 s a position. `tally`: the request's totals the processor
+    sends with it."""
     key = image_key(row, position)
     data = ImageProcessed(
         request_id=request_id,
@@ -93,6 +96,7 @@ def processed(
         format="JPEG" if ok else None,
         error=None if ok else ImageError(code="download_failed", message=message),
         attempts=attempts if attempts is not None else (1 if ok else FAILED_ATTEMPTS),
+        tally=tally,
     )
     event = CloudEvent.wrap(data, source="test", id=processed_event_id(request_id, key))
     event.time = at or T0 + timedelta(seconds=1 + row * 10 + position)

@@ -79,7 +79,7 @@ async def test_counters_ahead_of_the_images_do_not_finish_a_request_early(
     request_id = uuid.uuid4().hex
     received = make_request(request_id, [urls])
     await processor.request_received(received.data)
-    jobs = jobs_for(received.data, per_job=1)
+    jobs = list(jobs_for(received.data, per_job=1))
     await processor.process_job(jobs[0])
     await processor.repository.raise_counters(request_id, 3, 0)  # a counter that ran ahead
 
@@ -141,7 +141,7 @@ async def test_concurrent_duplicate_jobs_publish_one_completion(
     request_id = uuid.uuid4().hex
     received = make_request(request_id, [urls])
     await processor.request_received(received.data)
-    jobs = jobs_for(received.data)
+    jobs = list(jobs_for(received.data))
     await asyncio.gather(*(processor.process_job(job) for job in [*jobs, *jobs]))
     await tap.flush()
 
@@ -154,7 +154,7 @@ async def test_concurrent_duplicate_jobs_publish_one_completion(
 
 def test_jobs_hold_a_few_images_each_in_input_order(make_request) -> None:
     urls = [[f"http://img.example/{row}/{i}" for i in range(3)] for row in range(4)]
-    jobs = jobs_for(make_request("r", urls).data, per_job=5)
+    jobs = list(jobs_for(make_request("r", urls).data, per_job=5))
     assert [len(job.images) for job in jobs] == [5, 5, 2]
     flat = [image.input_url for job in jobs for image in job.images]
     assert flat == [url for row in urls for url in row]
@@ -210,3 +210,32 @@ async def test_a_long_error_message_is_shortened(
     assert processed.data.error.code == "decode_error"
     assert processed.data.error.message.startswith("cannot decode image: \\x00")
     assert len(processed.data.error.message) == MAX_ERROR_MESSAGE
+
+
+async def test_each_image_processed_carries_the_requests_running_tally(
+    tap, processor: Processor, make_request, image_server
+) -> None:
+    """The totals after each batch: places count once each, bytes once per URL (a URL in
+    two cells is stored once), a failed image only as failed."""
+    bodies = [jpeg_bytes(seed=i) for i in range(2)]
+    urls = [
+        image_server.add(f"/{i}", Response(body, content_type="image/jpeg"))
+        for i, body in enumerate(bodies)
+    ]
+    request_id = uuid.uuid4().hex
+    received = make_request(request_id, [[urls[0], urls[1]], [urls[0], image_server.url("/gone")]])
+    await processor.request_received(received.data)
+    for job in jobs_for(received.data, per_job=1):  # one batch each: a tally per step
+        await processor.process_job(job)
+    await tap.flush()
+    processed = tap.of(request_id, ImageProcessed)
+    tallies = sorted((e.data.tally for e in processed), key=lambda t: (t.ok + t.failed, t.ok))
+    last = tallies[-1]
+    stored = await processor.repository.get_images(request_id, ["0-0", "0-1"])
+    bytes_out = sum(stored[key]["bytes_out"] for key in ("0-0", "0-1"))
+    assert (last.ok, last.failed, last.stored) == (3, 1, 2)
+    assert (last.bytes_in, last.bytes_out) == (sum(len(body) for body in bodies), bytes_out)
+    assert (last.not_modified, last.same_bytes) == (0, 0)
+    # The URL in two cells is one job: both its events carry the same totals.
+    first, second = [e.data.tally for e in processed if e.data.input_url == urls[0]]
+    assert first == second and first.ok >= 2

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from imgpipe.contracts.events import CloudEvent, Row, image_key
+from imgpipe.contracts.events import CloudEvent, Row, Tally, image_key
 from imgpipe.contracts.settings import Settings
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.app import create_app
@@ -135,6 +135,65 @@ async def test_pages_give_every_product_once_in_order_while_outcomes_arrive(
         first = answers[0]
         assert first["progress"]["total"] == len(KEYS)
         assert first["bytes"]["images"] == len(expected)  # totals are the whole request's
+
+
+async def test_a_large_running_request_shows_the_processors_tally(settings: Settings) -> None:
+    """Progress, bytes and reuse of a request larger than a page come from the tally the
+    processor sends with each ImageProcessed (its highest values, in any order), which
+    may run ahead of the outcomes this service has stored; once final, they are counted
+    from the outcomes."""
+    request_id = new_request_id()
+    path = f"/status/{request_id}"
+    # Every other image of the first 1,200 arrived: the processor had counted all 1,200,
+    # 7 failed, 25 of the stored reused unchanged from an earlier upload.
+    arrived = KEYS[:1200:2]
+    tallies = [
+        Tally(
+            ok=n * 2 - n // 200,
+            failed=n // 200,
+            stored=n * 2 - n // 200,
+            bytes_in=1000 * (n * 2 - n // 200),
+            bytes_out=300 * (n * 2 - n // 200),
+            not_modified=n // 24,
+        )
+        for n in range(1, len(arrived) + 1)
+    ]
+    images = [
+        events.processed(request_id, r, p, input_url=ROWS[r].input_urls[p], tally=tally)
+        for (r, p), tally in zip(arrived, tallies, strict=True)
+    ]
+    async with running(settings) as (client, repository):
+        await store(repository, [events.received(request_id, ROWS)])
+        await store(repository, images[::-1])  # the last tally first
+        body = (await client.get(path)).json()
+        assert body["status"] == "processing"
+        assert body["progress"] == {"total": len(KEYS), "ok": 1197, "failed": 3}
+        assert body["bytes"] == {
+            "images": 1197,
+            "input": 1_197_000,
+            "output": 359_100,
+            "ratio": 0.3,
+        }
+        assert body["reused"] == {"images": 25, "not_modified": 25, "same_bytes": 0}
+        assert body["products_total"] == len(ROWS)
+        # The first page shows the outcomes stored for its rows, and only those.
+        shown = {
+            (r, p)
+            for r, product in enumerate(body["products"])
+            for p, url in enumerate(product["output_urls"])
+            if url is not None
+        }
+        assert shown == {(r, p) for r, p in arrived if r < DEFAULT_LIMIT}
+        listed = (await client.get("/requests", params={"limit": 200})).json()["items"]
+        item = next(item for item in listed if item["request_id"] == request_id)
+        assert (item["status"], item["progress"]) == ("processing", body["progress"])
+
+        # Final: counted from the outcomes stored (the rest never came, in this test).
+        await store(repository, [events.completed(request_id, ok=len(KEYS))])
+        final = (await client.get(path)).json()
+        assert final["status"] == "completed"
+        assert final["bytes"]["images"] == len(arrived)
+        assert final["reused"]["images"] == 0
 
 
 async def test_the_first_page_is_the_default_answer_and_pages_have_etags(

@@ -75,6 +75,24 @@ class ImageError(BaseModel):
     message: str
 
 
+class Tally(BaseModel):
+    """The processor's running totals for a request, as they stood once the batch that
+    recorded an image was counted: whole-request counts (a retry round's failed images
+    stop counting as failed when it opens), and bytes and reuse of the images stored so
+    far, each image URL once. Readers keep the highest value of each field per round
+    (events arrive in any order), so progress needs no count of every outcome. A running
+    figure: a crash between an outcome and its count may leave the bytes a little low;
+    the counts are caught up, and RequestCompleted's are exact."""
+
+    ok: int
+    failed: int
+    stored: int = 0  # image URLs stored (an output made or reused)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    not_modified: int = 0  # places whose output was reused, by reason (as `reused`)
+    same_bytes: int = 0
+
+
 class ImageProcessed(EventData):
     event_type: ClassVar[str] = "io.imgpipe.image.processed.v1"
     routing_key: ClassVar[str] = "image.processed"
@@ -105,6 +123,9 @@ class ImageProcessed(EventData):
     # 0 for the request's first run; N for the Nth retry of its failed images. A later
     # round's outcome replaces an earlier one of the same image.
     round: int = 0
+    # The request's running totals after this image was counted; None in events
+    # published again after a crash, and in events from before it existed.
+    tally: Tally | None = None
 
 
 class Counts(BaseModel):

@@ -30,7 +30,8 @@ from imgpipe.processor.adapters.storage import LocalStorage, Storage
 from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.config import ProcessorConfig
 from imgpipe.processor.drain import Drain
-from imgpipe.processor.handlers import BACKLOG_PER_WORKER, JOBS_QUEUE, Processor
+from imgpipe.processor.handlers import BACKLOG_PER_WORKER, Processor
+from imgpipe.processor.jobs import JOBS_QUEUE
 from imgpipe.processor.metrics import watch_queue
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ request record saying how far it got and goes on from there. See docs/architectu
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,15 +28,13 @@ from imgpipe.contracts.events import (
 from imgpipe.processor import metrics
 from imgpipe.processor.adapters.repository import Doc, ProcessorRepository
 from imgpipe.processor.adapters.storage import Storage
-from imgpipe.processor.jobs import Job, retry_jobs
+from imgpipe.processor.jobs import retry_jobs, send_jobs
 from imgpipe.processor.reuse import SharedOutputs
 from imgpipe.processor.stops import Stops
 
 log = logging.getLogger(__name__)
 
 SOURCE = "imgpipe.processor"
-JOBS_QUEUE = "processor.jobs"
-SEND_BATCH = 500  # sends in flight together (confirms overlap)
 
 
 class Publisher(Protocol):
@@ -129,18 +126,11 @@ class Commands:
         jobs = retry_jobs(
             request_id, _options(request), round, failed, refresh=bool(request.get("refresh"))
         )
-        await self._send(jobs)
+        sent = await send_jobs(self.bus.send, jobs)
         await self.repository.mark_round_sent(request_id)
         log.info("request %s: retry %d of %d images sent", request_id, round, len(keys))
-        if not jobs:
+        if not sent:
             await self.complete(request_id)
-
-    async def _send(self, jobs: list[Job]) -> None:
-        for start in range(0, len(jobs), SEND_BATCH):
-            batch = jobs[start : start + SEND_BATCH]
-            await asyncio.gather(
-                *(self.bus.send(JOBS_QUEUE, job.to_bytes(), job.message_id) for job in batch)
-            )
 
     async def delete(self, command: RequestDeleted) -> None:
         """Stop the request, delete its stored images and its records; a tombstone of

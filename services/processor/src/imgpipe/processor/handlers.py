@@ -62,7 +62,7 @@ from imgpipe.processor.adapters.storage import Storage, StorageError, StoredImag
 from imgpipe.processor.backlog import Backlog
 from imgpipe.processor.commands import Commands
 from imgpipe.processor.compress import Compressed, CompressError
-from imgpipe.processor.jobs import Job, JobImage, Place, jobs_for
+from imgpipe.processor.jobs import JOBS_QUEUE, Job, JobImage, Place, jobs_for, send_jobs
 from imgpipe.processor.outcomes import OutcomeBatcher
 from imgpipe.processor.reuse import Known, SharedOutputs, output_key, source_fields
 from imgpipe.processor.stops import Stops
@@ -70,9 +70,6 @@ from imgpipe.processor.stops import Stops
 log = logging.getLogger(__name__)
 
 SOURCE = "imgpipe.processor"
-JOBS_QUEUE = "processor.jobs"
-# Sends in flight together: confirms overlap (~0.35 ms each instead of ~1.1 ms in a loop).
-FANOUT_BATCH = 500
 # Error messages may quote what a stranger's server sent (a parser's view of its bytes):
 # enough to diagnose, never enough to bloat the status document or a webhook.
 MAX_ERROR_MESSAGE = 500
@@ -174,8 +171,7 @@ class Processor:
             await self.commands.delete(data)
 
     async def request_received(self, request: RequestReceived) -> None:
-        jobs = jobs_for(request)
-        total = sum(len(image.places) for job in jobs for image in job.images)
+        total = sum(len(row.input_urls) for row in request.rows)
         if total != request.image_count:
             log.warning(
                 "request %s: image_count %d but %d URLs; using the URLs",
@@ -192,14 +188,10 @@ class Processor:
         )
         if doc.get("deleted") or doc["fanned_out"]:
             return  # deleted, or a redelivery of a request whose jobs are all sent
-        for start in range(0, len(jobs), FANOUT_BATCH):
-            batch = jobs[start : start + FANOUT_BATCH]
-            await asyncio.gather(
-                *(self.bus.send(JOBS_QUEUE, job.to_bytes(), job.message_id) for job in batch)
-            )
+        sent = await send_jobs(self.bus.send, jobs_for(request))
         await self.repository.mark_fanned_out(request.request_id)
-        log.info("request %s: %d images in %d jobs sent", request.request_id, total, len(jobs))
-        if not jobs:  # ingest refuses these; finish rather than hang if one slips through
+        log.info("request %s: %d images in %d jobs sent", request.request_id, total, sent)
+        if not sent:  # ingest refuses these; finish rather than hang if one slips through
             await self._complete(request.request_id)
 
     # Jobs -------------------------------------------------------------------------
@@ -307,11 +299,13 @@ class Processor:
         ]
         # Named now: the batch publishes them from whichever job's context flushes it.
         traceparent = current_traceparent()
+        primary = image.image_key  # the place whose bytes the request's tally counts
         # Stored, counted and published together with the outcomes that finish meanwhile.
         recorded = await asyncio.gather(
             *(
                 self._outcomes.record(
-                    Outcome(request_id, doc["image_key"], doc), processed_event(doc, traceparent)
+                    Outcome(request_id, doc["image_key"], doc, doc["image_key"] == primary),
+                    processed_event(doc, traceparent),
                 )
                 for doc in docs
             )

@@ -16,7 +16,9 @@ before which it is not to be tried.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -24,6 +26,11 @@ from pydantic import BaseModel, ConfigDict
 from imgpipe.contracts.events import Options, RequestReceived, image_key
 
 IMAGES_PER_JOB = 8
+JOBS_QUEUE = "processor.jobs"
+# Sends in flight together: confirms overlap (~0.35 ms each instead of ~1.1 ms in a loop).
+SEND_BATCH = 500
+
+Send = Callable[[str, bytes, str], Awaitable[None]]  # queue key, body, message id
 
 
 class Place(BaseModel):
@@ -91,15 +98,14 @@ class Job(BaseModel):
         return self.model_dump_json(exclude_defaults=True).encode()
 
 
-def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> list[Job]:
-    """Every distinct input URL in input order, `per_job` to a job."""
-    places: dict[str, list[Place]] = {}  # URL -> its places, first one first
+def jobs_for(request: RequestReceived, per_job: int = IMAGES_PER_JOB) -> Iterator[Job]:
+    """Every distinct input URL in input order, `per_job` to a job. The jobs are built as
+    they are taken: a request of 100,000 images holds one plain tuple per place, not
+    every job at once (about 1.3 KB a place as models)."""
+    places: dict[str, list[Spot]] = {}  # URL -> its places, first one first
     for row_index, row in enumerate(request.rows):
         for position, url in enumerate(row.input_urls):
-            place = Place(
-                image_key=image_key(row_index, position), row_index=row_index, position=position
-            )
-            places.setdefault(url, []).append(place)
+            places.setdefault(url, []).append((row_index, position))
     return _jobs(request.request_id, request.options, places, 0, per_job, request.refresh)
 
 
@@ -110,33 +116,46 @@ def retry_jobs(
     failed: Iterable[Mapping[str, Any]],
     per_job: int = IMAGES_PER_JOB,
     refresh: bool = False,
-) -> list[Job]:
+) -> Iterator[Job]:
     """Jobs of round `round` for the image records of failed images, one download per URL."""
-    places: dict[str, list[Place]] = {}
+    places: dict[str, list[Spot]] = {}
     for doc in sorted(failed, key=lambda d: (d["row_index"], d["position"])):
-        places.setdefault(doc["input_url"], []).append(Place.model_validate(doc))
+        places.setdefault(doc["input_url"], []).append((doc["row_index"], doc["position"]))
     return _jobs(request_id, options, places, round, per_job, refresh)
+
+
+Spot = tuple[int, int]  # a place as (row index, position), until its job is built
+
+
+def _place(spot: Spot) -> Place:
+    row_index, position = spot
+    return Place(image_key=image_key(row_index, position), row_index=row_index, position=position)
 
 
 def _jobs(
     request_id: str,
     options: Options,
-    places: dict[str, list[Place]],
+    places: Mapping[str, list[Spot]],
     round: int,
     per_job: int,
     refresh: bool = False,
-) -> list[Job]:
-    images = [
-        JobImage(**first.model_dump(), input_url=url, also=tuple(also))
-        for url, (first, *also) in places.items()
-    ]
-    return [
-        Job(
-            request_id=request_id,
-            options=options,
-            images=tuple(images[start : start + per_job]),
-            round=round,
-            refresh=refresh,
+) -> Iterator[Job]:
+    urls = iter(places.items())
+    while chunk := list(islice(urls, per_job)):
+        images = tuple(
+            JobImage(**_place(first).model_dump(), input_url=url, also=tuple(map(_place, also)))
+            for url, (first, *also) in chunk
         )
-        for start in range(0, len(images), per_job)
-    ]
+        yield Job(
+            request_id=request_id, options=options, images=images, round=round, refresh=refresh
+        )
+
+
+async def send_jobs(send: Send, jobs: Iterable[Job]) -> int:
+    """Send the jobs to the jobs queue, `SEND_BATCH` at a time (never all built at once);
+    returns how many were sent."""
+    pending, sent = iter(jobs), 0
+    while batch := list(islice(pending, SEND_BATCH)):
+        await asyncio.gather(*(send(JOBS_QUEUE, job.to_bytes(), job.message_id) for job in batch))
+        sent += len(batch)
+    return sent

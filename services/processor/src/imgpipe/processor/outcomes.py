@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from imgpipe.contracts.batching import Batcher
-from imgpipe.contracts.events import CloudEvent
-from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository
+from imgpipe.contracts.events import CloudEvent, ImageProcessed, Tally
+from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorRepository, tally_of
 
 # Outcomes in flight are bounded by the prefetch anyway; this only caps a write's size.
 MAX_BATCH = 100
@@ -66,8 +66,18 @@ class OutcomeBatcher:
         requests = await self._repository.count_batch([item.outcome for item in mine])
         # Publish the whole batch before any job checks completion: RequestCompleted
         # then never overtakes an ImageProcessed of its own batch.
-        await self._publish_many([item.event for item in mine])
+        await self._publish_many(
+            [_with_tally(item.event, requests[item.outcome.request_id]) for item in mine]
+        )
         return [
             Recorded(True, requests[item.outcome.request_id]) if was_set else Recorded(False, None)
             for item, was_set in zip(batch, stored, strict=True)
         ]
+
+
+def _with_tally(event: CloudEvent, request: Doc) -> CloudEvent:
+    """The ImageProcessed carrying its request's totals after this batch's count."""
+    if not isinstance(event.data, ImageProcessed):
+        return event
+    data = event.data.model_copy(update={"tally": Tally(**tally_of(request))})
+    return event.model_copy(update={"data": data})

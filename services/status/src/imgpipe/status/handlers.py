@@ -16,6 +16,7 @@ events go to paths of their own, and the views pick the highest round (`views.py
 | RequestReceived | request; every page | `received`, `total`, `options`, ...; `rows` |
 | ImageProcessed, round 0 | page | `images.<key>` |
 | ImageProcessed, round N | page | `rounds.r<N>.<key>` |
+| ImageProcessed's tally, round N | request | `tallies.r<N>.<field>` (`$max`) |
 | RequestCompleted, round 0 | request | `final_status`, `final_counts`, `completed_at` |
 | RequestCompleted, round N | request | `finals.r<N>` (`status`, `counts`, `completed_at`) |
 | RequestCancelled, round N | request | `cancelled.r<N>` (`counts`, `cancelled_at`) |
@@ -78,7 +79,9 @@ class Change:
     whatever document the change itself goes to; with `phase_reset`, to exactly this
     (a retry reopening a finished request).
     `row_pages`: RequestReceived's rows, `ROWS_PER_PAGE` per image page (`$set` as the
-    page's `rows`), so that a page of products reads small documents only."""
+    page's `rows`), so that a page of products reads small documents only.
+    `maxes`: paths of the request document raised to at least these values (an
+    ImageProcessed's tally), whatever document the change itself goes to."""
 
     request_id: str
     fields: dict[str, Any]
@@ -89,6 +92,7 @@ class Change:
     phase: str | None = None
     phase_reset: bool = False
     row_pages: dict[int, list[dict[str, Any]]] | None = None
+    maxes: dict[str, int] | None = None
 
 
 Submit = Callable[[Change], Awaitable[None]]
@@ -112,7 +116,10 @@ def change_for(event: AnyEvent) -> Change:
         key = image_key(data.row_index, data.position)
         path = f"images.{key}" if data.round == 0 else f"{round_path('rounds', data.round)}.{key}"
         fields: dict[str, Any] = {path: _image_fields(data)}
-        return Change(data.request_id, fields, event.time, page=data.row_index // ROWS_PER_PAGE)
+        tally = data.tally.model_dump() if data.tally is not None else {}
+        maxes = {f"{round_path('tallies', data.round)}.{name}": n for name, n in tally.items()}
+        page = data.row_index // ROWS_PER_PAGE
+        return Change(data.request_id, fields, event.time, page=page, maxes=maxes or None)
     if isinstance(data, RequestCompleted):
         counts = data.counts.model_dump()
         completed: dict[str, Any] = (

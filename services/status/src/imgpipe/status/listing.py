@@ -15,7 +15,7 @@ from typing import Any
 
 from imgpipe.status.adapters.repository import Position, StatusRepository
 from imgpipe.status.handlers import PHASES
-from imgpipe.status.views import list_item
+from imgpipe.status.views import list_item, running_tally
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)
@@ -61,7 +61,9 @@ async def list_page(
     leading to an empty one."""
     position = None if before is None else decode_cursor(before)
     phase = None if status is None else PHASES[status]
-    docs = await repository.list_requests(phase, position, limit + 1)
+    docs = await repository.list_requests(
+        phase, position, limit + 1, counted=lambda doc: running_tally(doc) is not None
+    )
     items = [list_item(doc) for doc in docs[:limit]]
     more = len(docs) > limit
     last = docs[limit - 1] if more else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.config import ReadCacheConfig
-from imgpipe.status.views import Rendered, is_visible, render
+from imgpipe.status.views import DEFAULT_LIMIT, Rendered, is_visible, render, running_tally
 
 Load = Callable[[str], Awaitable[Rendered | None]]
 SLOW_REQUESTS = 1024  # requests remembered as slow to read (the large ones being polled)
@@ -132,11 +132,22 @@ def _retrieve(task: asyncio.Task[Rendered | None]) -> None:
 
 
 def reader(repository: StatusRepository) -> Load:
-    """What a miss costs: the request's document and its image pages (two finds sent
-    together), rendered if visible."""
+    """What a miss costs: the request's document, then its image pages, rendered if
+    visible. A large request still running (`running_tally`) reads the pages of its
+    first page of products alone; any other, all of them (two finds sent together)."""
 
     async def load(request_id: str) -> Rendered | None:
-        doc = await repository.get(request_id)
-        return render(doc) if doc is not None and is_visible(doc) else None
+        head = await repository.get_request(request_id)
+        if head is None or not is_visible(head):
+            return None  # outcomes alone (they overtook RequestReceived) are not shown
+        tally = running_tally(head)
+        if tally is None:
+            doc = await repository.get(request_id)
+            return render(doc) if doc is not None and is_visible(doc) else None
+        found = await repository.rows_page(request_id, 0, DEFAULT_LIMIT)
+        if found is None:
+            return None  # deleted meanwhile
+        rows, doc = found
+        return render({**doc, "rows": rows}, tally)
 
     return load

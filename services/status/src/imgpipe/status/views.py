@@ -125,11 +125,30 @@ def is_visible(doc: dict[str, Any] | None) -> bool:
     return doc is not None and bool(doc.get("received"))
 
 
-def render(doc: dict[str, Any]) -> Rendered:
-    """The first page at the default limit, from the whole document (`repository.get`)."""
-    summary = summarise(doc)
+def render(doc: dict[str, Any], tally: Mapping[str, int] | None = None) -> Rendered:
+    """The first page at the default limit, from the whole document (`repository.get`),
+    or, with `tally` (`running_tally`), from the first page's rows and outcomes alone."""
+    summary = summarise(doc, tally)
     body = page_body(summary, doc["rows"][:DEFAULT_LIMIT], 0, shown_images(doc), DEFAULT_LIMIT)
     return Rendered.of(pydantic_core.to_json(body), summary.status, summary.settled, summary)
+
+
+def running_tally(doc: dict[str, Any]) -> dict[str, int] | None:
+    """The processor's running tally (events.Tally) of a large request still running,
+    from its request document alone; None when its answer is to count every outcome.
+
+    A request of more products than one page, neither final nor cancelled, whose
+    current round has a tally: its progress, bytes and reuse come from the tally, and
+    only its first page of outcomes is read, so a poll costs the same at 100,000
+    images as at 1,000. Every other answer counts the outcomes themselves: a final
+    one is exact (and kept long once settled), a small one costs little."""
+    if not doc.get("rows_in_pages") or int(doc.get("product_count") or 0) <= DEFAULT_LIMIT:
+        return None
+    run = current_run(doc)
+    if run.completion is not None or run.cancelled is not None:
+        return None
+    tally: dict[str, int] | None = rounds_of(doc, "tallies").get(run.round)
+    return tally
 
 
 def render_page(
@@ -152,13 +171,18 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return body, summary.settled
 
 
-def summarise(doc: dict[str, Any]) -> Summary:
+def summarise(doc: dict[str, Any], tally: Mapping[str, int] | None = None) -> Summary:
     """Status, progress and totals of the whole request, and whether it is settled.
 
     Settled: final, every image's outcome known, and none failed. A failed image may
     still be retried (RetryStarted reopens the request), and another instance's write
     drops nothing from this instance's cache, so such an answer is kept only the short
-    TTL, like one still changing."""
+    TTL, like one still changing.
+
+    With `tally` (`running_tally`), `doc` holds the first page's rows and outcomes
+    only, and the totals are the tally's: such a request is running, never settled."""
+    if tally is not None:
+        return _running_summary(doc, tally)
     images = shown_images(doc)
     run = current_run(doc)
     status = _status(run, images)
@@ -170,22 +194,54 @@ def summarise(doc: dict[str, Any]) -> Summary:
         and all(key in images for key in places)
         and not any(image.get("outcome") == "failed" for image in images.values())
     )
-    head = {
+    head = _head(doc, status, run, progress)
+    head |= {"bytes": byte_totals(images.values()), "reused": reused_count(images.values())}
+    return Summary(head, _tail(doc, status, progress), len(rows), settled)
+
+
+def _running_summary(doc: dict[str, Any], tally: Mapping[str, int]) -> Summary:
+    run = current_run(doc)
+    progress = _tally_progress(doc, tally)
+    status = "processing"  # a tally exists only once an outcome was counted
+    head = _head(doc, status, run, progress)
+    bytes_in, bytes_out = int(tally.get("bytes_in", 0)), int(tally.get("bytes_out", 0))
+    not_modified, same_bytes = int(tally.get("not_modified", 0)), int(tally.get("same_bytes", 0))
+    head["bytes"] = {
+        "images": int(tally.get("stored", 0)),
+        "input": bytes_in,
+        "output": bytes_out,
+        "ratio": round(bytes_out / bytes_in, 4) if bytes_in else None,
+    }
+    head["reused"] = {
+        "images": not_modified + same_bytes,
+        "not_modified": not_modified,
+        "same_bytes": same_bytes,
+    }
+    return Summary(head, _tail(doc, status, progress), int(doc["product_count"]), False)
+
+
+def _tally_progress(doc: dict[str, Any], tally: Mapping[str, int]) -> dict[str, int]:
+    return {"total": int(doc["total"]), "ok": int(tally["ok"]), "failed": int(tally["failed"])}
+
+
+def _head(doc: dict[str, Any], status: str, run: Run, progress: dict[str, int]) -> dict[str, Any]:
+    """The answer's fields before `products` but the totals (`bytes`, `reused`)."""
+    return {
         "request_id": doc["_id"],
         "status": status,
         "round": run.round,
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
-        "bytes": byte_totals(images.values()),
-        "reused": reused_count(images.values()),
     }
-    tail = {
+
+
+def _tail(doc: dict[str, Any], status: str, progress: dict[str, int]) -> dict[str, Any]:
+    return {
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
         "trace_id": doc.get("trace_id"),
     }
-    return Summary(head, tail, len(rows), settled)
 
 
 def page_body(
@@ -273,12 +329,13 @@ def shown_images(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def list_item(doc: dict[str, Any]) -> dict[str, Any]:
     """One request in `GET /requests` (fields in `RequestSummary` order): its status and
-    progress as its status answer gives them, from a document of `list_requests`."""
-    images, run = shown_images(doc), current_run(doc)
+    progress as its status answer gives them, from a document of `list_requests`
+    (without outcomes when it has a `running_tally`)."""
+    images, run, tally = shown_images(doc), current_run(doc), running_tally(doc)
     return {
         "request_id": doc["_id"],
-        "status": _status(run, images),
-        "progress": _progress(doc, run, images),
+        "status": "processing" if tally is not None else _status(run, images),
+        "progress": _tally_progress(doc, tally) if tally else _progress(doc, run, images),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
         "product_count": doc["product_count"],

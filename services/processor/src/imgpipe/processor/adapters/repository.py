@@ -41,11 +41,14 @@ def image_id(request_id: str, image_key: str) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One image's outcome to record: `fields` is all its doc holds but the `_id`."""
+    """One image's outcome to record: `fields` is all its doc holds but the `_id`.
+    `primary`: the first place of its URL, whose bytes the request's tally counts (the
+    URL's other places share its output)."""
 
     request_id: str
     image_key: str
     fields: Mapping[str, Any]
+    primary: bool = True
 
     @property
     def image_id(self) -> str:
@@ -53,6 +56,30 @@ class Outcome:
 
 
 Stop = Literal["cancelled", "deleted"]
+# The request doc's counters beside `ok` and `failed`, as events.Tally names them.
+TALLIED = ("stored", "bytes_in", "bytes_out", "not_modified", "same_bytes")
+
+
+def _counted(outcome: Outcome) -> dict[str, int]:
+    """What one outcome adds to its request's counters."""
+    fields = outcome.fields
+    if fields["outcome"] != "ok":
+        return {"failed": 1}
+    counted = {"ok": 1}
+    if fields.get("reused"):
+        counted[fields["reused"]] = 1
+    if outcome.primary:
+        counted |= {
+            "stored": 1,
+            "bytes_in": fields.get("bytes_in") or 0,
+            "bytes_out": fields.get("bytes_out") or 0,
+        }
+    return counted
+
+
+def tally_of(request: Mapping[str, Any]) -> dict[str, int]:
+    """The request doc's counters as events.Tally's fields (0 for a doc older than them)."""
+    return {name: int(request.get(name) or 0) for name in ("ok", "failed", *TALLIED)}
 
 
 class ProcessorRepository:
@@ -113,11 +140,12 @@ class ProcessorRepository:
     async def mark_fanned_out(self, request_id: str) -> None:
         await self.requests.update_one({"_id": request_id}, {"$set": {"fanned_out": True}})
 
-    async def add_counts(self, request_id: str, ok: int, failed: int) -> Doc:
-        """Bump the counters by a batch's outcomes; returns the request after the bump."""
+    async def add_counts(self, request_id: str, increments: Mapping[str, int]) -> Doc:
+        """Bump the counters (`ok`, `failed` and the tally's others, see `TALLIED`) by a
+        batch's outcomes; returns the request after the bump."""
         doc = await self.requests.find_one_and_update(
             {"_id": request_id},
-            {"$inc": {"ok": ok, "failed": failed}},
+            {"$inc": dict(increments)},
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:  # outcomes are recorded only for requests that exist
@@ -245,9 +273,9 @@ class ProcessorRepository:
         """One counter bump per request for outcomes just recorded; request id -> request."""
         tally: dict[str, Counter[str]] = {}
         for o in outcomes:
-            tally.setdefault(o.request_id, Counter())[o.fields["outcome"]] += 1
+            tally.setdefault(o.request_id, Counter({"ok": 0, "failed": 0})).update(_counted(o))
         return {
-            request_id: await self.add_counts(request_id, counts["ok"], counts["failed"])
+            request_id: await self.add_counts(request_id, counts)
             for request_id, counts in tally.items()
         }
 

@@ -30,6 +30,7 @@ whatever the request's size. Documents written before pages existed hold outcome
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -79,6 +80,10 @@ class StatusRepository:
         await self.pages.create_index("request_id")
         await self.requests.create_index(LIST_ORDER, name=BY_CREATED)
         await self.requests.create_index([("phase", DESCENDING), *LIST_ORDER], name=BY_PHASE)
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """The request's own document alone (no outcomes, rows only in the old layout)."""
+        return await self.requests.find_one({"_id": request_id})
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         """The request's document with every known outcome under `images`, or None.
@@ -172,11 +177,16 @@ class StatusRepository:
         )
 
     async def list_requests(
-        self, phase: str | None, before: Position | None, limit: int
+        self,
+        phase: str | None,
+        before: Position | None,
+        limit: int,
+        counted: Callable[[dict[str, Any]], bool] = lambda _: False,
     ) -> list[dict[str, Any]]:
         """Up to `limit` visible requests, newest first, created before `before`, each as
-        `get` would give it (with its outcomes only while it is not final: a final
-        request's counts are in its own document).
+        `get` would give it (with its outcomes only while it is not final and not
+        `counted`: a final request's counts are in its own document, and a `counted`
+        one's are in a tally there).
 
         Keyset paging: a page starts strictly after the previous page's last request, so
         requests that arrive meanwhile (newer) never shift a later page. Two ranges of
@@ -204,14 +214,18 @@ class StatusRepository:
                 hint=BY_CREATED if phase is None else BY_PHASE,
             )
             docs += await cursor.to_list(None)
-        return list(await asyncio.gather(*(self._with_outcomes(doc) for doc in docs)))
+        return list(await asyncio.gather(*(self._with_outcomes(doc, counted) for doc in docs)))
 
-    async def _with_outcomes(self, doc: dict[str, Any]) -> dict[str, Any]:
+    async def _with_outcomes(
+        self, doc: dict[str, Any], counted: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any]:
         if doc.get("product_count") is None:  # stored before the list existed
             rows = await self.requests.find_one({"_id": doc["_id"]}, {"rows": 1})
             doc["product_count"] = len((rows or {}).get("rows") or [])
         if doc.get("final_counts") and not (doc.get("retries") or doc.get("cancelled")):
             return doc  # final, never retried: its counts are in its own document
+        if counted(doc):
+            return doc
         cursor = self.pages.find({"request_id": doc["_id"]}, LIST_PROJECTION)
         return assemble(doc["_id"], doc, await cursor.to_list(None)) or doc
 
@@ -227,11 +241,17 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     fields: dict[tuple[str, int | None], dict[str, Any]] = {}
     latest: dict[tuple[str, int | None], datetime] = {}
     phases: dict[str, tuple[str, bool]] = {}  # request id -> (phase, reset in this batch)
+    maxes: dict[str, dict[str, int]] = {}  # request id -> path -> highest value in the batch
     for change in changes:  # dicts keep first-seen order: documents stay in delivery order
         targets: list[tuple[str, int | None]] = [(change.request_id, change.page)]
-        if change.phase is not None:  # the request document changes too
+        if change.phase is not None or change.maxes:  # the request document changes too
             targets.append((change.request_id, None))
+        if change.phase is not None:
             phases[change.request_id] = _next_phase(phases.get(change.request_id), change)
+        if change.maxes:
+            raised = maxes.setdefault(change.request_id, {})
+            for path, value in change.maxes.items():
+                raised[path] = max(value, raised.get(path, value))
         fields.setdefault(targets[0], {}).update(change.fields)
         for number, rows in (change.row_pages or {}).items():
             fields.setdefault((change.request_id, number), {})["rows"] = rows
@@ -245,6 +265,7 @@ def merge(changes: list[Change]) -> tuple[list[UpdateOne], list[UpdateOne]]:
     for (request_id, page), own in fields.items():
         at: dict[str, Any] = {"updated_at": latest[(request_id, page)]}
         if page is None:
+            at |= maxes.get(request_id, {})
             update: dict[str, Any] = {"$max": at}
             if request_id in phases:
                 phase, reset = phases[request_id]
