@@ -27,11 +27,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from imgpipe.contracts.recent import RecentIds
 from imgpipe.status.adapters.repository import StatusRepository
 from imgpipe.status.config import ReadCacheConfig
-from imgpipe.status.views import DEFAULT_LIMIT, Rendered, is_visible, render, running_tally
+from imgpipe.status.views import (
+    DEFAULT_LIMIT,
+    Counted,
+    OutcomeCount,
+    Rendered,
+    is_large,
+    is_visible,
+    render,
+    running_tally,
+    shown_images,
+    tallied,
+)
 
 Load = Callable[[str], Awaitable[Rendered | None]]
 SLOW_REQUESTS = 1024  # requests remembered as slow to read (the large ones being polled)
@@ -132,22 +144,36 @@ def _retrieve(task: asyncio.Task[Rendered | None]) -> None:
 
 
 def reader(repository: StatusRepository) -> Load:
-    """What a miss costs: the request's document, then its image pages, rendered if
-    visible. A large request still running (`running_tally`) reads the pages of its
-    first page of products alone; any other, all of them (two finds sent together)."""
+    """What a miss costs: the request's document, then its outcomes, rendered if visible.
+
+    A request of up to a page of products reads all its image pages (two finds sent
+    together). A larger one (`is_large`) reads the pages of its first page of products,
+    and takes its totals from the processor's tally while it runs (`running_tally`);
+    otherwise it counts its outcomes a page at a time, never holding them all."""
 
     async def load(request_id: str) -> Rendered | None:
         head = await repository.get_request(request_id)
         if head is None or not is_visible(head):
             return None  # outcomes alone (they overtook RequestReceived) are not shown
-        tally = running_tally(head)
-        if tally is None:
+        if not is_large(head):
             doc = await repository.get(request_id)
             return render(doc) if doc is not None and is_visible(doc) else None
+        tally = running_tally(head)
+        counted = tallied(tally) if tally is not None else await _count(repository, head)
         found = await repository.rows_page(request_id, 0, DEFAULT_LIMIT)
         if found is None:
             return None  # deleted meanwhile
         rows, doc = found
-        return render({**doc, "rows": rows}, tally)
+        return render({**doc, "rows": rows}, counted)
 
     return load
+
+
+async def _count(repository: StatusRepository, head: dict[str, Any]) -> Counted:
+    """Every shown outcome of the request counted, a page of them at a time."""
+    count = OutcomeCount()
+    async for page in repository.outcome_pages(head["_id"]):
+        # A page's outcomes as the request's document would show them: its retries
+        # decide which round's outcome of an image shows.
+        count.add(shown_images({**page, "retries": head.get("retries")}).values())
+    return count.counted()

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,8 +30,15 @@ from typing import Any
 
 import pydantic_core
 
-from imgpipe.contracts.events import Options, image_key
-from imgpipe.contracts.products import Product, byte_totals, products, reused_count
+from imgpipe.contracts.events import Options
+from imgpipe.contracts.products import (
+    ByteTally,
+    ByteTotals,
+    Outcome,
+    Product,
+    ReusedCount,
+    products,
+)
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
@@ -125,30 +133,104 @@ def is_visible(doc: dict[str, Any] | None) -> bool:
     return doc is not None and bool(doc.get("received"))
 
 
-def render(doc: dict[str, Any], tally: Mapping[str, int] | None = None) -> Rendered:
+def render(doc: dict[str, Any], counted: Counted | None = None) -> Rendered:
     """The first page at the default limit, from the whole document (`repository.get`),
-    or, with `tally` (`running_tally`), from the first page's rows and outcomes alone."""
-    summary = summarise(doc, tally)
+    or, given what was `counted` of the whole request, from the first page's rows and
+    outcomes alone."""
+    summary = summarise(doc, counted)
     body = page_body(summary, doc["rows"][:DEFAULT_LIMIT], 0, shown_images(doc), DEFAULT_LIMIT)
     return Rendered.of(pydantic_core.to_json(body), summary.status, summary.settled, summary)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """What a summary tells of a request's outcomes: counted from the outcomes themselves
+    (`OutcomeCount`, exact) or taken from the processor's running tally (`tallied`)."""
+
+    ok: int
+    failed: int
+    bytes: ByteTotals
+    reused: ReusedCount
+    exact: bool = True
+
+    @property
+    def known(self) -> int:
+        return self.ok + self.failed
+
+
+class OutcomeCount:
+    """Counts shown outcomes a batch at a time, so that a request of any size is counted
+    without holding all its outcomes (a page of them at a time)."""
+
+    def __init__(self) -> None:
+        self._bytes = ByteTally()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, images: Iterable[Outcome]) -> None:
+        for image in images:
+            outcome = "ok" if image.get("outcome") == "ok" else "failed"
+            self._counts[outcome] += 1
+            if outcome == "ok" and image.get("reused"):
+                self._counts[str(image["reused"])] += 1
+            self._bytes.add(image)
+
+    def counted(self) -> Counted:
+        not_modified, same_bytes = self._counts["not_modified"], self._counts["same_bytes"]
+        reused: ReusedCount = {
+            "images": not_modified + same_bytes,
+            "not_modified": not_modified,
+            "same_bytes": same_bytes,
+        }
+        return Counted(self._counts["ok"], self._counts["failed"], self._bytes.totals(), reused)
+
+
+def count_outcomes(images: Iterable[Outcome]) -> Counted:
+    count = OutcomeCount()
+    count.add(images)
+    return count.counted()
+
+
+def tallied(tally: Mapping[str, int]) -> Counted:
+    """A `running_tally` as what is counted: bytes and reuse as the processor counted
+    them (each image URL once), never exact."""
+    bytes_in, bytes_out = int(tally.get("bytes_in", 0)), int(tally.get("bytes_out", 0))
+    not_modified, same_bytes = int(tally.get("not_modified", 0)), int(tally.get("same_bytes", 0))
+    totals: ByteTotals = {
+        "images": int(tally.get("stored", 0)),
+        "input": bytes_in,
+        "output": bytes_out,
+        "ratio": round(bytes_out / bytes_in, 4) if bytes_in else None,
+    }
+    reused: ReusedCount = {
+        "images": not_modified + same_bytes,
+        "not_modified": not_modified,
+        "same_bytes": same_bytes,
+    }
+    return Counted(int(tally["ok"]), int(tally["failed"]), totals, reused, exact=False)
 
 
 def running_tally(doc: dict[str, Any]) -> dict[str, int] | None:
     """The processor's running tally (events.Tally) of a large request still running,
     from its request document alone; None when its answer is to count every outcome.
 
-    A request of more products than one page, neither final nor cancelled, whose
-    current round has a tally: its progress, bytes and reuse come from the tally, and
-    only its first page of outcomes is read, so a poll costs the same at 100,000
-    images as at 1,000. Every other answer counts the outcomes themselves: a final
-    one is exact (and kept long once settled), a small one costs little."""
-    if not doc.get("rows_in_pages") or int(doc.get("product_count") or 0) <= DEFAULT_LIMIT:
+    A request of more products than one page (`is_large`), neither final nor
+    cancelled, whose current round has a tally: its progress, bytes and reuse come
+    from the tally, and only its first page of outcomes is read, so a poll costs the
+    same at 100,000 images as at 1,000. Every other answer counts the outcomes: a
+    final one is exact (and kept long once settled)."""
+    if not is_large(doc):
         return None
     run = current_run(doc)
     if run.completion is not None or run.cancelled is not None:
         return None
     tally: dict[str, int] | None = rounds_of(doc, "tallies").get(run.round)
     return tally
+
+
+def is_large(doc: dict[str, Any]) -> bool:
+    """More products than the first page holds, rows kept in the image pages: its
+    outcomes are counted a page at a time, never read all together."""
+    return bool(doc.get("rows_in_pages")) and int(doc.get("product_count") or 0) > DEFAULT_LIMIT
 
 
 def render_page(
@@ -171,77 +253,45 @@ def status_body(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return body, summary.settled
 
 
-def summarise(doc: dict[str, Any], tally: Mapping[str, int] | None = None) -> Summary:
+def summarise(doc: dict[str, Any], counted: Counted | None = None) -> Summary:
     """Status, progress and totals of the whole request, and whether it is settled.
 
-    Settled: final, every image's outcome known, and none failed. A failed image may
-    still be retried (RetryStarted reopens the request), and another instance's write
-    drops nothing from this instance's cache, so such an answer is kept only the short
-    TTL, like one still changing.
+    `counted`: what is known of the whole request's outcomes when `doc` holds the first
+    page's rows and outcomes only (its `product_count` is then the number of products);
+    None to count them in `doc`.
 
-    With `tally` (`running_tally`), `doc` holds the first page's rows and outcomes
-    only, and the totals are the tally's: such a request is running, never settled."""
-    if tally is not None:
-        return _running_summary(doc, tally)
-    images = shown_images(doc)
+    Settled: final, every image's outcome known, and none failed, as counted exactly.
+    A failed image may still be retried (RetryStarted reopens the request), and another
+    instance's write drops nothing from this instance's cache, so such an answer is
+    kept only the short TTL, like one still changing."""
+    products_total = len(doc["rows"]) if counted is None else int(doc["product_count"])
+    if counted is None:
+        counted = count_outcomes(shown_images(doc).values())
     run = current_run(doc)
-    status = _status(run, images)
-    progress = _progress(doc, run, images)
-    rows = doc["rows"]
-    places = [image_key(r, p) for r, row in enumerate(rows) for p in range(len(row["input_urls"]))]
+    status = _status(run, counted)
+    progress = _progress(doc, run, counted)
     settled = (
-        status in FINAL_STATUSES
-        and all(key in images for key in places)
-        and not any(image.get("outcome") == "failed" for image in images.values())
+        counted.exact
+        and status in FINAL_STATUSES
+        and counted.known >= int(doc.get("total", counted.known))
+        and counted.failed == 0
     )
-    head = _head(doc, status, run, progress)
-    head |= {"bytes": byte_totals(images.values()), "reused": reused_count(images.values())}
-    return Summary(head, _tail(doc, status, progress), len(rows), settled)
-
-
-def _running_summary(doc: dict[str, Any], tally: Mapping[str, int]) -> Summary:
-    run = current_run(doc)
-    progress = _tally_progress(doc, tally)
-    status = "processing"  # a tally exists only once an outcome was counted
-    head = _head(doc, status, run, progress)
-    bytes_in, bytes_out = int(tally.get("bytes_in", 0)), int(tally.get("bytes_out", 0))
-    not_modified, same_bytes = int(tally.get("not_modified", 0)), int(tally.get("same_bytes", 0))
-    head["bytes"] = {
-        "images": int(tally.get("stored", 0)),
-        "input": bytes_in,
-        "output": bytes_out,
-        "ratio": round(bytes_out / bytes_in, 4) if bytes_in else None,
-    }
-    head["reused"] = {
-        "images": not_modified + same_bytes,
-        "not_modified": not_modified,
-        "same_bytes": same_bytes,
-    }
-    return Summary(head, _tail(doc, status, progress), int(doc["product_count"]), False)
-
-
-def _tally_progress(doc: dict[str, Any], tally: Mapping[str, int]) -> dict[str, int]:
-    return {"total": int(doc["total"]), "ok": int(tally["ok"]), "failed": int(tally["failed"])}
-
-
-def _head(doc: dict[str, Any], status: str, run: Run, progress: dict[str, int]) -> dict[str, Any]:
-    """The answer's fields before `products` but the totals (`bytes`, `reused`)."""
-    return {
+    head = {
         "request_id": doc["_id"],
         "status": status,
         "round": run.round,
         "progress": progress,
         "options": doc.get("options") or Options().model_dump(),
+        "bytes": counted.bytes,
+        "reused": counted.reused,
     }
-
-
-def _tail(doc: dict[str, Any], status: str, progress: dict[str, int]) -> dict[str, Any]:
-    return {
+    tail = {
         "error_message": _error_message(status, progress),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
         "trace_id": doc.get("trace_id"),
     }
+    return Summary(head, tail, products_total, settled)
 
 
 def page_body(
@@ -331,11 +381,12 @@ def list_item(doc: dict[str, Any]) -> dict[str, Any]:
     """One request in `GET /requests` (fields in `RequestSummary` order): its status and
     progress as its status answer gives them, from a document of `list_requests`
     (without outcomes when it has a `running_tally`)."""
-    images, run, tally = shown_images(doc), current_run(doc), running_tally(doc)
+    tally, run = running_tally(doc), current_run(doc)
+    counted = tallied(tally) if tally else count_outcomes(shown_images(doc).values())
     return {
         "request_id": doc["_id"],
-        "status": "processing" if tally is not None else _status(run, images),
-        "progress": _tally_progress(doc, tally) if tally else _progress(doc, run, images),
+        "status": _status(run, counted),
+        "progress": _progress(doc, run, counted),
         "created_at": doc["created_at"],
         "updated_at": doc.get("updated_at") or doc["created_at"],
         "product_count": doc["product_count"],
@@ -379,28 +430,26 @@ def _etag(data: bytes) -> str:
     return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
 
 
-def _status(run: Run, images: dict[str, Any]) -> str:
+def _status(run: Run, counted: Counted) -> str:
     # A round that both completed and was cancelled (the two crossed) shows completed:
     # every image of it has an outcome.
     if run.completion is not None:
         return str(run.completion["status"])
     if run.cancelled is not None:
         return "cancelled"
-    return "processing" if images or run.round else "received"
+    return "processing" if counted.known or run.round else "received"
 
 
-def _progress(doc: dict[str, Any], run: Run, images: dict[str, dict[str, Any]]) -> dict[str, int]:
+def _progress(doc: dict[str, Any], run: Run, counted: Counted) -> dict[str, int]:
     # Once RequestCompleted arrived its counts are the processor's final tally; they win
-    # over the map, which may still miss an ImageProcessed that the completion overtook.
+    # over the outcomes, which may still miss an ImageProcessed the completion overtook.
     # A retry's counts win only if they tally the whole request. A cancel's counts are
-    # what was known when it stopped: images finishing later count, so the map decides.
-    total = int(doc.get("total", len(images)))
+    # what was known when it stopped: images finishing later count, so outcomes decide.
+    total = int(doc.get("total", counted.known))
     final = run.completion["counts"] if run.completion is not None else None
     if final and (run.round == 0 or int(final["total"]) == total):
         return {name: int(final[name]) for name in ("total", "ok", "failed")}
-    ok = sum(1 for image in images.values() if image.get("outcome") == "ok")
-    failed = len(images) - ok
-    return {"total": total, "ok": ok, "failed": failed}
+    return {"total": total, "ok": counted.ok, "failed": counted.failed}
 
 
 def _error_message(status: str, progress: dict[str, int]) -> str | None:

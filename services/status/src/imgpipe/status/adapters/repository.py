@@ -30,7 +30,7 @@ whatever the request's size. Documents written before pages existed hold outcome
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,6 +46,7 @@ REQUESTS = "requests"
 IMAGE_PAGES = "image_pages"
 DELETED = "deleted"
 KNOWN_DELETED = 4096  # deleted ids remembered in memory, not looked up again
+OUTCOME_BATCH = 100  # image pages a round trip when a large request's outcomes are counted
 # The list's two orders, newest first (the _id breaks ties of one millisecond). Named, so
 # that the list can hint them: each page is then a walk of a range of the index, on
 # MongoDB and on SecantusDB (whose planner picks an index only for exact filters).
@@ -95,6 +96,15 @@ class StatusRepository:
             self.pages.find({"request_id": request_id}).to_list(None),
         )
         return assemble(request_id, doc, pages)
+
+    async def outcome_pages(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The request's image pages without their rows (`images`, `rounds`), in no
+        order, fetched a few at a time: for counting outcomes, never all held at once."""
+        cursor = self.pages.find(
+            {"request_id": request_id}, {"images": 1, "rounds": 1}, batch_size=OUTCOME_BATCH
+        )
+        async for page in cursor:
+            yield page
 
     async def rows_page(
         self, request_id: str, start: int, count: int
