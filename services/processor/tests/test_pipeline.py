@@ -148,7 +148,10 @@ async def test_redelivered_request_and_duplicate_jobs_change_nothing(
     }
     copies = [e for e in processed if e.data.image_key == "0-0"]
     assert len(copies) >= 2
-    assert all(c.id == copies[0].id and c.data == copies[0].data for c in copies)
+    # The same fact each time; only the running tally (a snapshot of the request's
+    # totals, not sent again with a replayed outcome) may differ.
+    facts = {c.data.model_copy(update={"tally": None}).model_dump_json() for c in copies}
+    assert {c.id for c in copies} == {copies[0].id} and len(facts) == 1
 
     assert len(media_files(settings, request_id)) == 9
     request, images = stored_images(settings, request_id)
