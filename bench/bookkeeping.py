@@ -13,8 +13,8 @@ status p99 under 50 ms, and the 202 for the CSV under 10 s.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,44 +84,65 @@ def run_bookkeeping(
 
 
 class StatusReads:
-    """Reads the first page of a request's status every 50 ms from a thread, while the
-    request runs, and records each answer's latency."""
+    """Reads the first page of a request's status every 50 ms while the request runs,
+    and records each answer's latency. From a process of its own: in this one, the
+    threads serving the corpus would hold the GIL while an answer waits to be read."""
 
     def __init__(self, status_url: Callable[[str], str], headers: dict[str, str]) -> None:
         self.status_url = status_url
         self.headers = headers
-        self.latencies_ms: list[float] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._results: Any = self._context.Queue()
+        self._process: Any = None
+        self._figures: dict[str, Any] = _latency_figures([], 0)
 
     def follow(self, request_id: str) -> None:
         """Start reading `request_id` (called once its upload answered)."""
-        self._thread = threading.Thread(target=self._loop, args=(request_id,), daemon=True)
-        self._thread.start()
+        args = (self.status_url(request_id), self.headers, self._stop, 0.05, None, self._results)
+        self._process = self._context.Process(target=_read_loop, args=args, daemon=True)
+        self._process.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._process is not None:
+            latencies, errors = self._results.get(timeout=60)
+            self._process.join(10)
+            self._figures = _latency_figures(latencies, errors)
 
     def figures(self) -> dict[str, Any]:
-        return _latency_figures(self.latencies_ms, self.errors)
+        return self._figures
 
     def after(self, request_id: str, seconds: float) -> dict[str, Any]:
         """The same reads, as fast as one client goes, for `seconds` after the end."""
-        latencies: list[float] = []
-        errors = 0
-        with _client(self.headers) as http:
-            until = time.perf_counter() + seconds
-            while time.perf_counter() < until:
-                errors += _timed_get(http, self.status_url(request_id), latencies)
+        stop, results = self._context.Event(), self._context.Queue()
+        args = (self.status_url(request_id), self.headers, stop, 0.0, seconds, results)
+        process = self._context.Process(target=_read_loop, args=args, daemon=True)
+        process.start()
+        latencies, errors = results.get(timeout=seconds + 60)
+        process.join(10)
         return _latency_figures(latencies, errors)
 
-    def _loop(self, request_id: str) -> None:
-        with _client(self.headers) as http:
-            while not self._stop.wait(0.05):
-                self.errors += _timed_get(http, self.status_url(request_id), self.latencies_ms)
+
+def _read_loop(
+    url: str,
+    headers: dict[str, str],
+    stop: Any,
+    interval: float,
+    seconds: float | None,
+    results: Any,
+) -> None:
+    """In the child: read `url` every `interval` until `stop` is set (or for `seconds`);
+    put (latencies in ms, errors) on `results`."""
+    latencies: list[float] = []
+    errors = 0
+    until = None if seconds is None else time.perf_counter() + seconds
+    with _client(headers) as http:
+        while not stop.is_set() and (until is None or time.perf_counter() < until):
+            errors += _timed_get(http, url, latencies)
+            if interval:
+                stop.wait(interval)
+    results.put((latencies, errors))
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from imgpipe.contracts.bus import Bus
 from imgpipe.contracts.events import (
@@ -234,7 +235,7 @@ async def test_concurrent_misses_share_one_read() -> None:
 async def test_ttl_unknown_ids_and_disabled_cache() -> None:
     clock = Clock()
     loader = Loader(answer())
-    cache = ReadCache(loader, ReadCacheConfig(ttl=TTL), clock)
+    cache = ReadCache(loader, ReadCacheConfig(ttl=TTL, stale=0), clock)
     await cache.get("r")
     clock.now += TTL - 1
     await cache.get("r")
@@ -303,7 +304,8 @@ async def test_a_slow_read_is_kept_longer_and_only_a_status_change_drops_it() ->
     await cache.get("large")
     assert slow.calls == 1  # kept 1 s / 0.2 = 5 s from the read's start
     clock.now += 1.0
-    await cache.get("large")
+    await cache.get("large")  # past its time: served while read again
+    await asyncio.sleep(0)
     assert slow.calls == 2
     cache.invalidate(["large"], urgent=["large"])  # e.g. its RequestCompleted
     await cache.get("large")
@@ -313,7 +315,61 @@ async def test_a_slow_read_is_kept_longer_and_only_a_status_change_drops_it() ->
     await fast.get("small")
     fast.invalidate(["small"], urgent=[])
     await fast.get("small")
-    assert loader.calls == 2  # a quick read's progress shows at once, as before
+    await asyncio.sleep(0)
+    assert loader.calls == 2  # a quick read's progress is read again at once
+
+
+async def test_a_stale_answer_is_served_while_one_read_refreshes_it() -> None:
+    """Stale-while-revalidate: past its TTL, or after a progress write, a request in
+    progress gets its previous answer at once while one read runs in the background;
+    the next poll gets the new one. A status change, a settled answer, an answer past
+    `stale`, and a failed or 404 refresh all make the poll wait for the database."""
+    clock = Clock()
+    loader = Loader(answer(tag="1"))
+    cache = ReadCache(loader, ReadCacheConfig(ttl=TTL, stale=2.0), clock)
+    first = await cache.get("r")
+    clock.now += TTL
+    loader.rendered = answer(tag="2")
+    loader.release.clear()
+    polls = [await cache.get("r") for _ in range(3)]  # none of them waits for the read
+    await asyncio.sleep(0)
+    assert polls == [first] * 3 and loader.calls == 2
+    loader.release.set()
+    await asyncio.sleep(0)
+    assert await cache.get("r") is loader.rendered and loader.calls == 2
+
+    cache.invalidate(["r"], urgent=[])  # more outcomes: served stale, read again
+    assert await cache.get("r") is loader.rendered
+    await asyncio.sleep(0)
+    assert loader.calls == 3
+    cache.invalidate(["r"], urgent=["r"])  # a status change: the poll waits for it
+    loader.rendered = answer(tag="3")
+    assert await cache.get("r") is loader.rendered and loader.calls == 4
+
+    clock.now += TTL + 2.0  # past `stale` too: waits
+    loader.rendered = answer(tag="4")
+    assert await cache.get("r") is loader.rendered and loader.calls == 5
+
+    failing = Loader(answer())
+    cache = ReadCache(failing, ReadCacheConfig(ttl=TTL, stale=2.0), clock)
+    await cache.get("r")
+    clock.now += TTL
+
+    async def broken(request_id: str) -> Rendered | None:
+        raise ConnectionError("database down")
+
+    cache._load = broken  # the background read fails...
+    await cache.get("r")
+    await asyncio.sleep(0)
+    with pytest.raises(ConnectionError):  # ...so the next poll waits and hears why
+        await cache.get("r")
+
+    settled = Loader(answer(settled=True))
+    cache = ReadCache(settled, ReadCacheConfig(ttl=TTL, final_ttl=TTL, stale=2.0), clock)
+    await cache.get("r")
+    clock.now += TTL
+    settled.rendered = None  # deleted meanwhile: a settled answer is never served stale
+    assert await cache.get("r") is None
 
 
 async def test_memory_is_bounded_least_recently_used_first() -> None:

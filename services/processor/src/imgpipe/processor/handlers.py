@@ -395,7 +395,16 @@ class Processor:
         data, attempts = downloaded.body, downloaded.attempts.count
         digest = hashlib.sha256(data).hexdigest()
         fields = source_fields(image.input_url, downloaded.validators, digest, len(data))
-        await self.outputs.remember(image.input_url, fields)
+        # Written beside the work, not before it: its batch waits for others to join.
+        remembered = asyncio.create_task(self.outputs.remember(image.input_url, fields))
+        try:
+            return await self._encode_new(job, image, data, digest, attempts)
+        finally:
+            await remembered
+
+    async def _encode_new(
+        self, job: Job, image: JobImage, data: bytes, digest: str, attempts: int
+    ) -> ImageOutcome:
         key = output_key(digest, job.options)
         async with self.outputs.encoding(key):  # the same bytes in this job wait, then reuse
             if not job.refresh:

@@ -25,5 +25,9 @@ class ReadCacheConfig(BaseSettings):
     # time / `read_share`, and only a status change drops it early, so that polling one
     # request keeps an instance reading at most this share of the time, whatever its size.
     read_share: float = Field(default=0.2, gt=0, le=1)
+    # Seconds past its time an answer of a request in progress may still be served while
+    # a fresh read runs in the background (stale-while-revalidate); 0: every poll after
+    # the TTL or a write waits for the read.
+    stale: float = Field(default=5.0, ge=0)
     final_ttl: float = Field(default=300.0, ge=0)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

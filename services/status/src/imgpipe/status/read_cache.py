@@ -6,9 +6,14 @@ on every call. Here a request's answer is rendered once and served as bytes:
 
 - an answer that is still changing (request in progress) is kept `ttl` seconds, so many
   clients polling the same request cost one database read per `ttl` per instance;
-- a write this instance makes drops the answers it changes (`invalidate`), so what it
-  wrote shows at once: the request appearing, its progress, its final state. Writes by
-  other status instances show within `ttl` plus one read;
+- a write this instance makes drops the answers it changes (`invalidate`), so a status
+  change it wrote shows at once: the request appearing, processing, its final state.
+  Progress alone (more outcomes) marks the answer stale instead; writes by other status
+  instances show within `ttl` plus one read;
+- a stale or expired answer of a request in progress is served while one fresh read
+  runs in the background (stale-while-revalidate, RFC 5861), for at most `stale`
+  seconds past its time: under a busy database a poll never waits for the read its
+  own progress caused, and the progress it shows is at most one read behind;
 - a request whose read is slow (a large one: its outcomes are read whole for the counts)
   is kept at least its read time / `read_share`, and only a status change (an urgent
   write: received, first outcome, final, retry, deletion) drops it early: its progress
@@ -26,7 +31,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from imgpipe.contracts.recent import RecentIds
@@ -54,6 +59,7 @@ Clock = Callable[[], float]
 class _Entry:
     rendered: Rendered
     expires: float
+    stale: bool = False  # its request changed since it was read (progress only)
 
 
 class ReadCache:
@@ -79,17 +85,26 @@ class ReadCache:
         """The answer for `request_id`, or None for an unknown (or not yet visible) id."""
         entry = self._entries.get(request_id)
         if entry is not None:
-            if self._clock() < entry.expires:
+            now = self._clock()
+            if not entry.stale and now < entry.expires:
+                self._entries.move_to_end(request_id)
+                return entry.rendered
+            if not entry.rendered.settled and now < entry.expires + self._config.stale:
+                self._read(request_id)  # in the background: this poll does not wait
                 self._entries.move_to_end(request_id)
                 return entry.rendered
             self._drop(request_id)
+        # Shielded: one client going away must not cancel the read the others wait for.
+        return await asyncio.shield(self._read(request_id))
+
+    def _read(self, request_id: str) -> asyncio.Task[Rendered | None]:
+        """The read of `request_id` in flight, started if there is none."""
         task = self._inflight.get(request_id)
         if task is None:
             task = asyncio.create_task(self._fill(request_id))
             self._inflight[request_id] = task
             task.add_done_callback(_retrieve)
-        # Shielded: one client going away must not cancel the read the others wait for.
-        return await asyncio.shield(task)
+        return task
 
     def invalidate(self, request_ids: Iterable[str], urgent: Iterable[str] | None = None) -> None:
         """Forget the answers for `request_ids`: their documents were just written.
@@ -97,9 +112,14 @@ class ReadCache:
         through other writes (its progress) until it expires."""
         changed = None if urgent is None else set(urgent)
         for request_id in request_ids:
-            if changed is not None and request_id not in changed and request_id in self._slow:
+            progress_only = changed is not None and request_id not in changed
+            if progress_only and request_id in self._slow:
                 continue  # its answer, or the read in flight, may lag: by design
-            self._drop(request_id)
+            entry = self._entries.get(request_id)
+            if progress_only and entry is not None:
+                self._entries[request_id] = replace(entry, stale=True)
+            else:
+                self._drop(request_id)
             # A read in flight may predate the write: it is neither kept nor joined.
             self._inflight.pop(request_id, None)
 
@@ -110,8 +130,16 @@ class ReadCache:
         this = asyncio.current_task()
         try:
             rendered = await self._load(request_id)
-            if rendered is not None and self._inflight.get(request_id) is this:
-                self._put(request_id, rendered, started, self._clock() - started)
+        except BaseException:
+            if self._inflight.get(request_id) is this:
+                self._drop(request_id)  # the next poll waits, and hears why
+            raise
+        else:
+            if self._inflight.get(request_id) is this:
+                if rendered is None:
+                    self._drop(request_id)  # deleted: a stale answer must not outlive it
+                else:
+                    self._put(request_id, rendered, started, self._clock() - started)
             return rendered
         finally:
             if self._inflight.get(request_id) is this:
