@@ -1,4 +1,6 @@
 """The codec limit: the processor's own decode + encode, in a process pool, nothing else;
+the reference, a hand-written Pillow loop (decode, JPEG quality 50, nothing else) in the
+same pool; the outputs' quality against the reference's (mean SSIM against the input);
 and what each output format (and `max_side=800`) costs in time and bytes."""
 
 from __future__ import annotations
@@ -96,6 +98,44 @@ def _encode_file(target: str, choice: dict[str, Any], path: str) -> tuple[int, i
     return len(data), len(result.data)
 
 
+def _reference_file(path: str) -> int:
+    """The reference's unit of work: what a user would write by hand."""
+    data = Path(path).read_bytes()
+    _reference_encode(data)
+    return len(data)
+
+
+def _reference_encode(data: bytes) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=QUALITY)
+    return out.getvalue()
+
+
+def _ssims(target: str, path: str) -> tuple[float, float]:
+    """(SSIM of the processor's output, SSIM of the reference's) against the input, on
+    luminance, in a pool worker."""
+    from skimage.metrics import structural_similarity
+
+    function, options = _prepared(target)
+    data = Path(path).read_bytes()
+    result = function(data, **options)
+    output = result.data if hasattr(result, "data") else result
+    original = _luminance(data)
+    ours, reference = _luminance(output), _luminance(_reference_encode(data))
+    return (
+        float(structural_similarity(original, ours, data_range=255)),
+        float(structural_similarity(original, reference, data_range=255)),
+    )
+
+
+def _luminance(data: bytes) -> Any:
+    import numpy
+
+    return numpy.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=numpy.float64)
+
+
 def _warm(target: str) -> None:
     _prepared(target)
 
@@ -116,6 +156,23 @@ class CodecResult:
         return CodecResult(
             self.function, self.workers, self.images + other.images, self.seconds + other.seconds
         )
+
+
+REFERENCE = "Pillow decode + JPEG q50 (the reference)"
+# Output quality may not drop: the mean SSIM of the outputs stays within this of the
+# reference's.
+SSIM_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class Quality:
+    images: int
+    ssim: float  # the processor's outputs against their inputs, mean
+    reference_ssim: float  # the reference's
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.ssim >= self.reference_ssim - SSIM_TOLERANCE
 
 
 # (label, request options, at most this many images). AVIF encodes at ~0.5 s an image
@@ -164,6 +221,21 @@ class CodecPool:
         list(self.pool.map(partial(_compress_file, self.target), work, chunksize=2))
         seconds = time.perf_counter() - started
         return CodecResult(self.target, self.workers, len(work), seconds)
+
+    def reference(self, files: list[Path], min_images: int = 300) -> CodecResult:
+        """The reference over the same work as `limit`: Pillow decode + JPEG q50."""
+        passes = max(1, -(-min_images // len(files)))
+        work = [str(path) for path in files] * passes
+        started = time.perf_counter()
+        list(self.pool.map(_reference_file, work, chunksize=2))
+        seconds = time.perf_counter() - started
+        return CodecResult(REFERENCE, self.workers, len(work), seconds)
+
+    def quality(self, files: list[Path]) -> Quality:
+        """Mean SSIM against the input of the processor's outputs and the reference's."""
+        pairs = list(self.pool.map(partial(_ssims, self.target), [str(p) for p in files]))
+        ours, reference = (sum(column) / len(pairs) for column in zip(*pairs, strict=True))
+        return Quality(len(pairs), ours, reference)
 
     def formats(self, files: list[Path]) -> list[FormatCost]:
         """Each of FORMATS over the corpus; none when the codec takes no request options."""
