@@ -196,6 +196,39 @@ async def test_a_large_running_request_shows_the_processors_tally(settings: Sett
         assert final["reused"]["images"] == 0
 
 
+async def test_a_large_requests_retry_round_shows_its_own_tally(settings: Settings) -> None:
+    """A retry round's tally (whole-request counts once the round counted an image)
+    replaces the finished round's counts; round 0's tally, however high, no longer
+    shows."""
+    request_id = new_request_id()
+    path = f"/status/{request_id}"
+    failed = KEYS[:10]  # round 0: these failed, the rest were stored
+    done = [
+        events.processed(request_id, r, p, input_url=ROWS[r].input_urls[p], ok=(r, p) not in failed)
+        for r, p in KEYS
+    ]
+    done[-1] = events.processed(
+        request_id,
+        *KEYS[-1],
+        input_url=ROWS[KEYS[-1][0]].input_urls[KEYS[-1][1]],
+        tally=Tally(ok=len(KEYS) - 10, failed=10, stored=len(KEYS) - 10),
+    )
+    retried = [events.retry_started(request_id, 1, [image_key(r, p) for r, p in failed])]
+    # Round 1 counted 4 of the 10: 2 more stored, 2 failed again, 6 still running.
+    round_one = events.processed_in_round(request_id, *failed[0], 1)
+    tally = Tally(ok=len(KEYS) - 8, failed=2, stored=len(KEYS) - 8)
+    round_one.data.tally = tally
+    async with running(settings) as (client, repository):
+        await store(repository, [events.received(request_id, ROWS), *done])
+        await store(repository, [events.completed(request_id, ok=len(KEYS) - 10, failed=10)])
+        assert (await client.get(path)).json()["status"] == "completed"
+        await store(repository, [*retried, round_one])
+        body = (await client.get(path)).json()
+        assert (body["status"], body["round"]) == ("processing", 1)
+        assert body["progress"] == {"total": len(KEYS), "ok": len(KEYS) - 8, "failed": 2}
+        assert body["bytes"]["images"] == len(KEYS) - 8
+
+
 async def test_the_first_page_is_the_default_answer_and_pages_have_etags(
     settings: Settings,
 ) -> None:
