@@ -31,6 +31,7 @@ JOBS_QUEUE = "processor.jobs"
 SEND_BATCH = 500
 
 Send = Callable[[str, bytes, str], Awaitable[None]]  # queue key, body, message id
+Spot = tuple[int, int]  # a place as (row index, position), until its job is built
 
 
 class Place(BaseModel):
@@ -122,9 +123,6 @@ def retry_jobs(
     for doc in sorted(failed, key=lambda d: (d["row_index"], d["position"])):
         places.setdefault(doc["input_url"], []).append((doc["row_index"], doc["position"]))
     return _jobs(request_id, options, places, round, per_job, refresh)
-
-
-Spot = tuple[int, int]  # a place as (row index, position), until its job is built
 
 
 def _place(spot: Spot) -> Place:

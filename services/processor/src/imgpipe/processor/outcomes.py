@@ -9,6 +9,9 @@ processor's prefetch leaves room for it (bootstrap.prefetch). A job is acked onl
 its batch is stored and its ImageProcessed confirmed (its `record` returns then), so
 "ack after the work is stored" holds for every job in a batch.
 
+Each ImageProcessed leaves with its request's counters as they stand after the batch's
+bump (`Tally`): status shows a large request's progress from them without counting.
+
 A crash between the outcome write and the counter bump leaves the counters behind, as
 it could one image at a time: the redelivered job finds its outcome and repairs them
 (Processor._replay).
