@@ -74,10 +74,7 @@ class ReusedCount(TypedDict):
     same_bytes: int
 
 
-def reused_count(images: Iterable[Outcome]) -> ReusedCount:
-    reasons = [image.get("reused") for image in images if image.get("outcome") == "ok"]
-    not_modified = reasons.count("not_modified")
-    same_bytes = reasons.count("same_bytes")
+def reused_totals(not_modified: int, same_bytes: int) -> ReusedCount:
     return {
         "images": not_modified + same_bytes,
         "not_modified": not_modified,
@@ -122,5 +119,10 @@ class ByteTally:
         self._out += image.get("bytes_out") or 0
 
     def totals(self) -> ByteTotals:
-        ratio = round(self._out / self._in, 4) if self._in else None
-        return {"images": len(self._seen), "input": self._in, "output": self._out, "ratio": ratio}
+        return stored_totals(len(self._seen), self._in, self._out)
+
+
+def stored_totals(images: int, bytes_in: int, bytes_out: int) -> ByteTotals:
+    """The totals of `images` stored images, with their ratio (None when none was)."""
+    ratio = round(bytes_out / bytes_in, 4) if bytes_in else None
+    return {"images": images, "input": bytes_in, "output": bytes_out, "ratio": ratio}

@@ -38,6 +38,8 @@ from imgpipe.contracts.products import (
     Product,
     ReusedCount,
     products,
+    reused_totals,
+    stored_totals,
 )
 
 CSV_HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
@@ -175,12 +177,7 @@ class OutcomeCount:
             self._bytes.add(image)
 
     def counted(self) -> Counted:
-        not_modified, same_bytes = self._counts["not_modified"], self._counts["same_bytes"]
-        reused: ReusedCount = {
-            "images": not_modified + same_bytes,
-            "not_modified": not_modified,
-            "same_bytes": same_bytes,
-        }
+        reused = reused_totals(self._counts["not_modified"], self._counts["same_bytes"])
         return Counted(self._counts["ok"], self._counts["failed"], self._bytes.totals(), reused)
 
 
@@ -193,20 +190,13 @@ def count_outcomes(images: Iterable[Outcome]) -> Counted:
 def tallied(tally: Mapping[str, int]) -> Counted:
     """A `running_tally` as what is counted: bytes and reuse as the processor counted
     them (each image URL once), never exact."""
-    bytes_in, bytes_out = int(tally.get("bytes_in", 0)), int(tally.get("bytes_out", 0))
-    not_modified, same_bytes = int(tally.get("not_modified", 0)), int(tally.get("same_bytes", 0))
-    totals: ByteTotals = {
-        "images": int(tally.get("stored", 0)),
-        "input": bytes_in,
-        "output": bytes_out,
-        "ratio": round(bytes_out / bytes_in, 4) if bytes_in else None,
-    }
-    reused: ReusedCount = {
-        "images": not_modified + same_bytes,
-        "not_modified": not_modified,
-        "same_bytes": same_bytes,
-    }
-    return Counted(int(tally["ok"]), int(tally["failed"]), totals, reused, exact=False)
+
+    def field(name: str) -> int:
+        return int(tally.get(name, 0))
+
+    totals = stored_totals(field("stored"), field("bytes_in"), field("bytes_out"))
+    reused = reused_totals(field("not_modified"), field("same_bytes"))
+    return Counted(field("ok"), field("failed"), totals, reused, exact=False)
 
 
 def running_tally(doc: dict[str, Any]) -> dict[str, int] | None:
