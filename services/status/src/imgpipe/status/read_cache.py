@@ -174,25 +174,20 @@ def _retrieve(task: asyncio.Task[Rendered | None]) -> None:
 def reader(repository: StatusRepository) -> Load:
     """What a miss costs: the request's document, then its outcomes, rendered if visible.
 
-    A request of up to a page of products reads all its image pages (two finds sent
-    together). A larger one (`is_large`) reads the pages of its first page of products,
-    and takes its totals from the processor's tally while it runs (`running_tally`);
-    otherwise it counts its outcomes a page at a time, never holding them all."""
+    A request of up to a page of products reads all its image pages. A larger one
+    (`is_large`) reads the pages of its first page of products, and takes its totals
+    from the processor's tally while it runs (`running_tally`); otherwise it counts its
+    outcomes a page at a time, never holding them all."""
 
     async def load(request_id: str) -> Rendered | None:
         head = await repository.get_request(request_id)
         if head is None or not is_visible(head):
             return None  # outcomes alone (they overtook RequestReceived) are not shown
         if not is_large(head):
-            doc = await repository.get(request_id)
-            return render(doc) if doc is not None and is_visible(doc) else None
+            return render(await repository.with_outcomes(head))
         tally = running_tally(head)
         counted = tallied(tally) if tally is not None else await _count(repository, head)
-        found = await repository.rows_page(request_id, 0, DEFAULT_LIMIT)
-        if found is None:
-            return None  # deleted meanwhile
-        rows, doc = found
-        return render({**doc, "rows": rows}, counted)
+        return render(await repository.with_outcomes(head, rows=DEFAULT_LIMIT), counted)
 
     return load
 

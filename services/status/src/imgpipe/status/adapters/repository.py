@@ -86,6 +86,19 @@ class StatusRepository:
         """The request's own document alone (no outcomes, rows only in the old layout)."""
         return await self.requests.find_one({"_id": request_id})
 
+    async def with_outcomes(self, doc: dict[str, Any], rows: int | None = None) -> dict[str, Any]:
+        """The request's document (as `get_request` read it) with its outcomes, as `get`
+        gives it: of every page, or with `rows` of the pages of its first `rows` rows
+        only (one find by _id)."""
+        request_id = doc["_id"]
+        if rows is None:
+            query: dict[str, Any] = {"request_id": request_id}
+        else:
+            last = (max(rows, 1) - 1) // ROWS_PER_PAGE
+            query = {"_id": {"$in": [page_id(request_id, page) for page in range(last + 1)]}}
+        pages = await self.pages.find(query).to_list(None)
+        return assemble(request_id, doc, pages) or doc
+
     async def get(self, request_id: str) -> dict[str, Any] | None:
         """The request's document with every known outcome under `images`, or None.
 
