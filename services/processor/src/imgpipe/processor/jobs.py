@@ -141,7 +141,13 @@ def _jobs(
     urls = iter(places.items())
     while chunk := list(islice(urls, per_job)):
         images = tuple(
-            JobImage(**_place(first).model_dump(), input_url=url, also=tuple(map(_place, also)))
+            JobImage(
+                image_key=image_key(*first),
+                row_index=first[0],
+                position=first[1],
+                input_url=url,
+                also=tuple(map(_place, also)),
+            )
             for url, (first, *also) in chunk
         )
         yield Job(
