@@ -215,7 +215,7 @@ class RemoteHost:
             if self.behaviour.latency:
                 await asyncio.sleep(self.behaviour.latency)
             self._record(path, answer, headers)
-            return await self._send(writer, method, path, answer, headers)
+            return await self._send(reader, writer, method, path, answer, headers)
         finally:
             counts.in_flight -= 1
 
@@ -252,6 +252,7 @@ class RemoteHost:
 
     async def _send(
         self,
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         method: str,
         path: str,
@@ -262,8 +263,7 @@ class RemoteHost:
             _reset(writer)
             return False
         if isinstance(answer, Stall):
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), answer.seconds)
+            await self._stall(reader, answer.seconds)
             return False
         if isinstance(answer, Status):
             extra = {}
@@ -286,6 +286,20 @@ class RemoteHost:
         else:
             await _send_file(writer, source, method, validators)
         return True
+
+    async def _stall(self, reader: asyncio.StreamReader, seconds: float) -> None:
+        """Send nothing for `seconds`, ending early when the host stops or the client
+        hangs up: a real server sees the client's FIN, and a connection the client has
+        closed must not count as open (the per-host limit checks count them)."""
+        waits = [
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(reader.read()),  # returns at the client's FIN
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _etag(self, target: str) -> str | None:
         """The file's ETag when the host sends them: a hash of its bytes (of its size and
