@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe.contracts.mongo import connect
+from imgpipe.contracts.mongo import connect, followed_by_journaled
 from imgpipe.contracts.settings import Settings
 
 SERVER = str(Path(sys.executable).with_name("secantusd-py"))
@@ -65,5 +65,29 @@ async def test_a_confirmed_write_survives_the_database_being_killed(database) ->
     client = connect(settings)
     try:
         assert await client["durability"]["images"].count_documents({}) == 800
+    finally:
+        await client.close()
+
+
+async def test_writes_before_a_confirmed_write_survive_with_it(database) -> None:
+    """The journal is written in order: one journaled write makes every earlier one
+    durable, which is what lets a service skip the sync on the writes that lead to it."""
+    port, storage, processes = database
+    settings = Settings(mongodb_url=f"mongodb://127.0.0.1:{port}/?retryWrites=false")
+    client = connect(settings)
+    db = client["durability"]
+    early = followed_by_journaled(db["outputs"])
+    for n in range(300):  # each updated document is a commit of its own
+        await early.update_one({"_id": n}, {"$set": {"stored": True}}, upsert=True)
+    await db["requests"].update_one({"_id": "r"}, {"$inc": {"ok": 300}}, upsert=True)
+    processes[0].send_signal(signal.SIGKILL)
+    processes[0].wait()
+    await client.close()
+
+    processes.append(_start(port, storage))
+    client = connect(settings)
+    try:
+        assert await client["durability"]["outputs"].count_documents({"stored": True}) == 300
+        assert (await client["durability"]["requests"].find_one({"_id": "r"}))["ok"] == 300
     finally:
         await client.close()

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -17,6 +18,7 @@ DUPLICATE_KEY = 11000  # MongoDB's error code for a unique index (or _id) alread
 Document = dict[str, Any]
 Client = AsyncMongoClient[Document]
 Database = AsyncDatabase[Document]
+Collection = AsyncCollection[Document]
 
 
 def connect(settings: Settings) -> Client:
@@ -31,6 +33,20 @@ def connect(settings: Settings) -> Client:
         # and the acked message that carried it is gone for good.
         journal=True,
     )
+
+
+def followed_by_journaled(collection: Collection) -> Collection:
+    """`collection` with writes that return before their journal is on disk.
+
+    Only for writes that the same service always follows, before anything leaves it (a
+    broker ack, a publish, an HTTP answer), with a journaled write to the same server:
+    the journal is written in order, so once that write is on disk every write before it
+    is too (MongoDB's journal and SecantusDB's WiredTiger log alike). A crash before it
+    loses them, and the work that made them is redone, since nothing was acked. It spares
+    a sync per write: SecantusDB commits each updated document, and syncs each commit, on
+    its own (docs/architecture.md, "Durability"). One journal means one server or replica
+    set: it does not hold across the shards of a sharded collection."""
+    return collection.with_options(write_concern=WriteConcern(w=1, j=False))
 
 
 def service_database(client: Client, settings: Settings, service: str) -> Database:

@@ -30,7 +30,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from imgpipe.contracts.events import Options, utcnow
-from imgpipe.contracts.mongo import duplicate_indexes
+from imgpipe.contracts.mongo import duplicate_indexes, followed_by_journaled
 
 Doc = dict[str, Any]
 
@@ -89,6 +89,12 @@ class ProcessorRepository:
         self.history = db["images_history"]
         self.sources = db["sources"]
         self.outputs = db["outputs"]
+        # The writes made on the way to an outcome: each batch of outcomes ends with the
+        # journaled counter bump (count_batch) before its events leave, and a crash
+        # before it redoes the work.
+        self._early_images = followed_by_journaled(self.images)
+        self._early_sources = followed_by_journaled(self.sources)
+        self._early_outputs = followed_by_journaled(self.outputs)
 
     async def ensure_indexes(self) -> None:
         await self.images.create_index(
@@ -261,7 +267,7 @@ class ProcessorRepository:
         now = utcnow()
         docs = [{"_id": o.image_id, **o.fields, "processed_at": now} for o in outcomes]
         try:
-            await self.images.insert_many(docs, ordered=False)
+            await self._early_images.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             taken = duplicate_indexes(exc)
             if taken is None:
@@ -296,7 +302,7 @@ class ProcessorRepository:
         """What the hosts said of these URLs' bytes last (source id, fields): a later
         request asks them again. One round trip."""
         now = utcnow()
-        await self.sources.bulk_write(
+        await self._early_sources.bulk_write(
             [
                 ReplaceOne({"_id": sid}, {**fields, "seen_at": now}, upsert=True)
                 for sid, fields in sources
@@ -315,7 +321,7 @@ class ProcessorRepository:
         in one round trip. Filters name the `_id` alone: reuse.SharedOutputs reads the
         outputs back to learn which joins hold."""
         now = utcnow()
-        await self.outputs.bulk_write(
+        await self._early_outputs.bulk_write(
             [
                 UpdateOne(
                     {"_id": key},
@@ -334,7 +340,7 @@ class ProcessorRepository:
     async def outputs_stored(self, outputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         """These outputs' files are written (key, fields): they may be reused from now on.
         One round trip."""
-        await self.outputs.bulk_write(
+        await self._early_outputs.bulk_write(
             [
                 UpdateOne({"_id": key}, {"$set": {**fields, "stored": True}})
                 for key, fields in outputs
