@@ -531,3 +531,28 @@ def test_progressive_jpeg_on_request() -> None:
     assert not decode(compress(original, Options(), LIMIT).data).info.get("progressive")
     output = decode(compress(original, Options(progressive=True), LIMIT).data)
     assert output.info.get("progressive")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_plain_jpeg_comes_out_as_pillow_would_make_it(mode: str) -> None:
+    # The common case goes straight through libjpeg-turbo; a user must not see it.
+    original = encode(photo(640, 480).convert(mode), "JPEG", quality=95)
+    by_pillow = encode(decode(original), "JPEG", quality=50)
+    result = compress(original, Options(quality=50), LIMIT)
+    output = decode(result.data)
+    assert (output.mode, output.size) == (mode, (640, 480))
+    assert (result.width, result.height) == (640, 480)
+    assert mean_difference(output, decode(by_pillow)) < 1
+    assert 0.97 < len(result.data) / len(by_pillow) < 1.03
+    if mode == "RGB":
+        assert JpegImagePlugin.get_sampling(output) == 2  # 4:2:0, as Pillow encodes it
+
+
+def test_a_jpeg_libjpeg_warns_about_still_comes_out() -> None:
+    # Bytes between the last scan and the end marker: libjpeg-turbo warns ("extraneous
+    # bytes before marker"), browsers show the picture, and so does imgpipe.
+    original = encode(photo(320, 240), "JPEG", quality=90)
+    damaged = original[:-2] + b"\x00\x01junk" + original[-2:]
+    result = compress(damaged, Options(quality=50), LIMIT)
+    assert (result.format, result.width, result.height) == ("jpeg", 320, 240)
+    assert mean_difference(decode(result.data), decode(original)) < 8
