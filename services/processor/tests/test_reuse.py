@@ -249,6 +249,27 @@ async def test_refresh_downloads_and_encodes_everything_anew(
     }
 
 
+async def test_an_output_encoded_anew_differently_is_what_later_requests_reuse(
+    tap: EventTap, processor: Processor, make_request, host: RemoteHost
+) -> None:
+    # A refresh after the codec changed: the output record follows the new file.
+    url = host.add("/changed.jpg", jpeg_bytes(96, 64, seed=77))
+    first = (await run(processor, tap, make_request, [[url]]))["0-0"]
+    compress = processor.compressor
+
+    async def finer(data: bytes, options: Options) -> Compressed:
+        return await compress(data, options.model_copy(update={"quality": 95}))
+
+    processor.compressor = finer
+    refreshed = (await run(processor, tap, make_request, [[url]], refresh=True))["0-0"]
+    processor.compressor = compress
+    again = (await run(processor, tap, make_request, [[url]]))["0-0"]
+
+    assert refreshed.bytes_out != first.bytes_out
+    assert again.reused == "not_modified"
+    assert again.bytes_out == refreshed.bytes_out
+
+
 async def test_a_304_whose_output_went_meanwhile_downloads_the_bytes_after_all(
     settings: Settings,
     tap: EventTap,

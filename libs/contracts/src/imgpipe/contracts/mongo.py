@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient, WriteConcern
@@ -79,6 +79,23 @@ class Once:
             if not self._done:
                 await self._step()
                 self._done = True
+
+
+async def insert_new(collection: Collection, docs: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Insert each document whose `_id` is not taken, in one unordered round trip; for
+    each, True if this call inserted it. Inserts of a batch are one commit in SecantusDB,
+    where each updated document is one of its own: a write that is usually new is
+    cheaper as an insert, with an update for the few that exist."""
+    if not docs:
+        return []
+    try:
+        await collection.insert_many([dict(doc) for doc in docs], ordered=False)
+    except BulkWriteError as exc:
+        taken = duplicate_indexes(exc)
+        if taken is None:
+            raise
+        return [index not in taken for index in range(len(docs))]
+    return [True] * len(docs)
 
 
 def duplicate_indexes(exc: BulkWriteError) -> set[int] | None:

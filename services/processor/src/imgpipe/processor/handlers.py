@@ -446,7 +446,8 @@ class Processor:
         """Store the output under its shared name, the request joining its users first
         (so no deletion takes the file being written); True when shared. While that name
         is being deleted, the output is the request's own file instead."""
-        if not await self.outputs.reserve(job.request_id, key):
+        reserved = await self.outputs.reserve(job.request_id, key)
+        if reserved is None:
             stored = await self.storage.save(
                 job.request_id, image.image_key, result.data, result.format
             )
@@ -464,6 +465,7 @@ class Processor:
                 "kept_input": result.kept_input,
                 "storage": stored.details,
             },
+            reserved,
         )
         return stored, True
 

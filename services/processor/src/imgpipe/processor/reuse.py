@@ -100,8 +100,12 @@ class SharedOutputs:
         """What the host said of the URL's bytes, for the next request of it."""
         await self._sources.submit((source_id(url), fields))
 
-    async def stored(self, key: str, fields: Mapping[str, Any]) -> None:
-        """The output's file is written: it may be reused from now on."""
+    async def stored(self, key: str, fields: Mapping[str, Any], reserved: Doc) -> None:
+        """The output's file is written: it may be reused from now on. `reserved` is the
+        output as its reservation found it: stored with these very fields already (the
+        same bytes encoded again, as a refresh does), there is nothing to write."""
+        if reserved.get("stored") and all(reserved.get(k) == v for k, v in fields.items()):
+            return
         await self._stored.submit((key, fields))
 
     async def _source_batch(self, sources: list[tuple[str, Mapping[str, Any]]]) -> list[None]:
@@ -118,16 +122,29 @@ class SharedOutputs:
         output = await self._joins.submit((request_id, key, False))
         return output if output is not None and output.get("stored") else None
 
-    async def reserve(self, request_id: str, key: str) -> bool:
+    async def reserve(self, request_id: str, key: str) -> Doc | None:
         """Make the request a user of the output named `key` before it writes the file,
-        so that no deletion takes the file from under it; False while the output is
-        being deleted (then the request writes a file of its own)."""
-        return await self._joins.submit((request_id, key, True)) is not None
+        so that no deletion takes the file from under it; returns the output as the join
+        found it, or None while it is being deleted (then the request writes a file of
+        its own)."""
+        return await self._joins.submit((request_id, key, True))
 
     async def _join_batch(self, joins: list[tuple[str, str, bool]]) -> list[Doc | None]:
-        await self.repository.join_outputs(joins)
-        outputs = await self.repository.get_outputs(sorted({key for _, key, _ in joins}))
-        return [_joined(outputs.get(key), request_id) for request_id, key, _ in joins]
+        # A reservation usually names a new output: its insert is the join, and holds.
+        reservations = [(request_id, key) for request_id, key, create in joins if create]
+        created = await self.repository.create_outputs(reservations)
+        new = {join for join, made in zip(reservations, created, strict=True) if made}
+        rest = [join for join in joins if join[:2] not in new]
+        outputs: dict[str, Doc] = {}
+        if rest:
+            await self.repository.join_outputs(rest)
+            outputs = await self.repository.get_outputs(sorted({key for _, key, _ in rest}))
+        return [
+            {"_id": key, "requests": [request_id]}
+            if (request_id, key) in new
+            else _joined(outputs.get(key), request_id)
+            for request_id, key, _ in joins
+        ]
 
     async def known(self, urls: Sequence[str], options: Options) -> dict[str, Known]:
         """The URLs worth a conditional GET: validators remembered and an output of their

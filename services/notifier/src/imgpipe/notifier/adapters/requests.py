@@ -29,7 +29,7 @@ from imgpipe.contracts.events import (
     RequestReceived,
     RetryStarted,
 )
-from imgpipe.contracts.mongo import duplicate_indexes
+from imgpipe.contracts.mongo import duplicate_indexes, insert_new
 from imgpipe.contracts.products import ByteTally, ByteTotals
 from imgpipe.notifier.webhooks import FINAL_TYPES, planned_key
 
@@ -161,12 +161,7 @@ class Requests:
         one of the same or a later round is stored: the highest round wins."""
         first = [_image_doc(data) for data in batch if not data.round]
         again = [data for data in batch if data.round]
-        if first:
-            try:
-                await self.images.insert_many(first, ordered=False)
-            except BulkWriteError as exc:
-                if duplicate_indexes(exc) is None:  # duplicates: redeliveries, already stored
-                    raise
+        await insert_new(self.images, first)  # duplicates: redeliveries, already stored
         if again:
             # Unordered: the filter alone keeps the highest round, whatever runs first.
             writes = [

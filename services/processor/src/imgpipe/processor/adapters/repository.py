@@ -27,10 +27,9 @@ from typing import Any, Literal
 
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from imgpipe.contracts.events import Options, utcnow
-from imgpipe.contracts.mongo import duplicate_indexes, followed_by_journaled
+from imgpipe.contracts.mongo import followed_by_journaled, insert_new
 
 Doc = dict[str, Any]
 
@@ -223,11 +222,7 @@ class ProcessorRepository:
         copies = [
             {**doc, "_id": f"{doc['_id']}:r{round}", "superseded_in": round} for doc in failed
         ]
-        try:
-            await self.history.insert_many(copies, ordered=False)
-        except BulkWriteError as exc:
-            if duplicate_indexes(exc) is None:
-                raise
+        await insert_new(self.history, copies)
 
     async def superseded(self, request_id: str, round: int) -> list[Doc]:
         """The failed outcomes round `round` retries."""
@@ -266,14 +261,7 @@ class ProcessorRepository:
             return []
         now = utcnow()
         docs = [{"_id": o.image_id, **o.fields, "processed_at": now} for o in outcomes]
-        try:
-            await self._early_images.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            taken = duplicate_indexes(exc)
-            if taken is None:
-                raise
-            return [index not in taken for index in range(len(docs))]
-        return [True] * len(outcomes)
+        return await insert_new(self._early_images, docs)
 
     async def count_batch(self, outcomes: Sequence[Outcome]) -> dict[str, Doc]:
         """One counter bump per request for outcomes just recorded; request id -> request."""
@@ -302,18 +290,29 @@ class ProcessorRepository:
         """What the hosts said of these URLs' bytes last (source id, fields): a later
         request asks them again. One round trip."""
         now = utcnow()
-        await self._early_sources.bulk_write(
-            [
-                ReplaceOne({"_id": sid}, {**fields, "seen_at": now}, upsert=True)
-                for sid, fields in sources
-            ],
-            ordered=False,
-        )
+        docs = [{"_id": sid, **fields, "seen_at": now} for sid, fields in sources]
+        new = await insert_new(self._early_sources, docs)
+        seen = [doc for doc, inserted in zip(docs, new, strict=True) if not inserted]
+        if seen:
+            await self._early_sources.bulk_write(
+                [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in seen], ordered=False
+            )
 
     async def get_outputs(self, keys: Sequence[str]) -> dict[str, Doc]:
         """The outputs among `keys`, by key, whatever their state."""
         docs = await self.outputs.find({"_id": {"$in": list(keys)}}).to_list()
         return {doc["_id"]: doc for doc in docs}
+
+    async def create_outputs(self, joins: Sequence[tuple[str, str]]) -> list[bool]:
+        """Create each output (request id, key) that has no doc yet, with the request as
+        its one user, in one round trip; for each, True if this call created it (then
+        the join holds: a new output is not being deleted). The others exist: join them
+        with `join_outputs`."""
+        now = utcnow()
+        docs = [
+            {"_id": key, "requests": [request_id], "created_at": now} for request_id, key in joins
+        ]
+        return await insert_new(self._early_outputs, docs)
 
     async def join_outputs(self, joins: Sequence[tuple[str, str, bool]]) -> None:
         """Add each (request id, key, create) request to the output's users, creating the
