@@ -182,7 +182,7 @@ async def test_the_worker_pool_runs_the_same_function() -> None:
             await pool(b"not an image", Options())
         assert raised.value.code == "decode_error"
     finally:
-        pool.shutdown()
+        await pool.aclose()
 
 
 def halves(left: int, right: int, width: int = 32, height: int = 16) -> list[list[int]]:
@@ -413,8 +413,8 @@ def test_formats_the_downloader_refuses_are_never_decoded(fmt: str) -> None:
 
 
 async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
-    """A dead worker breaks the whole pool; every image then in it is run again, alone,
-    so only the one that kills its worker twice fails."""
+    """A worker runs one image at a time: its death fails that image, and a new worker
+    takes its place."""
     from imgpipe.processor.adapters.pool import PoolCompressor
     from tests.support.crashing import CRASH, compress_or_die
 
@@ -430,7 +430,7 @@ async def test_a_worker_that_dies_fails_its_own_image_only() -> None:
         assert [getattr(result, "data", result) for result in results] == innocent
         assert (await pool(b"after", Options())).data == b"after"
     finally:
-        pool.shutdown()
+        await pool.aclose()
 
 
 async def test_an_image_over_the_time_limit_fails_and_frees_its_worker() -> None:
@@ -450,7 +450,26 @@ async def test_an_image_over_the_time_limit_fails_and_frees_its_worker() -> None
         assert getattr(fine, "data", fine) == b"fine"
         assert (await pool(b"after", Options())).data == b"after"
     finally:
-        pool.shutdown()
+        await pool.aclose()
+
+
+async def test_an_image_given_up_mid_way_does_not_answer_for_the_next() -> None:
+    # A job cancelled (a shutdown, a deleted request) while its image is in a worker.
+    from imgpipe.processor.adapters.pool import PoolCompressor
+    from tests.support.crashing import compress_or_die
+
+    pool = PoolCompressor(1, LIMIT, function=compress_or_die)
+    try:
+        await pool.warm_up()
+        abandoned = asyncio.ensure_future(pool(b"abandoned", Options()))
+        await asyncio.sleep(0.02)  # in the worker now
+        abandoned.cancel()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool(f"next {i}".encode(), Options()) for i in range(3))), 30
+        )
+        assert [result.data for result in results] == [b"next 0", b"next 1", b"next 2"]
+    finally:
+        await pool.aclose()
 
 
 @pytest.mark.parametrize(

@@ -117,10 +117,7 @@ class Runtime:
             compressor = PoolCompressor(
                 worker_count(settings), settings.max_image_pixels, settings.image_time_limit
             )
-            # The pool waits for the images it runs: blocking, so off the event loop.
-            resources.push(
-                "stopping the image workers", lambda: asyncio.to_thread(compressor.shutdown)
-            )
+            resources.push("stopping the image workers", compressor.aclose)
             await compressor.warm_up()
             downloader = build_downloader(settings)
             resources.push("closing the download client", downloader.aclose)
