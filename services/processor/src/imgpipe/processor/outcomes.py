@@ -28,7 +28,10 @@ from imgpipe.processor.adapters.repository import Doc, Outcome, ProcessorReposit
 
 # Outcomes in flight are bounded by the prefetch anyway; this only caps a write's size.
 MAX_BATCH = 100
-WINDOW = 0.03
+# With one image per codec worker, outcomes finish evenly spread: at 0.03 s a batch held
+# about 4 of them (a journaled counter bump each), at 0.1 s about 6.5, and the CPU per
+# image outside the codec fell by 0.3 to 0.4 ms.
+WINDOW = 0.1
 
 PublishMany = Callable[[Sequence[CloudEvent]], Awaitable[None]]
 
