@@ -173,7 +173,7 @@ def requests_router(settings: Settings) -> APIRouter:
             return await list_page(repository, status_filter, before, limit)
         except BadListCursor as exc:
             detail = f"before: not a cursor from GET /requests ({exc}); start again without it"
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=detail) from None
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from None
 
     return router
 
@@ -238,7 +238,7 @@ def _start_of(after: str | None) -> int:
         return decode_cursor(after)
     except BadCursor as exc:
         detail = f"after: not a cursor from GET /status ({exc}); start again without it"
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=detail) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from None
 
 
 async def _page(
@@ -250,7 +250,7 @@ async def _page(
     assert summary is not None  # every answer the cache holds has its summary
     if start > summary.products_total:
         detail = f"after: past the request's {summary.products_total} products"
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=detail)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
     found = await repository.rows_page(request_id, start, limit)
     if found is None:  # deleted since the summary was read
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown request {request_id}")
