@@ -131,7 +131,8 @@ class PoolCompressor:
         # Room for a whole image: written in one go, not a wake-up per 200 KB (the
         # kernel caps it at net.core.wmem_max).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        # A buffer as large: an answer is read whole, without pausing the socket.
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=SEND_BUFFER)
         worker = _Worker(process, reader, writer)
         self._all.add(worker)
         return worker
