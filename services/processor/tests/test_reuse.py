@@ -163,6 +163,48 @@ async def test_the_same_bytes_under_two_urls_are_encoded_once(
     assert third["0-0"].output_url == third["0-1"].output_url != first["0-0"].output_url
 
 
+async def test_the_same_bytes_again_in_a_request_join_their_output_without_a_write(
+    tap: EventTap, processor: Processor, make_request, image_server: LoopbackServer
+) -> None:
+    # A placeholder picture under many product URLs: the request is a user of its output
+    # from the first one on, and a read shows it for the others.
+    picture = jpeg_bytes(96, 64, seed=9)
+    urls = [image_server.add(f"/same-{n}.jpg", Response(picture)) for n in range(4)]
+    repository = processor.outputs.repository
+    join_writes: list[list[tuple[str, str, bool]]] = []
+    join = repository.join_outputs
+
+    async def counting(joins: list[tuple[str, str, bool]]) -> None:
+        join_writes.append(joins)
+        await join(joins)
+
+    repository.join_outputs = counting  # type: ignore[method-assign]
+    images = await run(processor, tap, make_request, [urls])
+
+    assert [images[f"0-{n}"].reused for n in range(4)].count("same_bytes") == 3
+    assert len({image.output_url for image in images.values()}) == 1
+    # Only the first URL's claim was written (it found no output yet, and encoded it).
+    assert [len(joins) for joins in join_writes] == [1]
+    (output,) = await repository.outputs.find({}).to_list()
+    assert output["requests"] == [images["0-0"].request_id]
+
+
+async def test_a_join_remembered_but_gone_is_written_again(processor: Processor) -> None:
+    # The hint is only a hint: an output deleted since (its request let go of it) is
+    # joined, and created, anew.
+    outputs, key = processor.outputs, "ab" * 32
+    assert await outputs.reserve("r1", key) is not None
+    released = await outputs.repository.release_output(key, "r1")
+    assert released is not None and released["deleting"]
+    await outputs.repository.forget_output(key)
+
+    again = await outputs.reserve("r1", key)
+
+    assert again is not None and not again.get("deleting")
+    stored = await outputs.repository.get_output(key)
+    assert stored is not None and stored["requests"] == ["r1"]
+
+
 async def test_a_shared_output_is_deleted_with_the_last_request_that_uses_it(
     settings: Settings,
     tap: EventTap,
