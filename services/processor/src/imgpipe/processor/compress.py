@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import simplejpeg
 from PIL import Image, ImageFile, ImageMath, ImageOps
 
 from imgpipe.contracts.events import Options
@@ -133,6 +132,10 @@ def _directly(data: bytes, options: Options, max_pixels: int) -> Compressed | No
         if not is_srgb_already(source.info.get("icc_profile"), source.mode):
             return None
         colour_space, subsampling = _DIRECT[source.mode]
+    # Imported here: the processor's own process imports this module too, and simplejpeg
+    # brings numpy (14 MiB); its workers have it from the forkserver's preload.
+    import simplejpeg
+
     try:
         # strict (the default): libjpeg's warnings of a damaged file raise ValueError.
         pixels = simplejpeg.decode_jpeg(data, colorspace=colour_space)

@@ -61,7 +61,7 @@ class PoolCompressor:
         # Not plain fork: forking a process that runs threads (pymongo, asyncio) can deadlock.
         # A forkserver is single-threaded, imports Pillow once and forks workers cheaply.
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["imgpipe.processor.compress"])
+        self._context.set_forkserver_preload(["imgpipe.processor.compress", "simplejpeg"])
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._all: set[_Worker] = set()
         self._started: asyncio.Future[None] | None = None
